@@ -1,0 +1,81 @@
+"""Token sources: find the bearer token in a request, refuse ambiguous or oversized ones.
+
+RFC 6750 section 2.1 (``Authorization: Bearer``) plus Anaplan's own
+``AnaplanAuthToken`` scheme. Tokens in the query string (RFC 6750 section 2.3) are
+refused: they end up in logs and browser history. So are several Authorization
+headers, which different servers would resolve differently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from multidict import CIMultiDictProxy, MultiDictProxy
+
+from .errors import InvalidRequest, MissingToken
+
+SCHEMES = {"bearer": "Bearer", "anaplanauthtoken": "AnaplanAuthToken"}
+# RFC 6750 section 2.1 b64token
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_QUERY_TOKEN_PARAMS = ("access_token", "anaplanauthtoken", "auth_token", "token")
+
+
+@dataclass(frozen=True, slots=True)
+class PresentedToken:
+    """The token as the client presented it. ``value`` must never be logged or stored."""
+
+    scheme: str
+    value: str
+
+    def __repr__(self) -> str:  # keep the secret out of tracebacks and debug logs
+        return f"PresentedToken(scheme={self.scheme!r}, value=<redacted>)"
+
+
+def extract_token(headers: CIMultiDictProxy[str], query: MultiDictProxy[str] | Mapping[str, str],
+                  *, max_header: int) -> PresentedToken:
+    """Return the presented token or raise :class:`MissingToken` / :class:`InvalidRequest`."""
+    for name in _QUERY_TOKEN_PARAMS:
+        if name in query:
+            raise InvalidRequest(
+                "Tokens in the query string are refused; send them in the Authorization header.")
+    values = headers.getall("Authorization", [])
+    if len(values) > 1:
+        raise InvalidRequest("Several Authorization headers were sent; send exactly one.")
+    if not values:
+        raise MissingToken("The request carries no access token.")
+    value = values[0]
+    if len(value) > max_header:
+        raise InvalidRequest(f"The Authorization header exceeds {max_header} bytes.")
+    scheme, _, credentials = value.strip().partition(" ")
+    canonical = SCHEMES.get(scheme.lower())
+    if canonical is None:
+        # RFC 6750 3.1: an unsupported scheme is as if no bearer token were sent
+        raise MissingToken("The Authorization header does not use the Bearer or "
+                           "AnaplanAuthToken scheme.")
+    credentials = credentials.strip()
+    if not credentials or _B64TOKEN.fullmatch(credentials) is None:
+        raise InvalidRequest("The Authorization header carries a malformed token.")
+    return PresentedToken(canonical, credentials)
+
+
+class TokenDigester:
+    """Keyed BLAKE2b digest of a token: the only form a token takes at rest or in memory keys.
+
+    A keyed digest, not a plain hash, so that a copy of Redis does not let anyone
+    confirm a guessed token without the key as well.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 16:
+            raise ValueError("the token digest key must be at least 16 bytes")
+        self._key = hashlib.blake2b(key, digest_size=32).digest()
+
+    def digest(self, token: str) -> str:
+        return hashlib.blake2b(token.encode(), key=self._key, digest_size=20).hexdigest()
+
+    def matches(self, token: str, digest: str) -> bool:
+        return hmac.compare_digest(self.digest(token), digest)

@@ -1,0 +1,93 @@
+"""RFC 7662 token introspection against any authorization server.
+
+Section 2.1: POST ``token=...`` (form-encoded), authenticated here with
+``client_secret_basic`` (RFC 6749 section 2.3.1). Section 2.2: the answer is a JSON
+object whose ``active`` member alone decides; anything else is optional. Connection
+errors and 5xx answers are retried a bounded number of times with exponential
+backoff; 4xx answers (the gateway's own credentials refused, say) are not retried,
+and every failure ends in :class:`ValidatorUnavailable`, never in "inactive".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from typing import Any
+
+import aiohttp
+
+from .base import TokenInfo, ValidatorUnavailable, parse_scopes
+
+
+class IntrospectionClient:
+    """Calls one RFC 7662 endpoint. The ``ClientSession`` is owned by the app, not by us."""
+
+    name = "introspection"
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, *, client_id: str = "",
+                 client_secret: str = "", timeout: float = 2.0, retries: int = 2,
+                 backoff: float = 0.1) -> None:
+        self._session = session
+        self._url = url
+        self._auth = aiohttp.BasicAuth(client_id, client_secret) if client_id else None
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 1.0))
+        self._retries = max(0, retries)
+        self._backoff = backoff
+
+    async def validate(self, token: str) -> TokenInfo:
+        last = "no attempt made"
+        for attempt in range(self._retries + 1):
+            if attempt:
+                # full jitter keeps a fleet of replicas from retrying in lockstep
+                await asyncio.sleep(random.uniform(0, self._backoff * 2 ** (attempt - 1)))
+            try:
+                async with self._session.post(
+                    self._url,
+                    data={"token": token, "token_type_hint": "access_token"},
+                    auth=self._auth,
+                    headers={"Accept": "application/json"},
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                ) as resp:
+                    if resp.status >= 500:
+                        last = f"introspection endpoint answered {resp.status}"
+                        continue
+                    if resp.status != 200:
+                        raise ValidatorUnavailable(
+                            f"introspection endpoint answered {resp.status}; "
+                            "check the gateway's introspection credentials")
+                    body = await resp.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                last = f"introspection endpoint unreachable ({type(exc).__name__})"
+                continue
+            return self._parse(body)
+        raise ValidatorUnavailable(last)
+
+    @staticmethod
+    def _parse(body: bytes) -> TokenInfo:
+        try:
+            data: Any = json.loads(body)
+        except ValueError:
+            raise ValidatorUnavailable("introspection endpoint answered with invalid JSON") \
+                from None
+        if not isinstance(data, dict) or not isinstance(data.get("active"), bool):
+            raise ValidatorUnavailable("introspection answer lacks a boolean `active` member")
+        if not data["active"]:
+            return TokenInfo.inactive()
+        token_type = data.get("token_type")
+        if isinstance(token_type, str) and token_type.lower() == "refresh_token":
+            return TokenInfo.inactive()  # a refresh token is no access token
+        exp = data.get("exp")
+        client_id = data.get("client_id")
+        return TokenInfo(
+            active=True,
+            client_id=str(client_id) if client_id is not None else None,
+            scopes=parse_scopes(data),
+            exp=float(exp) if isinstance(exp, int | float) else None,
+            sub=str(data["sub"]) if data.get("sub") is not None else None,
+            username=str(data["username"]) if data.get("username") is not None else None,
+        )
+
+    async def close(self) -> None:
+        """The session belongs to the app; nothing to release here."""
