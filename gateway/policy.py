@@ -217,7 +217,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator == "oneOf" and isinstance(error.instance, dict):
         return "expected a URL string or a mapping with `url` and known keys " \
                "(credentials, scheme, replace_header, replace_value_env, timeout)"
-    if error.validator == "pattern" and error.schema.get("pattern") == "^https?://":
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    if error.validator == "pattern" and schema.get("pattern") == "^https?://":
         return f"expected an http:// or https:// URL, got {error.instance!r}"
     if error.validator == "enum":
         return f"expected one of {error.validator_value}, got {error.instance!r}"
@@ -234,7 +235,7 @@ def load_policy(location: str | Path) -> RoutePolicy:
     """Read, validate and compile every policy file at ``location``; raise :class:`PolicyError`."""
     files = _policy_files(location)
     upstreams: dict[str, Upstream] = {}
-    raw_routes: list[tuple[str, dict[str, Any]]] = []
+    raw_routes: list[tuple[str, int, dict[str, Any]]] = []
     validator = jsonschema.Draft202012Validator(POLICY_SCHEMA)
     for file in files:
         try:
@@ -271,12 +272,12 @@ def load_policy(location: str | Path) -> RoutePolicy:
                 replace_value_env=spec.get("replace_value_env", ""),
                 timeout=spec.get("timeout"),
             )
-        for route in doc.get("routes") or []:
-            raw_routes.append((str(file), route))
+        for index, route in enumerate(doc.get("routes") or []):
+            raw_routes.append((str(file), index, route))
     routes: list[Route] = []
     seen: set[str] = set()
-    for i, (file, spec) in enumerate(raw_routes):
-        label = f"{file}: route #{i + 1} ({spec['name']!r})"
+    for source, index, spec in raw_routes:
+        label = f"{source}: route #{index + 1} ({spec['name']!r})"
         if spec["name"] in seen:
             raise PolicyError(f"{label}: key name: duplicate route name")
         seen.add(spec["name"])
@@ -291,7 +292,7 @@ def load_policy(location: str | Path) -> RoutePolicy:
         methods = frozenset(spec.get("methods") or HTTP_METHODS)
         routes.append(Route(
             name=spec["name"], upstream=upstreams[spec["upstream"]], methods=methods,
-            path=spec["path"], scopes=tuple(spec.get("scopes") or ()), source=file,
+            path=spec["path"], scopes=tuple(spec.get("scopes") or ()), source=source,
             pattern=pattern,
         ))
     return RoutePolicy(routes, upstreams, [str(f) for f in files])
