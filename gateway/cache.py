@@ -1,0 +1,176 @@
+"""The two-layer token cache in front of the validator, with single-flight.
+
+Layer 1 is in-process (:class:`LocalCache`): bounded, least-recently-used, a short
+TTL. Layer 2 is Redis, shared by the fleet, under ``{prefix}token:{digest}``, where
+the digest is keyed (:class:`~gateway.tokens.TokenDigester`), so no token can be
+recovered from Redis. An entry never outlives the token's ``exp`` nor
+``cache_max_ttl``, and a hit never extends it: a Redis hit carries the entry's
+remaining PTTL into the local layer. Inactive answers are cached for
+``negative_cache_ttl`` so a flood of bad tokens cannot flood the authorization server.
+Concurrent look-ups of one uncached token share one validator call per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .errors import IntrospectionUnavailable
+from .metrics import GatewayMetrics
+from .tokens import TokenDigester
+from .validators.base import TokenInfo, TokenValidator, ValidatorUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class LocalCache:
+    """A bounded LRU map of digest -> (expires_at monotonic, TokenInfo)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._data: OrderedDict[str, tuple[float, TokenInfo]] = OrderedDict()
+
+    def get(self, digest: str, now: float) -> TokenInfo | None:
+        item = self._data.get(digest)
+        if item is None:
+            return None
+        if item[0] <= now:
+            del self._data[digest]
+            return None
+        self._data.move_to_end(digest)
+        return item[1]
+
+    def put(self, digest: str, info: TokenInfo, expires_at: float) -> None:
+        self._data[digest] = (expires_at, info)
+        self._data.move_to_end(digest)
+        while len(self._data) > self.maxsize:
+            self._data.popitem(last=False)
+
+    def discard(self, digest: str) -> None:
+        self._data.pop(digest, None)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class TokenCache:
+    """Answer "what is this token?" from the cheapest layer that knows."""
+
+    def __init__(self, *, redis: Redis, validator: TokenValidator, digester: TokenDigester,
+                 metrics: GatewayMetrics, key_prefix: str, local_ttl: float, local_size: int,
+                 max_ttl: int, negative_ttl: int) -> None:
+        self.redis = redis
+        self.validator = validator
+        self.digester = digester
+        self.metrics = metrics
+        self.local = LocalCache(local_size)
+        self._prefix = key_prefix + "token:"
+        self._local_ttl = local_ttl
+        self._max_ttl = max_ttl
+        self._negative_ttl = negative_ttl
+        self._inflight: dict[str, asyncio.Future[TokenInfo]] = {}
+
+    def key(self, digest: str) -> str:
+        return self._prefix + digest
+
+    async def lookup(self, token: str) -> tuple[str, TokenInfo]:
+        """Return ``(digest, info)``; raise :class:`IntrospectionUnavailable` to fail closed."""
+        digest = self.digester.digest(token)
+        info = self.local.get(digest, time.monotonic())
+        if info is not None:
+            self.metrics.cache_local_hit.inc()
+            if info.active and info.expired():
+                return digest, TokenInfo.inactive()
+            return digest, info
+        self.metrics.cache_local_miss.inc()
+        future = self._inflight.get(digest)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._inflight[digest] = future
+            # a task of its own, so a client that hangs up does not cancel the fill
+            # that other requests are waiting on
+            task = asyncio.create_task(self._fill(token, digest, future))
+            task.add_done_callback(lambda _t: self._inflight.pop(digest, None))
+        return digest, await asyncio.shield(future)
+
+    async def _fill(self, token: str, digest: str, future: asyncio.Future[TokenInfo]) -> None:
+        try:
+            info = await self._resolve(token, digest)
+        except BaseException as exc:  # handed to every waiter
+            if not future.done():
+                future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            if not future.done():
+                future.set_result(info)
+
+    async def _resolve(self, token: str, digest: str) -> TokenInfo:
+        key = self.key(digest)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.get(key)
+                pipe.pttl(key)
+                raw, pttl = await pipe.execute()
+        except RedisError:
+            self.metrics.redis_errors.labels("token_cache_get").inc()
+            raw, pttl = None, -2
+        if raw is not None:
+            self.metrics.cache_redis_hit.inc()
+            info = TokenInfo.from_json(raw)
+            remaining = pttl / 1000 if pttl and pttl > 0 else self._local_ttl
+            self._store_local(digest, info, remaining)
+            return info
+        self.metrics.cache_redis_miss.inc()
+        started = time.perf_counter()
+        try:
+            info = await self.validator.validate(token)
+        except ValidatorUnavailable as exc:
+            self.metrics.introspection_outcome["error"].inc()
+            self.metrics.introspection_duration.observe(time.perf_counter() - started)
+            log.warning("token validation unavailable: %s", exc)
+            raise IntrospectionUnavailable(
+                "The authorization server cannot be reached to validate this token; "
+                "retry later.") from None
+        self.metrics.introspection_duration.observe(time.perf_counter() - started)
+        self.metrics.introspection_outcome["active" if info.active else "inactive"].inc()
+        if info.active and info.expired():
+            info = TokenInfo.inactive()
+        ttl = self._ttl_for(info)
+        try:
+            await self.redis.set(key, info.to_json(), px=max(1, int(ttl * 1000)))
+        except RedisError:
+            self.metrics.redis_errors.labels("token_cache_set").inc()
+        self._store_local(digest, info, ttl)
+        return info
+
+    def _ttl_for(self, info: TokenInfo) -> float:
+        if not info.active:
+            return float(self._negative_ttl)
+        ttl = float(self._max_ttl)
+        if info.exp is not None:
+            ttl = min(ttl, info.exp - time.time())
+        return max(ttl, 0.001)
+
+    def _store_local(self, digest: str, info: TokenInfo, remaining: float) -> None:
+        ttl = min(self._local_ttl, remaining)
+        if ttl > 0:
+            self.local.put(digest, info, time.monotonic() + ttl)
+
+    async def purge(self, digest: str, *, revoked_for: float | None = None) -> None:
+        """Forget a token everywhere this process can reach; with ``revoked_for``, pin it
+        as inactive in Redis for that many seconds so no replica re-validates it."""
+        self.local.discard(digest)
+        if revoked_for:
+            await self.redis.set(self.key(digest), '{"active":false,"revoked":true}',
+                                 px=max(1, int(revoked_for * 1000)))
+        else:
+            await self.redis.delete(self.key(digest))

@@ -1,0 +1,117 @@
+"""Prometheus metrics, one ``CollectorRegistry`` per app (CONTRACT.md fixes the names).
+
+Label children are bound once and kept (``prometheus_client``'s ``.labels()`` lookup
+is the largest per-request cost, see PERF_NOTES.md). Every label value is bounded:
+routes come from the policy, methods from a fixed list, statuses are integers, and
+client ids are capped (:data:`MAX_CLIENT_LABELS`, then ``other``). No label ever
+carries a token or a raw path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# `_created` series double the exposition for no operational value here
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+from .policy import HTTP_METHODS
+
+MAX_CLIENT_LABELS = 2000
+DECISIONS = (
+    "allowed", "missing_token", "invalid_token", "client_disabled", "insufficient_scope",
+    "introspection_unavailable", "unknown_client", "invalid_request", "no_route",
+    "registry_unavailable",
+)
+NO_ROUTE = "(none)"
+_LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
+
+
+class GatewayMetrics:
+    """The gateway's metric families and their pre-bound children."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("gateway_requests", "Requests answered by the proxy listener.",
+                                ["route", "method", "status"], registry=r)
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds", "Time from request to response headers.",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.upstream_duration = Histogram(
+            "gateway_upstream_duration_seconds", "Time the upstream took to answer headers.",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.auth_decisions = Counter(
+            "gateway_auth_decisions", "Authentication and authorization decisions.",
+            ["client_id", "decision"], registry=r)
+        self.cache_requests = Counter(
+            "gateway_token_cache_requests", "Token cache look-ups by layer and result.",
+            ["layer", "result"], registry=r)
+        self.introspections = Counter(
+            "gateway_introspection_requests", "Calls to the token validator's authority.",
+            ["outcome"], registry=r)
+        self.introspection_duration = Histogram(
+            "gateway_introspection_duration_seconds", "Duration of validator calls.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.client_disable_events = Counter(
+            "gateway_client_record_invalidations", "Client-record invalidations received.",
+            ["source"], registry=r)
+        self.redis_errors = Counter(
+            "gateway_redis_errors", "Redis operations that failed.", ["operation"], registry=r)
+        self.client_window_requests = Gauge(
+            "gateway_client_window_requests",
+            "Requests per client over the usage window, fleet-wide.", ["client_id"], registry=r)
+        self.client_window_tokens = Gauge(
+            "gateway_client_window_distinct_tokens",
+            "Distinct tokens seen per client over the usage window, fleet-wide (HyperLogLog).",
+            ["client_id"], registry=r)
+        self.policy_reloads = Counter(
+            "gateway_policy_reloads", "Policy reloads by outcome.", ["outcome"], registry=r)
+        self.cache_local_hit = self.cache_requests.labels("local", "hit")
+        self.cache_local_miss = self.cache_requests.labels("local", "miss")
+        self.cache_redis_hit = self.cache_requests.labels("redis", "hit")
+        self.cache_redis_miss = self.cache_requests.labels("redis", "miss")
+        self.introspection_outcome = {o: self.introspections.labels(o)
+                                      for o in ("active", "inactive", "error")}
+        self._route_children: dict[str, tuple[Any, Any]] = {}
+        self._request_children: dict[tuple[str, str, int], Any] = {}
+        self._decision_children: dict[tuple[str, str], Any] = {}
+        self.bind_routes([NO_ROUTE])
+
+    def bind_routes(self, routes: list[str]) -> None:
+        """Create the per-route children up front so dashboards see zeros, not gaps."""
+        for route in routes:
+            if route not in self._route_children:
+                self._route_children[route] = (self.request_duration.labels(route),
+                                               self.upstream_duration.labels(route))
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        child = self._request_children.get(key)
+        if child is None:
+            m = method if method in HTTP_METHODS else "OTHER"
+            child = self._request_children[key] = self.requests.labels(route, m, str(status))
+        child.inc()
+        pair = self._route_children.get(route)
+        if pair is None:
+            self.bind_routes([route])
+            pair = self._route_children[route]
+        pair[0].observe(seconds)
+
+    def observe_upstream(self, route: str, seconds: float) -> None:
+        pair = self._route_children.get(route)
+        if pair is None:
+            self.bind_routes([route])
+            pair = self._route_children[route]
+        pair[1].observe(seconds)
+
+    def decision(self, client_id: str | None, decision: str) -> None:
+        key = (client_id or "unknown", decision)
+        child = self._decision_children.get(key)
+        if child is None:
+            label = key[0]
+            if len(self._decision_children) >= MAX_CLIENT_LABELS * 2:
+                label = "other"
+            child = self._decision_children[key] = self.auth_decisions.labels(label, decision)
+        child.inc()
