@@ -91,6 +91,9 @@ class Settings:
         "seconds an inactive result is cached, so bad tokens cannot flood the AS"))
     client_refresh_interval: float = field(default=0.5, metadata=_doc(
         "seconds between re-reads of known client records (the `redis-cli` safety net)"))
+    keyspace_notifications: bool = field(default=True, metadata=_doc(
+        "ask Redis (CONFIG SET, best effort) for keyspace notifications on hashes, so a "
+        "`redis-cli HSET` on a client record reaches every replica in milliseconds"))
     max_body_size: int = field(default=100 * 1024 * 1024, metadata=_doc(
         "largest request body forwarded, in bytes (413 beyond)"))
     max_auth_header: int = field(default=8192, metadata=_doc(

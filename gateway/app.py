@@ -1,0 +1,249 @@
+"""The app factory: every component built here, from settings, and handed in typed.
+
+Two aiohttp applications share one :class:`Gateway`:
+
+- the proxy app (``GATEWAY_LISTEN``): client traffic, all paths go to the pipeline;
+- the admin app (``GATEWAY_ADMIN_LISTEN``): ``/metrics``, ``/healthz``, ``/readyz``.
+
+Resources (Redis pool, upstream ``ClientSession``, background tasks) are owned by the
+proxy app's ``cleanup_ctx``: set up before ``yield``, torn down after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TextIO
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from . import store
+from .accesslog import AccessLog
+from .cache import TokenCache
+from .clients import ClientRegistry
+from .events import EventSubscriber
+from .metrics import GatewayMetrics
+from .pipeline import ProxyPipeline
+from .policy import PolicyError, RoutePolicy, load_policy
+from .proxy import UpstreamForwarder
+from .settings import Settings
+from .tokens import TokenDigester
+from .usage import UsageTracker
+from .validators.base import TokenValidator
+
+log = logging.getLogger(__name__)
+
+
+class ConfigurationError(RuntimeError):
+    """The gateway cannot start with these settings; the message says why."""
+
+
+class Gateway:
+    """Everything one gateway process holds. Built by :func:`create_apps`."""
+
+    def __init__(self, settings: Settings, policy: RoutePolicy, metrics: GatewayMetrics,
+                 access_log: AccessLog) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.metrics = metrics
+        self.access_log = access_log
+        self.redis: Redis | None = None
+        self.pipeline: ProxyPipeline | None = None
+        self.cache: TokenCache | None = None
+        self.registry: ClientRegistry | None = None
+        self.events: EventSubscriber | None = None
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    def reload_policy(self) -> bool:
+        """Re-read the policies (SIGHUP). A bad file keeps the old policy in force."""
+        try:
+            policy = load_policy(self.settings.policies)
+        except PolicyError as exc:
+            log.error("policy reload refused, keeping the previous policy: %s", exc)
+            self.metrics.policy_reloads.labels("error").inc()
+            return False
+        self.policy = policy
+        self.metrics.bind_routes(policy.route_names)
+        if self.pipeline is not None:
+            self.pipeline.policy = policy
+        self.metrics.policy_reloads.labels("ok").inc()
+        log.info("policy reloaded: %d routes from %s", len(policy.routes),
+                 ", ".join(policy.sources))
+        return True
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def build_validator(settings: Settings, session: aiohttp.ClientSession) -> TokenValidator:
+    """The validator ``GATEWAY_VALIDATOR`` names (or ``auto`` resolves to)."""
+    kind = settings.resolved_validator
+    if kind == "introspection":
+        if not settings.introspection_url:
+            raise ConfigurationError("GATEWAY_VALIDATOR=introspection needs "
+                                     "GATEWAY_INTROSPECTION_URL")
+        from .validators.introspection import IntrospectionClient
+        return IntrospectionClient(
+            session, settings.introspection_url,
+            client_id=settings.introspection_client_id,
+            client_secret=settings.introspection_client_secret,
+            timeout=settings.introspection_timeout, retries=settings.introspection_retries)
+    if kind == "jwt":
+        if not settings.jwks_url or not settings.jwt_issuer:
+            raise ConfigurationError("GATEWAY_VALIDATOR=jwt needs GATEWAY_JWKS_URL and "
+                                     "GATEWAY_JWT_ISSUER")
+        from .validators.jwt import JWTValidator
+        return JWTValidator(
+            session, settings.jwks_url, issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience, algorithms=settings.jwt_algorithms.split(),
+            leeway=settings.jwt_leeway)
+    if kind == "anaplan":
+        if not settings.anaplan_validate_url:
+            raise ConfigurationError("GATEWAY_VALIDATOR=anaplan needs "
+                                     "GATEWAY_ANAPLAN_VALIDATE_URL")
+        from .validators.anaplan import AnaplanValidator
+        return AnaplanValidator(session, settings.anaplan_validate_url,
+                                timeout=settings.introspection_timeout,
+                                retries=settings.introspection_retries)
+    raise ConfigurationError(
+        "No token validator is configured: set GATEWAY_INTROSPECTION_URL (RFC 7662), "
+        "GATEWAY_JWKS_URL with GATEWAY_JWT_ISSUER (local JWT) or "
+        "GATEWAY_ANAPLAN_VALIDATE_URL (Anaplan token-validate).")
+
+
+def _spawn(gw: Gateway, coro: Coroutine[Any, Any, None], name: str) -> None:
+    gw.tasks.append(asyncio.create_task(coro, name=name))
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY]
+    s = gw.settings
+    redis = gw.redis if gw.redis is not None else store.connect(s.redis_url)
+    owns_redis = gw.redis is None
+    gw.redis = redis
+    connector = aiohttp.TCPConnector(limit=s.upstream_pool_size, limit_per_host=0,
+                                     ttl_dns_cache=60, enable_cleanup_closed=True)
+    upstream_session = aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, trust_env=False, cookie_jar=
+        aiohttp.DummyCookieJar())
+    auth_session = aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
+    try:
+        validator = app.get(VALIDATOR) or build_validator(s, auth_session)
+        try:
+            await store.wait_for_redis(redis, timeout=30.0)
+            key = await store.digest_key(redis, s.key_prefix, s.token_digest_key)
+        except RedisError as exc:
+            raise ConfigurationError(f"Redis at GATEWAY_REDIS_URL cannot be reached: {exc}"
+                                     ) from None
+        gw.cache = TokenCache(
+            redis=redis, validator=validator, digester=TokenDigester(key), metrics=gw.metrics,
+            key_prefix=s.key_prefix, local_ttl=s.local_cache_ttl,
+            local_size=s.local_cache_size, max_ttl=s.cache_max_ttl,
+            negative_ttl=s.negative_cache_ttl)
+        gw.registry = ClientRegistry(redis, key_prefix=s.key_prefix, metrics=gw.metrics,
+                                     refresh_interval=s.client_refresh_interval)
+        usage = UsageTracker(redis, key_prefix=s.key_prefix, metrics=gw.metrics,
+                             window=s.usage_window)
+        forwarder = UpstreamForwarder(
+            upstream_session, connect_timeout=s.upstream_connect_timeout,
+            upstream_timeout=s.upstream_timeout, max_body_size=s.max_body_size,
+            trusted_proxies=s.trusted_proxies)
+        gw.pipeline = ProxyPipeline(
+            policy=gw.policy, cache=gw.cache, registry=gw.registry, forwarder=forwarder,
+            metrics=gw.metrics, access_log=gw.access_log, usage=usage,
+            require_client_record=s.require_client_record, max_auth_header=s.max_auth_header)
+        gw.events = EventSubscriber(redis, key_prefix=s.key_prefix, registry=gw.registry,
+                                    cache=gw.cache, metrics=gw.metrics,
+                                    keyspace=s.keyspace_notifications)
+        _spawn(gw, gw.events.run(), "events")
+        _spawn(gw, gw.registry.run_refresher(), "client-refresh")
+        _spawn(gw, usage.run(), "usage")
+        _spawn(gw, gw.access_log.run(), "access-log")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(gw.events.connected.wait(), timeout=2.0)
+        yield
+        with contextlib.suppress(RedisError):
+            await usage.flush()
+    finally:
+        for task in gw.tasks:
+            task.cancel()
+        await asyncio.gather(*gw.tasks, return_exceptions=True)
+        gw.tasks.clear()
+        await upstream_session.close()
+        await auth_session.close()
+        if owns_redis:
+            await redis.aclose()
+            gw.redis = None
+
+
+VALIDATOR = web.AppKey("validator", TokenValidator)
+
+
+async def _proxy_handler(request: web.Request) -> web.StreamResponse:
+    pipeline = request.app[GATEWAY].pipeline
+    assert pipeline is not None
+    return await pipeline.handle(request)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    return web.Response(body=generate_latest(gw.metrics.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    checks: dict[str, str] = {"policies": f"{len(gw.policy.routes)} routes"}
+    ready = gw.pipeline is not None
+    if gw.redis is None:
+        checks["redis"], ready = "not connected", False
+    else:
+        try:
+            await asyncio.wait_for(gw.redis.ping(), timeout=1.0)
+            checks["redis"] = "ok"
+        except (RedisError, OSError, TimeoutError) as exc:
+            checks["redis"], ready = f"unreachable ({type(exc).__name__})", False
+    if not gw.policy.routes:
+        checks["policies"], ready = "no routes loaded", False
+    return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},
+                             status=200 if ready else 503)
+
+
+def create_apps(settings: Settings, *, redis: Redis | None = None,
+                validator: TokenValidator | None = None,
+                log_stream: TextIO | None = None) -> tuple[web.Application, web.Application]:
+    """Build the proxy app and the admin app. Raises :class:`PolicyError` on bad policies.
+
+    ``redis`` and ``validator`` may be passed in (tests, embedding); otherwise they are
+    built from ``settings`` when the proxy app starts.
+    """
+    policy = load_policy(settings.policies)
+    metrics = GatewayMetrics()
+    metrics.bind_routes(policy.route_names)
+    access_log = AccessLog(fmt=settings.log_format, stream=log_stream or sys.stdout,
+                           enabled=settings.access_log)
+    gw = Gateway(settings, policy, metrics, access_log)
+    gw.redis = redis
+    proxy = web.Application(client_max_size=settings.max_body_size)
+    proxy[GATEWAY] = gw
+    if validator is not None:
+        proxy[VALIDATOR] = validator
+    proxy.cleanup_ctx.append(_resources)
+    proxy.router.add_route("*", "/{tail:.*}", _proxy_handler)
+    admin = web.Application()
+    admin[GATEWAY] = gw
+    admin.router.add_get("/metrics", _metrics)
+    admin.router.add_get("/healthz", _healthz)
+    admin.router.add_get("/readyz", _readyz)
+    return proxy, admin

@@ -1,0 +1,130 @@
+"""The fleet's nervous system: one Redis pub/sub subscriber per replica.
+
+Channel ``{prefix}events`` carries JSON messages published by operator commands:
+
+- ``{"type": "client", "client_id": ...}``: a client record changed; re-read it.
+- ``{"type": "token_revoked", "digest": ...}``: drop that token from the local layer.
+
+When keyspace notifications are on, ``__keyspace@{db}__:{prefix}client:*`` tells of
+changes made with plain ``redis-cli``. After any disconnection the subscriber
+re-subscribes, re-reads every client record and empties the local token layer, since
+messages published meanwhile are lost (pub/sub is fire-and-forget).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from .cache import TokenCache
+from .clients import ClientRegistry
+from .metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+
+async def enable_keyspace_notifications(redis: Redis) -> bool:
+    """Add ``K`` and ``h`` to ``notify-keyspace-events``; False if the server forbids it."""
+    try:
+        current = (await redis.config_get("notify-keyspace-events")).get(
+            "notify-keyspace-events", "")
+        flags = set(current or "")
+        if "K" in flags and ("h" in flags or "A" in flags):
+            return True
+        await redis.config_set("notify-keyspace-events", "".join(sorted(flags | {"K", "h"})))
+        return True
+    except ResponseError as exc:  # managed services often rename or forbid CONFIG
+        log.info("keyspace notifications unavailable (%s); relying on events and polling", exc)
+        return False
+
+
+class EventSubscriber:
+    """Listens on the events channel (and keyspace notifications) and applies them."""
+
+    def __init__(self, redis: Redis, *, key_prefix: str, registry: ClientRegistry,
+                 cache: TokenCache | None, metrics: GatewayMetrics,
+                 keyspace: bool = True) -> None:
+        self.redis = redis
+        self.prefix = key_prefix
+        self.registry = registry
+        self.cache = cache
+        self.metrics = metrics
+        self.keyspace = keyspace
+        self.channel = f"{key_prefix}events"
+        db = redis.connection_pool.connection_kwargs.get("db", 0)
+        self.keyspace_pattern = f"__keyspace@{db}__:{key_prefix}client:*"
+        self._keyspace_prefix = f"__keyspace@{db}__:{key_prefix}client:"
+        self.connected = asyncio.Event()
+
+    async def run(self) -> None:
+        """Background task: subscribe, dispatch, reconnect with backoff, forever."""
+        delay = 0.1
+        first = True
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                if self.keyspace and await enable_keyspace_notifications(self.redis):
+                    await pubsub.psubscribe(self.keyspace_pattern)
+                if not first:  # anything published while we were away is lost: resync
+                    await self.registry.refresh()
+                    if self.cache is not None:
+                        self.cache.local.clear()
+                first = False
+                self.connected.set()
+                delay = 0.1
+                while True:
+                    message = await pubsub.get_message(timeout=5.0)
+                    if message is not None:
+                        await self._dispatch(message)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                self.connected.clear()
+                self.metrics.redis_errors.labels("subscribe").inc()
+                log.warning("event subscriber lost Redis (%s); reconnecting in %.1fs",
+                            type(exc).__name__, delay)
+            except Exception:
+                self.connected.clear()
+                log.exception("event subscriber failed; restarting")
+            finally:
+                try:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                except Exception:  # noqa: S110 (the connection is already gone)
+                    pass
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _dispatch(self, message: dict[str, Any]) -> None:
+        channel = message.get("channel", "")
+        if message.get("type") == "pmessage" and channel.startswith(self._keyspace_prefix):
+            client_id = channel[len(self._keyspace_prefix):]
+            self.metrics.client_disable_events.labels("keyspace").inc()
+            await self._reread(client_id)
+            return
+        if channel != self.channel:
+            return
+        try:
+            event = json.loads(message.get("data") or "")
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        kind = event.get("type")
+        if kind == "client" and isinstance(event.get("client_id"), str):
+            self.metrics.client_disable_events.labels("event").inc()
+            await self._reread(event["client_id"])
+        elif kind == "token_revoked" and isinstance(event.get("digest"), str):
+            if self.cache is not None:
+                self.cache.local.discard(event["digest"])
+
+    async def _reread(self, client_id: str) -> None:
+        try:
+            await self.registry.refresh([client_id])
+        except RedisError:
+            self.registry.invalidate(client_id)
