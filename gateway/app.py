@@ -137,7 +137,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     try:
         validator = app.get(VALIDATOR) or build_validator(s, auth_session)
         try:
-            await store.wait_for_redis(redis, timeout=30.0)
+            await store.wait_for_redis(redis, within=30.0)
             key = await store.digest_key(redis, s.key_prefix, s.token_digest_key)
         except RedisError as exc:
             raise ConfigurationError(f"Redis at GATEWAY_REDIS_URL cannot be reached: {exc}"

@@ -14,6 +14,7 @@ messages published meanwhile are lost (pub/sub is fire-and-forget).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from typing import Any
@@ -93,10 +94,8 @@ class EventSubscriber:
                 self.connected.clear()
                 log.exception("event subscriber failed; restarting")
             finally:
-                try:
+                with contextlib.suppress(Exception):  # the connection may be gone already
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
-                except Exception:  # noqa: S110 (the connection is already gone)
-                    pass
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -119,9 +118,9 @@ class EventSubscriber:
         if kind == "client" and isinstance(event.get("client_id"), str):
             self.metrics.client_disable_events.labels("event").inc()
             await self._reread(event["client_id"])
-        elif kind == "token_revoked" and isinstance(event.get("digest"), str):
-            if self.cache is not None:
-                self.cache.local.discard(event["digest"])
+        elif (kind == "token_revoked" and isinstance(event.get("digest"), str)
+              and self.cache is not None):
+            self.cache.local.discard(event["digest"])
 
     async def _reread(self, client_id: str) -> None:
         try:

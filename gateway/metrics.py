@@ -13,10 +13,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from .policy import HTTP_METHODS
+
 # `_created` series double the exposition for no operational value here
 disable_created_metrics()  # type: ignore[no-untyped-call]
-
-from .policy import HTTP_METHODS
 
 MAX_CLIENT_LABELS = 2000
 DECISIONS = (

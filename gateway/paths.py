@@ -16,7 +16,7 @@ from .errors import InvalidRequest
 
 # %2F (slash), %5C (backslash), %00 (NUL), %25 followed by hex (double encoding)
 _ENCODED_DANGER = re.compile(r"%(?:2f|5c|00|25[0-9a-f]{2})", re.IGNORECASE)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
 
 
 def safe_path(raw_path: str) -> str:
@@ -30,10 +30,14 @@ def safe_path(raw_path: str) -> str:
     if _ENCODED_DANGER.search(path):
         raise InvalidRequest(
             "The request path contains an encoded slash, backslash, NUL or a double encoding.")
-    decoded = unquote(path, errors="strict")
+    try:
+        decoded = unquote(path, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidRequest("The request path is not UTF-8 once decoded.") from None
     if _CONTROL.search(decoded):
         raise InvalidRequest("The request path contains a backslash or a control character.")
     for segment in decoded.split("/"):
-        if segment in {".", ".."}:
+        # `..;x` is `..` to servlet containers, which drop `;params` from a segment
+        if segment.split(";", 1)[0] in {".", ".."}:
             raise InvalidRequest("The request path contains a dot-segment.")
     return decoded

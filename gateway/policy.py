@@ -214,9 +214,14 @@ def _where(error: jsonschema.ValidationError, doc: dict[str, Any]) -> str:
 def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties":
         return error.message.replace("Additional properties are not allowed", "unknown key")
+    if error.validator == "oneOf" and isinstance(error.instance, str):
+        return f"expected an http:// or https:// URL, got {error.instance!r}"
     if error.validator == "oneOf" and isinstance(error.instance, dict):
-        return "expected a URL string or a mapping with `url` and known keys " \
-               "(credentials, scheme, replace_header, replace_value_env, timeout)"
+        # the mapping branch (index 1 of oneOf) says which key is wrong
+        sub = jsonschema.exceptions.best_match(
+            e for e in error.context or [] if e.relative_schema_path[0] == 1)
+        key = ".".join(str(x) for x in sub.relative_path) if sub else ""
+        return (f"key {key}: " if key else "") + (_describe(sub) if sub else error.message)
     schema = error.schema if isinstance(error.schema, dict) else {}
     if error.validator == "pattern" and schema.get("pattern") == "^https?://":
         return f"expected an http:// or https:// URL, got {error.instance!r}"

@@ -49,9 +49,9 @@ async def digest_key(redis: Redis, prefix: str, configured: str) -> bytes:
     return bytes.fromhex(str(value))
 
 
-async def wait_for_redis(redis: Redis, timeout: float) -> None:
-    """Ping until Redis answers, or raise the last error after ``timeout`` seconds."""
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_for_redis(redis: Redis, within: float) -> None:
+    """Ping until Redis answers, or raise the last error after ``within`` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         try:
             await redis.ping()

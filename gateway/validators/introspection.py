@@ -11,9 +11,11 @@ and every failure ends in :class:`ValidatorUnavailable`, never in "inactive".
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 from typing import Any
+from urllib.parse import quote_plus
 
 import aiohttp
 
@@ -30,7 +32,11 @@ class IntrospectionClient:
                  backoff: float = 0.1) -> None:
         self._session = session
         self._url = url
-        self._auth = aiohttp.BasicAuth(client_id, client_secret) if client_id else None
+        # RFC 6749 section 2.3.1: both parts form-urlencoded before base64
+        self._headers = {"Accept": "application/json"}
+        if client_id:
+            pair = f"{quote_plus(client_id)}:{quote_plus(client_secret)}".encode()
+            self._headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 1.0))
         self._retries = max(0, retries)
         self._backoff = backoff
@@ -45,8 +51,7 @@ class IntrospectionClient:
                 async with self._session.post(
                     self._url,
                     data={"token": token, "token_type_hint": "access_token"},
-                    auth=self._auth,
-                    headers={"Accept": "application/json"},
+                    headers=self._headers,
                     timeout=self._timeout,
                     allow_redirects=False,
                 ) as resp:

@@ -1,0 +1,125 @@
+"""Anaplan's own token check: ``GET https://auth.anaplan.com/token/validate``.
+
+The token travels as ``Authorization: AnaplanAuthToken <token>``. A good token is
+answered with 200 and ``{"status": "SUCCESS", "tokenInfo": {...}}``, whose
+``tokenInfo`` carries ``expiresAt`` (milliseconds since the epoch), ``tokenId``,
+``userId`` and, for tokens issued to OAuth clients, the client's id. A bad or
+expired token is answered with 401 (or ``"status": "FAILURE"``).
+
+Retries follow :mod:`.introspection`: connection errors and 5xx answers are retried
+a bounded number of times with jittered backoff; 401 and 403 mean the token is no
+good; any other answer, or one we cannot read, is :class:`ValidatorUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import time
+from typing import Any
+
+import aiohttp
+
+from .base import TokenInfo, ValidatorUnavailable
+
+DEFAULT_URL = "https://auth.anaplan.com/token/validate"
+DEFAULT_SCOPES = frozenset({"anaplan:read", "anaplan:write"})
+# RFC 6750 section 2.1 b64token, widened to any visible ASCII: nothing that could
+# end the header line or smuggle a second one.
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
+_CLIENT_ID_FIELDS = ("clientId", "client_id", "oauthClientId")
+
+
+class AnaplanValidator:
+    """Asks Anaplan's authentication service whether a token is good.
+
+    Anaplan tokens carry no OAuth scopes: what a user may do is decided by
+    Anaplan itself, from the user's workspace and model roles, on every API call.
+    So that route policies written in scopes still apply, every good token is
+    given ``default_scopes``. Operators who want less narrow a client's scopes
+    with its client record (``gw:client:{client_id}`` ``scopes``), which works for
+    tokens Anaplan reports a client id for, or set ``default_scopes`` to a
+    read-only set for the whole gateway.
+    """
+
+    name = "anaplan"
+
+    def __init__(self, session: aiohttp.ClientSession, url: str = DEFAULT_URL, *,
+                 timeout: float = 2.0, retries: int = 2, backoff: float = 0.1,
+                 default_scopes: frozenset[str] = DEFAULT_SCOPES) -> None:
+        self._session = session
+        self._url = url
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 1.0))
+        self._retries = max(0, retries)
+        self._backoff = backoff
+        self._scopes = frozenset(default_scopes)
+
+    async def validate(self, token: str) -> TokenInfo:
+        if not _TOKEN_CHARS.fullmatch(token):
+            return TokenInfo.inactive()
+        last = "no attempt made"
+        for attempt in range(self._retries + 1):
+            if attempt:
+                # full jitter keeps a fleet of replicas from retrying in lockstep
+                await asyncio.sleep(random.uniform(0, self._backoff * 2 ** (attempt - 1)))
+            try:
+                async with self._session.get(
+                    self._url,
+                    headers={"Authorization": f"AnaplanAuthToken {token}",
+                             "Accept": "application/json"},
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                ) as resp:
+                    if resp.status >= 500:
+                        last = f"Anaplan token validation answered {resp.status}"
+                        continue
+                    if resp.status in (401, 403):
+                        return TokenInfo.inactive()
+                    if resp.status != 200:
+                        raise ValidatorUnavailable(
+                            f"Anaplan token validation answered {resp.status}")
+                    body = await resp.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                last = f"Anaplan token validation unreachable ({type(exc).__name__})"
+                continue
+            return self._parse(body)
+        raise ValidatorUnavailable(last)
+
+    def _parse(self, body: bytes) -> TokenInfo:
+        try:
+            data: Any = json.loads(body)
+        except ValueError:
+            raise ValidatorUnavailable("Anaplan token validation answered invalid JSON") \
+                from None
+        if not isinstance(data, dict):
+            raise ValidatorUnavailable("Anaplan token validation answered no JSON object")
+        status = data.get("status")
+        if status == "FAILURE":
+            return TokenInfo.inactive()
+        info = data.get("tokenInfo")
+        if status != "SUCCESS" or not isinstance(info, dict):
+            raise ValidatorUnavailable(
+                "Anaplan token validation answer lacks `status: SUCCESS` and `tokenInfo`")
+        expires_at = info.get("expiresAt")
+        if not isinstance(expires_at, int | float) or isinstance(expires_at, bool):
+            raise ValidatorUnavailable("Anaplan token validation answer lacks `expiresAt`")
+        exp = expires_at / 1000.0
+        if exp <= time.time():
+            return TokenInfo.inactive()
+        client_id = next((info[f] for f in _CLIENT_ID_FIELDS if isinstance(info.get(f), str)),
+                         None)
+        user_id = info.get("userId")
+        username = info.get("userName") if isinstance(info.get("userName"), str) else None
+        return TokenInfo(
+            active=True,
+            client_id=client_id,
+            scopes=self._scopes,
+            exp=exp,
+            sub=str(user_id) if user_id is not None else None,
+            username=username,
+        )
+
+    async def close(self) -> None:
+        """The session belongs to the app; nothing to release here."""
