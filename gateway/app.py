@@ -60,6 +60,8 @@ class Gateway:
         self.registry: ClientRegistry | None = None
         self.events: EventSubscriber | None = None
         self.tasks: list[asyncio.Task[Any]] = []
+        #: set on SIGTERM: /readyz answers 503 so load balancers stop sending
+        self.draining = False
 
     def reload_policy(self) -> bool:
         """Re-read the policies (SIGHUP). A bad file keeps the old policy in force."""
@@ -205,7 +207,9 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     checks: dict[str, str] = {"policies": f"{len(gw.policy.routes)} routes"}
-    ready = gw.pipeline is not None
+    ready = gw.pipeline is not None and not gw.draining
+    if gw.draining:
+        checks["lifecycle"] = "draining"
     if gw.redis is None:
         checks["redis"], ready = "not connected", False
     else:

@@ -1,0 +1,296 @@
+"""``oauth-gateway``: run the gateway and govern it.
+
+    oauth-gateway serve [--config FILE]
+    oauth-gateway policy check [PATH]
+    oauth-gateway policy explain METHOD PATH [--policies PATH]
+    oauth-gateway clients list | show ID | disable ID [--reason TEXT] | enable ID
+    oauth-gateway tokens revoke TOKEN|-
+    oauth-gateway audit tail [-n N]
+
+Every command reads the same settings as ``serve`` (``--config``, then ``GATEWAY_*``),
+prints human-readable output, ``--json`` for machines, and exits non-zero on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from . import __version__, store
+from .clients import ClientAdmin
+from .errors import GatewayError
+from .paths import safe_path
+from .policy import PolicyError, load_policy
+from .settings import Settings, SettingsError, load_settings
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _out(args: argparse.Namespace, human: str, machine: Any) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(machine, indent=2, sort_keys=True))
+    else:
+        print(human)
+
+
+def _err(message: str) -> None:
+    print(f"oauth-gateway: error: {message}", file=sys.stderr)
+
+
+def _actor(args: argparse.Namespace) -> str:
+    if getattr(args, "actor", None):
+        return str(args.actor)
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _with_redis(settings: Settings,
+                action: Callable[[Redis], Awaitable[int]]) -> int:
+    async def main() -> int:
+        redis = store.connect(settings.redis_url)
+        try:
+            await redis.ping()
+            return await action(redis)
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(main())
+    except RedisError as exc:
+        _err(f"Redis at {settings.redis_url.split('@')[-1]} failed: {exc}")
+        return EXIT_FAIL
+
+
+# -- serve -----------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from .server import run
+
+    try:
+        load_policy(settings.policies)
+    except PolicyError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    return run(settings)
+
+
+# -- policy ----------------------------------------------------------------
+
+def cmd_policy_check(args: argparse.Namespace, settings: Settings) -> int:
+    location = args.path or settings.policies
+    try:
+        policy = load_policy(location)
+    except PolicyError as exc:
+        _err(str(exc))
+        return EXIT_FAIL
+    _out(args, f"OK: {len(policy.routes)} routes, {len(policy.upstreams)} upstreams in "
+         f"{', '.join(policy.sources)}",
+         {"ok": True, "routes": len(policy.routes), "upstreams": sorted(policy.upstreams),
+          "files": policy.sources})
+    return EXIT_OK
+
+
+def cmd_policy_explain(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        policy = load_policy(args.policies or settings.policies)
+    except PolicyError as exc:
+        _err(str(exc))
+        return EXIT_FAIL
+    method = args.method.upper()
+    try:
+        path = safe_path(args.path)
+    except GatewayError as exc:
+        _out(args, f"refused before matching: 400 {exc.error}: {exc.description}",
+             {"status": 400, "error": exc.error, "error_description": exc.description})
+        return EXIT_FAIL
+    match = policy.match(method, path)
+    route = match.route
+    if route is None:
+        status, error = (405, "method_not_allowed") if match.method_mismatch else (404, "no_route")
+        _out(args, f"no route matches {method} {path}: the gateway answers {status} {error}",
+             {"status": status, "error": error, "method": method, "path": path})
+        return EXIT_FAIL
+    target = route.upstream.url + args.path.split("#")[0]
+    human = "\n".join([
+        f"route:     {route.name} ({route.source})",
+        f"matches:   {' '.join(sorted(route.methods))} {route.path}",
+        f"scopes:    {' '.join(route.scopes) or '(none: any valid token)'}",
+        f"upstream:  {route.upstream.name} -> {target}",
+        f"token:     {route.upstream.credentials}"
+        + (f" as {route.upstream.scheme}" if route.upstream.credentials == "forward" else ""),
+    ])
+    _out(args, human, {"route": route.name, "source": route.source, "scopes": list(route.scopes),
+                       "upstream": route.upstream.name, "url": target,
+                       "methods": sorted(route.methods), "credentials": route.upstream.credentials,
+                       "scheme": route.upstream.scheme})
+    return EXIT_OK
+
+
+# -- clients ---------------------------------------------------------------
+
+def _record_view(client_id: str, fields: dict[str, str]) -> dict[str, Any]:
+    return {"client_id": client_id, "disabled": fields.get("disabled", "0") == "1",
+            **{k: v for k, v in fields.items() if k != "disabled"}}
+
+
+def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
+    async def action(redis: Redis) -> int:
+        admin = ClientAdmin(redis, key_prefix=settings.key_prefix)
+        if args.clients_cmd == "list":
+            rows = [_record_view(cid, f) for cid, f in await admin.list()]
+            lines = [f"{'CLIENT':<36} {'STATUS':<9} {'SCOPES':<30} UPDATED"]
+            for r in rows:
+                updated = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(
+                    int(r["updated_at"]))) + f" by {r.get('updated_by', '?')}" \
+                    if r.get("updated_at", "").isdigit() else "-"
+                lines.append(f"{r['client_id']:<36} "
+                             f"{'disabled' if r['disabled'] else 'enabled':<9} "
+                             f"{r.get('scopes', '(token)'):<30} {updated}")
+            _out(args, "\n".join(lines) if rows else "no client records", rows)
+            return EXIT_OK
+        if args.clients_cmd == "show":
+            fields = await admin.show(args.client_id)
+            if not fields:
+                _err(f"no record for client {args.client_id!r} (its tokens are governed by "
+                     "the tokens alone)")
+                return EXIT_FAIL
+            view = _record_view(args.client_id, fields)
+            _out(args, "\n".join(f"{k:<12} {v}" for k, v in view.items()), view)
+            return EXIT_OK
+        disabled = args.clients_cmd == "disable"
+        fields = await admin.set_disabled(args.client_id, disabled, actor=_actor(args),
+                                          reason=args.reason or "")
+        _out(args, f"client {args.client_id} {'disabled' if disabled else 'enabled'}; every "
+             "gateway replica enforces it within 100 ms",
+             _record_view(args.client_id, fields))
+        return EXIT_OK
+
+    return _with_redis(settings, action)
+
+
+# -- tokens ----------------------------------------------------------------
+
+def cmd_tokens_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    from .revocation import revoke_token
+
+    token = sys.stdin.readline().strip() if args.token == "-" else args.token
+    if not token:
+        _err("no token given")
+        return EXIT_USAGE
+
+    async def action(redis: Redis) -> int:
+        result = await revoke_token(redis, settings, token)
+        _out(args, f"token {result.digest[:12]}… revoked: authorization server: "
+             f"{result.authorization_server}; caches purged on every replica; refused for "
+             f"the next {result.pinned_seconds}s at least",
+             {"digest_prefix": result.digest[:12],
+              "authorization_server": result.authorization_server,
+              "pinned_seconds": result.pinned_seconds})
+        failed = result.authorization_server not in ("revoked", "not configured")
+        return EXIT_FAIL if failed else EXIT_OK
+
+    return _with_redis(settings, action)
+
+
+# -- audit -----------------------------------------------------------------
+
+def cmd_audit_tail(args: argparse.Namespace, settings: Settings) -> int:
+    async def action(redis: Redis) -> int:
+        entries = cast(list[tuple[str, dict[str, str]]], await redis.xrevrange(
+            f"{settings.key_prefix}audit", count=args.n))
+        rows: list[dict[str, str]] = [{"id": eid, **fields} for eid, fields in reversed(entries)]
+        lines = []
+        for row in rows:
+            at = row.get("at", "")
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(at))) \
+                if at.isdigit() else "?"
+            rest = " ".join(f"{k}={v}" for k, v in row.items() if k not in ("id", "at", "action"))
+            lines.append(f"{when} {row.get('action', '?'):<18} {rest}")
+        _out(args, "\n".join(lines) or "the audit stream is empty", rows)
+        return EXIT_OK
+
+    return _with_redis(settings, action)
+
+
+# -- parser ----------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="oauth-gateway", description="OAuth token gateway for the Anaplan REST APIs.")
+    parser.add_argument("--version", action="version", version=f"oauth-gateway {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="YAML settings file")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", parents=[common], help="run the gateway")
+    p.set_defaults(func=cmd_serve)
+
+    policy = sub.add_parser("policy", help="check and explain route policies")
+    psub = policy.add_subparsers(dest="policy_cmd", required=True)
+    p = psub.add_parser("check", parents=[common], help="validate policy files")
+    p.add_argument("path", nargs="?", help="file or folder (default: GATEWAY_POLICIES)")
+    p.set_defaults(func=cmd_policy_check)
+    p = psub.add_parser("explain", parents=[common], help="which route a request matches")
+    p.add_argument("method")
+    p.add_argument("path")
+    p.add_argument("--policies", help="file or folder (default: GATEWAY_POLICIES)")
+    p.set_defaults(func=cmd_policy_explain)
+
+    clients = sub.add_parser("clients", help="client records in Redis")
+    csub = clients.add_subparsers(dest="clients_cmd", required=True)
+    p = csub.add_parser("list", parents=[common], help="every client record")
+    p.set_defaults(func=cmd_clients)
+    p = csub.add_parser("show", parents=[common], help="one client record")
+    p.add_argument("client_id")
+    p.set_defaults(func=cmd_clients)
+    for name, what in (("disable", "refuse every token of a client"),
+                       ("enable", "accept the client's tokens again")):
+        p = csub.add_parser(name, parents=[common], help=what)
+        p.add_argument("client_id")
+        p.add_argument("--reason", help="why (kept in the record and the audit stream)")
+        p.add_argument("--actor", help="who (default: user@host)")
+        p.set_defaults(func=cmd_clients)
+
+    tokens = sub.add_parser("tokens", help="individual tokens")
+    tsub = tokens.add_subparsers(dest="tokens_cmd", required=True)
+    p = tsub.add_parser("revoke", parents=[common],
+                        help="revoke at the authorization server and purge every cache")
+    p.add_argument("token", help="the token, or - to read it from standard input")
+    p.set_defaults(func=cmd_tokens_revoke)
+
+    audit = sub.add_parser("audit", help="the audit stream")
+    asub = audit.add_subparsers(dest="audit_cmd", required=True)
+    p = asub.add_parser("tail", parents=[common], help="the latest audit entries")
+    p.add_argument("-n", type=int, default=20, help="how many (default 20)")
+    p.set_defaults(func=cmd_audit_tail)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except SettingsError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    code: int = args.func(args, settings)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
