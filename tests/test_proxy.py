@@ -1,0 +1,460 @@
+"""The forwarding stage as a client and an upstream see it: bytes, headers, errors, memory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+from pytest_aiohttp import AiohttpServer
+
+from tests.conftest import AuthServer, GatewayFactory, Harness, Upstream
+from tests.redis_server import free_port
+
+TOKEN = "tok-proxy-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ALL_BYTES = bytes(range(256))
+GENERATED_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+ONE_ROUTE_POLICY = """
+upstreams:
+  api:
+    url: {url}
+{extra}
+routes:
+  - name: any
+    upstream: api
+    path: /2/0/**
+    scopes: []
+"""
+
+
+def policy_for(url: str, **upstream_keys: str) -> str:
+    """A one-route policy whose upstream mapping carries ``upstream_keys``."""
+    extra = "\n".join(f"    {key}: {value}" for key, value in upstream_keys.items())
+    # make_gateway runs str.format on the policy, so the URL goes in literally or as
+    # the {upstream} placeholder
+    return ONE_ROUTE_POLICY.replace("{url}", url).replace("{extra}", extra)
+
+
+async def raw_exchange(gw: Harness, head: str, body: bytes = b""
+                       ) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes exactly as written; return status, headers (lower-cased) and every byte
+    that followed the header block until the gateway closed the connection."""
+    assert gw.client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.client.server.port)
+    writer.write((head + "Host: gw.example\r\nConnection: close\r\n\r\n").encode("latin-1")
+                 + body)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), timeout=5)
+    writer.close()
+    head_bytes, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *lines = head_bytes.decode("latin-1").split("\r\n")
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split(" ", 2)[1]), headers, rest
+
+
+async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+# --- bodies and query strings ---------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["POST", "PUT"])
+async def test_binary_body_is_forwarded_byte_for_byte(
+        make_gateway: GatewayFactory, auth_server: AuthServer, upstream: Upstream,
+        method: str) -> None:
+    auth_server.issue(TOKEN, scope="anaplan:write")
+    gw = await make_gateway()
+    body = ALL_BYTES * 300 + b"\r\n0\r\n\r\n" + ALL_BYTES[::-1]
+    resp = await gw.client.request(method, "/2/0/files/f1", data=body, headers={
+        **AUTH, "Content-Type": "application/octet-stream"})
+    assert resp.status == 200
+    [got] = upstream.received
+    assert got.method == method
+    assert got.body == body
+    assert got.headers["Content-Length"] == str(len(body))
+    assert "Transfer-Encoding" not in got.headers
+    assert (await resp.json())["length"] == len(body)
+
+
+async def test_query_string_is_forwarded_raw(make_gateway: GatewayFactory,
+                                             auth_server: AuthServer,
+                                             upstream: Upstream) -> None:
+    auth_server.issue(TOKEN)
+    gw = await make_gateway()
+    target = "/2/0/items?q=a%20b+c&name=%C3%A9t%C3%A9&slash=%2F&pct=%25&empty=&flag&a=1&a=2"
+    status, _, _ = await raw_exchange(gw, f"GET {target} HTTP/1.1\r\n"
+                                          f"Authorization: Bearer {TOKEN}\r\n")
+    assert status == 200
+    [got] = upstream.received
+    assert got.raw_path == target
+
+
+async def test_chunked_upload_arrives_intact(make_gateway: GatewayFactory,
+                                             auth_server: AuthServer,
+                                             upstream: Upstream) -> None:
+    auth_server.issue(TOKEN, scope="anaplan:write")
+    gw = await make_gateway()
+    parts = [ALL_BYTES * 100, b"", ALL_BYTES, b"0\r\n\r\n", ALL_BYTES * 1000]
+    resp = await gw.client.post("/2/0/upload", data=chunks(*parts), headers=AUTH)
+    assert resp.status == 200
+    [got] = upstream.received
+    assert got.body == b"".join(parts)
+    assert (await resp.json())["length"] == len(got.body)
+
+
+# --- headers ----------------------------------------------------------------------------
+
+async def test_hop_by_hop_request_headers_never_reach_the_upstream(
+        make_gateway: GatewayFactory, auth_server: AuthServer, upstream: Upstream) -> None:
+    auth_server.issue(TOKEN)
+    gw = await make_gateway()
+    status, _, _ = await raw_exchange(
+        gw, "GET /2/0/x HTTP/1.1\r\n"
+            f"Authorization: Bearer {TOKEN}\r\n"
+            "Connection: X-Foo, x-bar\r\n"
+            "X-Foo: 1\r\nX-Bar: 2\r\n"
+            "Keep-Alive: timeout=5\r\n"
+            "TE: trailers\r\n"
+            "Upgrade: h2c\r\n"
+            "Proxy-Authorization: Basic dXNlcjpwdw==\r\n"
+            "Proxy-Connection: keep-alive\r\n"
+            "X-Kept: yes\r\n")
+    assert status == 200
+    [got] = upstream.received
+    names = {name.lower() for name, _ in got.header_list}
+    for hop in ("x-foo", "x-bar", "keep-alive", "te", "upgrade", "proxy-authorization",
+                "proxy-connection"):
+        assert hop not in names, hop
+    assert "x-foo" not in got.headers.get("Connection", "").lower()
+    assert got.headers["X-Kept"] == "yes"
+
+
+async def test_hop_by_hop_response_headers_never_reach_the_client(
+        make_gateway: GatewayFactory, auth_server: AuthServer) -> None:
+    auth_server.issue(TOKEN)
+    gw = await make_gateway()
+    resp = await gw.client.get("/2/0/x", headers=AUTH)
+    assert resp.status == 200
+    assert resp.headers["X-Upstream"] == "yes"
+    assert "X-Secret-Hop" not in resp.headers
+    assert "Keep-Alive" not in resp.headers
+    assert "x-secret-hop" not in resp.headers.get("Connection", "").lower()
+    assert (await resp.json())["path"] == "/2/0/x"
+
+
+async def test_end_to_end_headers_pass_through(make_gateway: GatewayFactory,
+                                               auth_server: AuthServer,
+                                               upstream: Upstream) -> None:
+    auth_server.issue(TOKEN, scope="anaplan:write")
+    gw = await make_gateway()
+    resp = await gw.client.post("/2/0/x", data=b'{"a": 1}', headers=[
+        *AUTH.items(), ("X-Custom", "one"), ("X-Custom", "two"),
+        ("Accept", "application/vnd.anaplan+json; q=0.9, */*; q=0.1"),
+        ("Content-Type", "application/json; charset=utf-8")])
+    assert resp.status == 200
+    [got] = upstream.received
+    assert got.headers.getall("X-Custom") == ["one", "two"]
+    assert got.headers["Accept"] == "application/vnd.anaplan+json; q=0.9, */*; q=0.1"
+    assert got.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert resp.headers["Content-Type"].startswith("application/json")
+
+
+async def test_untrusted_forwarding_claims_are_replaced(
+        make_gateway: GatewayFactory, auth_server: AuthServer, upstream: Upstream) -> None:
+    auth_server.issue(TOKEN)
+    gw = await make_gateway()
+    resp = await gw.client.get("/2/0/x", headers={
+        **AUTH, "Host": "gateway.example:8443", "X-Forwarded-For": "6.6.6.6",
+        "X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https",
+        "Forwarded": "for=6.6.6.6"})
+    assert resp.status == 200
+    [got] = upstream.received
+    assert got.headers.getall("X-Forwarded-For") == ["127.0.0.1"]
+    assert got.headers.getall("X-Forwarded-Host") == ["gateway.example:8443"]
+    assert got.headers.getall("X-Forwarded-Proto") == ["http"]
+    assert "Forwarded" not in got.headers
+    assert got.headers.getall("Host") == [upstream.url.removeprefix("http://")]
+
+
+async def test_trusted_proxy_chain_is_appended(make_gateway: GatewayFactory,
+                                               auth_server: AuthServer,
+                                               upstream: Upstream) -> None:
+    auth_server.issue(TOKEN)
+    gw = await make_gateway(trusted_proxies=1)
+    assert (await gw.client.get("/2/0/x", headers={
+        **AUTH, "X-Forwarded-For": "203.0.113.7"})).status == 200
+    assert (await gw.client.get("/2/0/x", headers=AUTH)).status == 200
+    first, second = upstream.received
+    assert first.headers.getall("X-Forwarded-For") == ["203.0.113.7, 127.0.0.1"]
+    assert second.headers.getall("X-Forwarded-For") == ["127.0.0.1"]
+    assert first.headers["Host"] == upstream.url.removeprefix("http://")
+
+
+async def test_sane_request_id_is_kept(make_gateway: GatewayFactory, auth_server: AuthServer,
+                                       upstream: Upstream) -> None:
+    auth_server.issue(TOKEN)
+    gw = await make_gateway()
+    resp = await gw.client.get("/2/0/x", headers={**AUTH, "X-Request-Id": "req-42.a:b_c"})
+    assert resp.status == 200
+    assert resp.headers["X-Request-Id"] == "req-42.a:b_c"
+    assert upstream.received[0].headers.getall("X-Request-Id") == ["req-42.a:b_c"]
+
+
+@pytest.mark.parametrize("sent", ["has spaces in it", "a" * 300, "id\"<script>", "é"])
+async def test_insane_request_id_is_replaced(make_gateway: GatewayFactory,
+                                             auth_server: AuthServer, upstream: Upstream,
+                                             sent: str) -> None:
+    auth_server.issue(TOKEN)
+    gw = await make_gateway()
+    resp = await gw.client.get("/2/0/x", headers={**AUTH, "X-Request-Id": sent})
+    assert resp.status == 200
+    answered = resp.headers["X-Request-Id"]
+    assert answered != sent
+    assert GENERATED_ID.fullmatch(answered)
+    assert upstream.received[0].headers.getall("X-Request-Id") == [answered]
+
+
+async def test_refusals_carry_a_request_id(make_gateway: GatewayFactory,
+                                           upstream: Upstream) -> None:
+    gw = await make_gateway()
+    resp = await gw.client.get("/2/0/x", headers={"X-Request-Id": "trace-7"})
+    assert resp.status == 401
+    assert resp.headers["X-Request-Id"] == "trace-7"
+    resp = await gw.client.get("/2/0/x", headers={"Authorization": "Bearer unknown-token"})
+    assert resp.status == 401
+    assert GENERATED_ID.fullmatch(resp.headers["X-Request-Id"])
+    assert upstream.received == []
+
+
+# --- upstream credentials -------------------------------------------------------------
+
+async def test_token_is_forwarded_in_the_upstreams_scheme(
+        make_gateway: GatewayFactory, auth_server: AuthServer, upstream: Upstream) -> None:
+    auth_server.issue(TOKEN)
+    gw = await make_gateway(policy_for("{upstream}", scheme="AnaplanAuthToken"))
+    assert (await gw.client.get("/2/0/x", headers=AUTH)).status == 200
+    assert (await gw.client.get("/2/0/x", headers={
+        "Authorization": f"AnaplanAuthToken {TOKEN}"})).status == 200
+    assert [r.headers.getall("Authorization") for r in upstream.received] == [
+        [f"AnaplanAuthToken {TOKEN}"]] * 2
+
+
+async def test_stripped_credentials_never_reach_the_upstream(
+        make_gateway: GatewayFactory, auth_server: AuthServer, upstream: Upstream) -> None:
+    auth_server.issue(TOKEN)
+    gw = await make_gateway(policy_for("{upstream}", credentials="strip"))
+    assert (await gw.client.get("/2/0/x", headers=AUTH)).status == 200
+    [got] = upstream.received
+    assert "Authorization" not in got.headers
+    assert TOKEN not in repr(got.header_list)
+
+
+async def test_replaced_credentials(make_gateway: GatewayFactory, auth_server: AuthServer,
+                                    upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+                                    ) -> None:
+    monkeypatch.setenv("PROXY_TEST_API_KEY", "service-key-123")
+    auth_server.issue(TOKEN)
+    gw = await make_gateway(policy_for(
+        "{upstream}", credentials="replace", replace_value_env="PROXY_TEST_API_KEY",
+        replace_header="X-Api-Key"))
+    resp = await gw.client.get("/2/0/x", headers={**AUTH, "X-Api-Key": "forged"})
+    assert resp.status == 200
+    [got] = upstream.received
+    assert got.headers.getall("X-Api-Key") == ["service-key-123"]
+    assert "Authorization" not in got.headers
+    assert TOKEN not in repr(got.header_list)
+
+
+# --- responses --------------------------------------------------------------------------
+
+async def test_large_download_streams_intact(make_gateway: GatewayFactory,
+                                             auth_server: AuthServer) -> None:
+    auth_server.issue(TOKEN)
+    gw = await make_gateway()
+    size = 1024 * 1024 + 17
+    resp = await gw.client.get(f"/big?n={size}", headers=AUTH)
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == str(size)
+    assert resp.headers["Content-Type"] == "application/octet-stream"
+    body = await resp.read()
+    assert len(body) == size
+    assert body == b"x" * size
+
+
+async def test_head_returns_headers_and_no_body(make_gateway: GatewayFactory,
+                                                auth_server: AuthServer,
+                                                upstream: Upstream) -> None:
+    auth_server.issue(TOKEN)
+    gw = await make_gateway()
+    get_len = len(await (await gw.client.get("/2/0/x", headers=AUTH)).read())
+    status, headers, rest = await raw_exchange(
+        gw, f"HEAD /2/0/x HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n")
+    assert status == 200
+    assert headers["x-upstream"] == "yes"
+    assert headers.get("content-length") == str(get_len)
+    assert "transfer-encoding" not in headers
+    assert rest == b""
+    assert upstream.received[-1].method == "HEAD"
+
+
+@pytest.mark.parametrize("code", [204, 304])
+async def test_bodiless_statuses_pass_through(make_gateway: GatewayFactory,
+                                              auth_server: AuthServer, code: int) -> None:
+    auth_server.issue(TOKEN)
+    gw = await make_gateway()
+    status, headers, rest = await raw_exchange(
+        gw, f"GET /status/{code} HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n")
+    assert status == code
+    assert rest == b""
+    assert "transfer-encoding" not in headers
+    assert headers.get("content-length", "0") == "0"
+    assert headers["x-request-id"]
+
+
+# --- body-size limit ------------------------------------------------------------------
+
+async def test_oversize_body_with_content_length_is_refused_unsent(
+        make_gateway: GatewayFactory, auth_server: AuthServer, upstream: Upstream) -> None:
+    auth_server.issue(TOKEN, scope="anaplan:write")
+    gw = await make_gateway(max_body_size=1000)
+    resp = await gw.client.post("/2/0/x", data=b"z" * 2000, headers=AUTH)
+    assert resp.status == 413
+    assert (await resp.json())["error"] == "payload_too_large"
+    assert upstream.received == []
+    # the limit itself is allowed
+    resp = await gw.client.post("/2/0/x", data=b"z" * 1000, headers=AUTH)
+    assert resp.status == 200
+    assert [len(r.body) for r in upstream.received] == [1000]
+
+
+async def test_oversize_chunked_upload_is_refused(
+        make_gateway: GatewayFactory, auth_server: AuthServer, upstream: Upstream) -> None:
+    auth_server.issue(TOKEN, scope="anaplan:write")
+    gw = await make_gateway(max_body_size=1000)
+    resp = await gw.client.post("/2/0/x", data=chunks(b"a" * 600, b"b" * 600, b"c" * 600),
+                                headers=AUTH)
+    assert resp.status == 413
+    assert (await resp.json())["error"] == "payload_too_large"
+    await asyncio.sleep(0.1)  # let the upstream finish with whatever it got
+    assert all(len(r.body) <= 1000 for r in upstream.received)
+    # a chunked upload within the limit still goes through
+    resp = await gw.client.post("/2/0/x", data=chunks(b"a" * 500, b"b" * 500), headers=AUTH)
+    assert resp.status == 200
+    assert upstream.received[-1].body == b"a" * 500 + b"b" * 500
+
+
+# --- upstream failures ------------------------------------------------------------------
+
+async def test_upstream_down_is_502(make_gateway: GatewayFactory,
+                                    auth_server: AuthServer) -> None:
+    auth_server.issue(TOKEN)
+    gw = await make_gateway(policy_for(f"http://127.0.0.1:{free_port()}"))
+    resp = await gw.client.get("/2/0/x", headers=AUTH)
+    assert resp.status == 502
+    assert (await resp.json())["error"] == "bad_gateway"
+    assert resp.headers["X-Request-Id"]
+
+
+async def test_slow_upstream_is_504_on_time(make_gateway: GatewayFactory,
+                                            auth_server: AuthServer,
+                                            upstream: Upstream) -> None:
+    auth_server.issue(TOKEN)
+    gw = await make_gateway(upstream_timeout=0.5)
+    started = time.monotonic()
+    resp = await gw.client.get("/slow?s=3", headers=AUTH)
+    elapsed = time.monotonic() - started
+    assert resp.status == 504
+    assert (await resp.json())["error"] == "gateway_timeout"
+    assert 0.4 <= elapsed < 1.2
+    assert len(upstream.received) == 1
+
+
+async def test_post_to_a_failing_upstream_is_attempted_once(
+        make_gateway: GatewayFactory, auth_server: AuthServer) -> None:
+    accepted = 0
+
+    async def slam(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    server = await asyncio.start_server(slam, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        auth_server.issue(TOKEN)
+        gw = await make_gateway(policy_for(f"http://127.0.0.1:{port}"))
+        resp = await gw.client.post("/2/0/x", data=b"pay once", headers=AUTH)
+        assert resp.status == 502
+        assert (await resp.json())["error"] == "bad_gateway"
+        await asyncio.sleep(0.2)
+        assert accepted == 1
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# --- memory -----------------------------------------------------------------------------
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+async def test_large_upload_streams_without_buffering(
+        make_gateway: GatewayFactory, auth_server: AuthServer,
+        aiohttp_server: AiohttpServer) -> None:
+    counted: list[int] = []
+
+    async def count(request: web.Request) -> web.Response:
+        total = 0
+        async for chunk in request.content.iter_chunked(256 * 1024):
+            total += len(chunk)
+        counted.append(total)
+        return web.json_response({"length": total})
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", count)
+    sink = await aiohttp_server(app)
+    auth_server.issue(TOKEN)
+    gw = await make_gateway(policy_for(str(sink.make_url("")).rstrip("/")))
+    mib = b"\x5a" * (1024 * 1024)
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(64):
+            yield mib
+
+    peak = baseline = _rss_kib()
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_kib())
+            await asyncio.sleep(0.005)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        resp = await gw.client.post("/2/0/bulk", data=body(), headers=AUTH,
+                                    timeout=aiohttp.ClientTimeout(total=30))
+        assert resp.status == 200
+        assert json.loads(await resp.read())["length"] == 64 * 1024 * 1024
+    finally:
+        done.set()
+        await sampler
+    peak = max(peak, _rss_kib())
+    assert counted == [64 * 1024 * 1024]
+    assert peak - baseline < 30 * 1024, f"RSS grew by {(peak - baseline) // 1024} MiB"
