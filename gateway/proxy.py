@@ -24,7 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .errors import BadGateway, GatewayTimeout, PayloadTooLarge
+from .errors import BadGateway, GatewayError, GatewayTimeout, PayloadTooLarge
 from .policy import Route, Upstream, replacement_credential
 from .tokens import PresentedToken
 
@@ -50,6 +50,28 @@ def _connection_tokens(headers: CIMultiDict[str] | object) -> set[str]:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _CappedBody:
+    """The client's body, streamed in chunks; raises once it passes ``limit`` bytes.
+
+    ``exceeded`` records it, because aiohttp reports an exception raised while it
+    writes a body as a connection error whose wrapping varies between versions.
+    """
+
+    def __init__(self, request: web.Request, limit: int) -> None:
+        self.request = request
+        self.limit = limit
+        self.exceeded = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self.request.content.iter_chunked(_CHUNK):
+            seen += len(chunk)
+            if seen > self.limit:
+                self.exceeded = True
+                raise _BodyTooLarge
+            yield chunk
 
 
 class UpstreamForwarder:
@@ -93,14 +115,6 @@ class UpstreamForwarder:
             out[upstream.replace_header] = replacement_credential(upstream)
         return out
 
-    async def _body(self, request: web.Request) -> AsyncIterator[bytes]:
-        seen = 0
-        async for chunk in request.content.iter_chunked(_CHUNK):
-            seen += len(chunk)
-            if seen > self.max_body_size:
-                raise _BodyTooLarge
-            yield chunk
-
     async def forward(self, request: web.Request, route: Route, token: PresentedToken,
                       request_id: str, observe_upstream: Callable[[float], None]
                       ) -> web.StreamResponse:
@@ -112,9 +126,9 @@ class UpstreamForwarder:
         upstream = route.upstream
         url = URL(upstream.url + request.raw_path, encoded=True)
         headers = self.upstream_headers(request, upstream, token, request_id)
-        data: AsyncIterator[bytes] | None = None
+        data: _CappedBody | None = None
         if request.body_exists:
-            data = self._body(request)
+            data = _CappedBody(request, self.max_body_size)
             if length is not None:
                 headers["Content-Length"] = str(length)
         started = time.perf_counter()
@@ -125,27 +139,28 @@ class UpstreamForwarder:
                     request.method, url, headers=headers, data=data, allow_redirects=False,
                     timeout=self._timeout, auto_decompress=False, skip_auto_headers=(
                         "Accept-Encoding", "User-Agent", "Content-Type"))
-        except _BodyTooLarge:
-            raise PayloadTooLarge(
-                f"The request body exceeds the limit of {self.max_body_size} bytes.") from None
-        except aiohttp.ClientPayloadError as exc:
-            if isinstance(exc.__cause__, _BodyTooLarge):
+        except (_BodyTooLarge, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            if data is not None and data.exceeded:
                 raise PayloadTooLarge(
                     f"The request body exceeds the limit of {self.max_body_size} bytes."
                 ) from None
-            raise BadGateway("The upstream broke the exchange.") from None
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            if time.perf_counter() - started >= limit * 0.99:
-                raise GatewayTimeout(
-                    f"The upstream did not answer within {limit:g} seconds.") from None
-            raise BadGateway("The upstream could not be reached in time.") from None
-        except (aiohttp.ClientError, OSError):
-            raise BadGateway("The upstream could not be reached.") from None
+            raise self._failure(exc, time.perf_counter() - started, limit) from None
         observe_upstream(time.perf_counter() - started)
         try:
             return await self._relay(request, resp, request_id)
         finally:
             resp.release()
+
+    @staticmethod
+    def _failure(exc: BaseException, elapsed: float, limit: float) -> GatewayError:
+        """The answer to an exchange that produced no upstream response."""
+        if isinstance(exc, aiohttp.ClientPayloadError):
+            return BadGateway("The upstream broke the exchange.")
+        if isinstance(exc, TimeoutError):  # aiohttp.ServerTimeoutError included
+            if elapsed >= limit * 0.99:
+                return GatewayTimeout(f"The upstream did not answer within {limit:g} seconds.")
+            return BadGateway("The upstream could not be reached in time.")
+        return BadGateway("The upstream could not be reached.")
 
     async def _relay(self, request: web.Request, resp: aiohttp.ClientResponse,
                      request_id: str) -> web.StreamResponse:
