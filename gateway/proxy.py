@@ -97,7 +97,8 @@ class UpstreamForwarder:
             if name.lower() not in drop:
                 out.add(name, value)
         peer = request.remote or ""
-        prior = request.headers.get("X-Forwarded-For", "")
+        # several fields are one list (RFC 9110 section 5.3); the last proxy's is the last
+        prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
         if self.trusted_proxies > 0 and prior:
             out["X-Forwarded-For"] = f"{prior}, {peer}"
         else:  # an untrusted client's claim is replaced, never extended
