@@ -45,8 +45,10 @@ async def _replicas(url: str, n: int, keyspace: bool
 
 async def _trial(admin: Redis, registries: list[ClientRegistry], how: str, cid: str,
                  disabled: bool) -> float:
+    # start from the opposite state, mirrored by every replica
+    await admin.hset(f"gw:client:{cid}", "disabled", "0" if disabled else "1")
     for r in registries:
-        await r.get(cid)
+        await r.refresh([cid])
     started = time.perf_counter()
     if how == "cli":
         await ClientAdmin(admin, key_prefix="gw:").set_disabled(cid, disabled, actor="bench")
@@ -68,10 +70,12 @@ async def main(replicas: int, trials: int) -> None:
         print(f"{'mechanism':<24} {'p50':>8} {'p90':>8} {'max':>8}")
         for how, keyspace in (("cli", False), ("redis-cli, keyspace", True),
                               ("redis-cli, polling", False)):
+            await admin.flushall()
             await admin.config_set("notify-keyspace-events", "")
             registries, tasks, conns = await _replicas(server.url, replicas, keyspace)
-            samples = [await _trial(admin, registries, how.split(",")[0], f"c{i}", i % 2 == 0)
-                       for i in range(trials)]
+            samples = [await asyncio.wait_for(_trial(
+                admin, registries, how.split(",")[0], f"c{i}", i % 2 == 0), 5)
+                for i in range(trials)]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
