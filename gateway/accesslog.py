@@ -15,6 +15,15 @@ import time
 from typing import Any, TextIO
 
 
+def _text_value(value: Any) -> str:
+    # values such as client ids come from outside: quote anything that could forge a
+    # field or a line
+    text = str(value)
+    if not text or any(c in text for c in ' ="\\') or not text.isprintable():
+        return json.dumps(text)
+    return text
+
+
 class AccessLog:
     """Buffered access log in ``json`` or ``text`` format."""
 
@@ -33,7 +42,7 @@ class AccessLog:
         if self.fmt == "json":
             self._buffer.append(json.dumps(fields, separators=(",", ":")))
         else:
-            self._buffer.append(" ".join(f"{k}={v}" for k, v in fields.items()))
+            self._buffer.append(" ".join(f"{k}={_text_value(v)}" for k, v in fields.items()))
 
     def flush(self) -> None:
         if not self._buffer:

@@ -110,8 +110,9 @@ class GatewayMetrics:
         key = (client_id or "unknown", decision)
         child = self._decision_children.get(key)
         if child is None:
-            label = key[0]
-            if len(self._decision_children) >= MAX_CLIENT_LABELS * 2:
-                label = "other"
-            child = self._decision_children[key] = self.auth_decisions.labels(label, decision)
+            if len(self._decision_children) >= MAX_CLIENT_LABELS * 4:
+                key = ("other", decision)  # bounded labels, and a bounded cache too
+                child = self._decision_children.get(key)
+            if child is None:
+                child = self._decision_children[key] = self.auth_decisions.labels(*key)
         child.inc()

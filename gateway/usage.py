@@ -67,7 +67,14 @@ class UsageTracker:
                 pipe.expire(tkey, ttl)
                 pipe.zadd(f"{self.prefix}usage:clients", {client_id: now})
             pipe.zremrangebyscore(f"{self.prefix}usage:clients", 0, now - self.window)
-            await pipe.execute()
+            try:
+                await pipe.execute()
+            except RedisError:
+                # keep the counts for the next flush rather than lose them
+                for client_id, count in requests.items():
+                    self._requests[client_id] += count
+                    self._digests[client_id].update(digests[client_id])
+                raise
 
     async def window_counts(self) -> dict[str, tuple[int, int]]:
         """``client_id -> (requests, distinct tokens)`` over the window, fleet-wide."""
