@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 
 from . import store
 from .accesslog import AccessLog
+from .authserver.core import AS_SLOT, ServerSlot
 from .cache import TokenCache
 from .clients import ClientRegistry
 from .events import EventSubscriber
@@ -114,8 +115,12 @@ def build_validator(settings: Settings, session: aiohttp.ClientSession) -> Token
         return AnaplanValidator(session, settings.anaplan_validate_url,
                                 timeout=settings.introspection_timeout,
                                 retries=settings.introspection_retries)
+    if kind == "builtin":
+        raise ConfigurationError("GATEWAY_VALIDATOR=builtin needs GATEWAY_ISSUER (the built-in "
+                                 "authorization server)")
     raise ConfigurationError(
-        "No token validator is configured: set GATEWAY_INTROSPECTION_URL (RFC 7662), "
+        "No token validator is configured: set GATEWAY_ISSUER (the built-in authorization "
+        "server), GATEWAY_INTROSPECTION_URL (RFC 7662), "
         "GATEWAY_JWKS_URL with GATEWAY_JWT_ISSUER (local JWT) or "
         "GATEWAY_ANAPLAN_VALIDATE_URL (Anaplan token-validate).")
 
@@ -137,15 +142,27 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         aiohttp.DummyCookieJar())
     auth_session = aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
     try:
-        validator = app.get(VALIDATOR) or build_validator(s, auth_session)
         try:
             await store.wait_for_redis(redis, within=30.0)
             key = await store.digest_key(redis, s.key_prefix, s.token_digest_key)
         except RedisError as exc:
             raise ConfigurationError(f"Redis at GATEWAY_REDIS_URL cannot be reached: {exc}"
                                      ) from None
+        digester = TokenDigester(key)
+        validator = app.get(VALIDATOR)
+        if s.issuer:
+            from .authserver.setup import build_auth_server
+
+            auth_server = await build_auth_server(s, redis, digester, gw.metrics, gw.policy)
+            app[AS_SLOT].server = auth_server
+            if validator is None and s.resolved_validator == "builtin":
+                from .authserver.validator import BuiltinValidator
+
+                validator = BuiltinValidator(auth_server.store)
+        if validator is None:
+            validator = build_validator(s, auth_session)
         gw.cache = TokenCache(
-            redis=redis, validator=validator, digester=TokenDigester(key), metrics=gw.metrics,
+            redis=redis, validator=validator, digester=digester, metrics=gw.metrics,
             key_prefix=s.key_prefix, local_ttl=s.local_cache_ttl,
             local_size=s.local_cache_size, max_ttl=s.cache_max_ttl,
             negative_ttl=s.negative_cache_ttl)
@@ -244,6 +261,11 @@ def create_apps(settings: Settings, *, redis: Redis | None = None,
     if validator is not None:
         proxy[VALIDATOR] = validator
     proxy.cleanup_ctx.append(_resources)
+    proxy[AS_SLOT] = ServerSlot()
+    if settings.issuer:
+        from .authserver.routes import add_routes
+
+        add_routes(proxy)
     proxy.router.add_route("*", "/{tail:.*}", _proxy_handler)
     admin = web.Application()
     admin[GATEWAY] = gw

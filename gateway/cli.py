@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from . import __version__, store
+from .authserver import commands as authserver_commands
 from .clients import ClientAdmin
 from .errors import GatewayError
 from .paths import safe_path
@@ -141,9 +142,13 @@ def cmd_policy_explain(args: argparse.Namespace, settings: Settings) -> int:
 
 # -- clients ---------------------------------------------------------------
 
+_HIDDEN_FIELDS = {"disabled", "secret_hash", "old_secret_hash", "managed"}
+
+
 def _record_view(client_id: str, fields: dict[str, str]) -> dict[str, Any]:
+    """A client record as shown to operators: never a secret hash."""
     return {"client_id": client_id, "disabled": fields.get("disabled", "0") == "1",
-            **{k: v for k, v in fields.items() if k != "disabled"}}
+            **{k: v for k, v in fields.items() if k not in _HIDDEN_FIELDS}}
 
 
 def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
@@ -264,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reason", help="why (kept in the record and the audit stream)")
         p.add_argument("--actor", help="who (default: user@host)")
         p.set_defaults(func=cmd_clients)
+    authserver_commands.add_client_commands(csub, common)
+    authserver_commands.add_groups(sub, common)
 
     tokens = sub.add_parser("tokens", help="individual tokens")
     tsub = tokens.add_subparsers(dest="tokens_cmd", required=True)

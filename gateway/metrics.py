@@ -74,6 +74,8 @@ class GatewayMetrics:
         self.cache_redis_miss = self.cache_requests.labels("redis", "miss")
         self.introspection_outcome = {o: self.introspections.labels(o)
                                       for o in ("active", "inactive", "error")}
+        #: families other parts register once in this registry (e.g. the built-in server)
+        self.extras: dict[str, Any] = {}
         self._route_children: dict[str, tuple[Any, Any]] = {}
         self._request_children: dict[tuple[str, str, int], Any] = {}
         self._decision_children: dict[tuple[str, str], Any] = {}

@@ -72,6 +72,30 @@ class Settings:
             "`https://auth.anaplan.com/token/validate`"))
     issuer: str = field(default="", metadata=_doc(
         "issuer URL of the built-in authorization server; setting it enables that server"))
+    as_access_token_ttl: int = field(default=2100, metadata=_doc(
+        "built-in server: default access-token lifetime in seconds (35 minutes)"))
+    as_refresh_mode: str = field(default="rotatable", metadata=_doc(
+        "built-in server: default refresh-token mode, `rotatable` or `non_rotatable`"))
+    as_refresh_token_ttl: int = field(default=43200, metadata=_doc(
+        "built-in server: default refresh-token lifetime in seconds (up to one year)"))
+    as_idle_timeout: int = field(default=0, metadata=_doc(
+        "built-in server: default seconds without use that end a grant (0: none)"))
+    as_grant_max_lifetime: int = field(default=31536000, metadata=_doc(
+        "built-in server: default absolute cap on a grant's life, in seconds"))
+    as_access_token_format: str = field(default="opaque", metadata=_doc(
+        "built-in server: `opaque` or `jwt` (RFC 9068, signed with keys it rotates)"))
+    as_local_login: bool = field(default=True, metadata=_doc(
+        "built-in server: offer the local username/password login"))
+    sso_issuer: str = field(default="", metadata=_doc(
+        "OpenID Connect provider for single sign-on (its issuer URL); empty: no SSO"))
+    sso_client_id: str = field(default="", metadata=_doc(
+        "the built-in server's client id at the OpenID provider"))
+    sso_client_secret: str = field(default="", metadata=_doc(
+        "the built-in server's client secret at the OpenID provider"))
+    sso_scopes: str = field(default="openid profile email", metadata=_doc(
+        "scopes asked of the OpenID provider"))
+    sso_username_claim: str = field(default="preferred_username", metadata=_doc(
+        "ID-token claim that names the user (falls back to `sub`)"))
     require_client_record: bool = field(default=False, metadata=_doc(
         "`true`: refuse tokens of clients that have no record in Redis"))
     log_format: str = field(default="json", metadata=_doc("`json` or `text`"))
@@ -199,6 +223,12 @@ def _validate(s: Settings) -> None:
         parse_hostport(getattr(s, name), env_name(name))
     if s.log_format not in {"json", "text"}:
         raise SettingsError(f"GATEWAY_LOG_FORMAT: expected json or text, got {s.log_format!r}")
+    if s.as_refresh_mode not in {"rotatable", "non_rotatable"}:
+        raise SettingsError("GATEWAY_AS_REFRESH_MODE: expected rotatable or non_rotatable")
+    if s.as_access_token_format not in {"opaque", "jwt"}:
+        raise SettingsError("GATEWAY_AS_ACCESS_TOKEN_FORMAT: expected opaque or jwt")
+    if s.issuer and not s.issuer.startswith(("https://", "http://")):
+        raise SettingsError("GATEWAY_ISSUER: expected an https:// URL")
     if s.validator not in {"auto", "introspection", "jwt", "anaplan", "builtin"}:
         raise SettingsError(
             "GATEWAY_VALIDATOR: expected auto, introspection, jwt, anaplan or builtin, "

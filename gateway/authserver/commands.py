@@ -1,0 +1,197 @@
+"""CLI commands of the built-in authorization server (wired into ``gateway.cli``).
+
+    oauth-gateway clients create --name N --grant authorization_code|device_code
+                                 [--redirect-uri URI ...] [--scope "S1 S2"] [--json]
+    oauth-gateway clients update ID [...] | rotate-secret ID [--grace S] | delete ID
+    oauth-gateway grants list [--client ID] [--user NAME] [--json] | revoke GRANT_ID
+    oauth-gateway users add USERNAME            (password on standard input)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .. import store as gwstore
+from ..metrics import GatewayMetrics
+from ..settings import Settings
+from ..tokens import TokenDigester
+from .admin import AdminError, AuthAdmin
+from .metrics import AuthServerMetrics
+
+Printer = Callable[[argparse.Namespace, str, Any], None]
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _policy_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("token policy (defaults: the tenant's GATEWAY_AS_* settings)")
+    g.add_argument("--access-token-ttl", type=int, help="seconds (default 2100 = 35 min)")
+    g.add_argument("--refresh-mode", choices=["rotatable", "non_rotatable"])
+    g.add_argument("--refresh-token-ttl", type=int, help="seconds (default 43200, max 1 year)")
+    g.add_argument("--idle-timeout", type=int, help="seconds without use that end a grant")
+    g.add_argument("--grant-max-lifetime", type=int, help="absolute cap on a grant, seconds")
+
+
+def _policy_of(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k, None) for k in (
+        "access_token_ttl", "refresh_mode", "refresh_token_ttl", "idle_timeout",
+        "grant_max_lifetime")}
+
+
+def add_client_commands(csub: Any, common: argparse.ArgumentParser) -> None:
+    p = csub.add_parser("create", parents=[common], help="create an OAuth client (built-in AS)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--grant", required=True, choices=["authorization_code", "device_code"])
+    p.add_argument("--redirect-uri", action="append", default=[], dest="redirect_uris",
+                   help="exact-match redirect URI (repeat, up to 60)")
+    p.add_argument("--scope", action="append", default=[], dest="scopes",
+                   help='allowed scopes, e.g. "anaplan:read anaplan:write"')
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--public", action="store_true", help="no secret (PKCE only)")
+    kind.add_argument("--confidential", action="store_true")
+    p.add_argument("--actor", help="who (default: user@host)")
+    _policy_args(p)
+    p.set_defaults(func=run, as_cmd="create")
+
+    p = csub.add_parser("update", parents=[common], help="change a client (built-in AS)")
+    p.add_argument("client_id")
+    p.add_argument("--name")
+    p.add_argument("--redirect-uri", action="append", dest="redirect_uris",
+                   help="replaces the list (repeat)")
+    p.add_argument("--scope", action="append", dest="scopes", help="replaces the scopes")
+    p.add_argument("--actor")
+    _policy_args(p)
+    p.set_defaults(func=run, as_cmd="update")
+
+    p = csub.add_parser("rotate-secret", parents=[common], help="issue a new client secret")
+    p.add_argument("client_id")
+    p.add_argument("--grace", type=int, default=0,
+                   help="seconds the old secret keeps working (default 0)")
+    p.add_argument("--actor")
+    p.set_defaults(func=run, as_cmd="rotate-secret")
+
+    p = csub.add_parser("delete", parents=[common], help="delete a client and end its grants")
+    p.add_argument("client_id")
+    p.add_argument("--reason")
+    p.add_argument("--actor")
+    p.set_defaults(func=run, as_cmd="delete")
+
+
+def add_groups(sub: Any, common: argparse.ArgumentParser) -> None:
+    grants = sub.add_parser("grants", help="grants (one per user, client and device)")
+    gsub = grants.add_subparsers(dest="grants_cmd", required=True)
+    p = gsub.add_parser("list", parents=[common], help="list grants")
+    p.add_argument("--client", dest="client_id")
+    p.add_argument("--user", dest="username")
+    p.set_defaults(func=run, as_cmd="grants-list")
+    p = gsub.add_parser("revoke", parents=[common], help="end one grant (one device)")
+    p.add_argument("grant_id")
+    p.add_argument("--reason")
+    p.add_argument("--actor")
+    p.set_defaults(func=run, as_cmd="grants-revoke")
+
+    users = sub.add_parser("users", help="local users of the built-in server")
+    usub = users.add_subparsers(dest="users_cmd", required=True)
+    p = usub.add_parser("add", parents=[common],
+                        help="add a user or set a password (read from standard input)")
+    p.add_argument("username")
+    p.add_argument("--actor")
+    p.set_defaults(func=run, as_cmd="users-add")
+
+
+def _when(ts: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) if ts else "-"
+
+
+async def _dispatch(args: argparse.Namespace, admin: AuthAdmin, out: Printer, actor: str
+                    ) -> int:
+    cmd = args.as_cmd
+    if cmd == "create":
+        client, secret = await admin.create_client(
+            name=args.name, grant=args.grant, redirect_uris=args.redirect_uris,
+            scopes=args.scopes, actor=actor,
+            confidential=True if args.confidential else False if args.public else None,
+            policy=_policy_of(args))
+        view = client.public_view()
+        if secret:
+            view["client_secret"] = secret
+        lines = [f"client created: {client.name}", f"client_id:     {client.client_id}"]
+        if secret:
+            lines += [f"client_secret: {secret}",
+                      "               (shown once: store it now; only a hash is kept)"]
+        lines += [f"flow:          {client.flow}",
+                  f"scopes:        {' '.join(client.scopes) or '(none)'}"]
+        out(args, "\n".join(lines), view)
+    elif cmd == "update":
+        client = await admin.update_client(
+            args.client_id, actor=actor, name=args.name, redirect_uris=args.redirect_uris,
+            scopes=args.scopes, policy=_policy_of(args))
+        out(args, f"client {client.client_id} updated", client.public_view())
+    elif cmd == "rotate-secret":
+        secret = await admin.rotate_secret(args.client_id, actor=actor, grace=args.grace)
+        grace = f"; the old secret works for {args.grace}s more" if args.grace else \
+            "; the old secret no longer works"
+        out(args, f"client_secret: {secret}\n(shown once{grace})",
+            {"client_id": args.client_id, "client_secret": secret, "grace": args.grace})
+    elif cmd == "delete":
+        ended = await admin.delete_client(args.client_id, actor=actor, reason=args.reason or "")
+        out(args, f"client {args.client_id} deleted; {ended} grants ended",
+            {"client_id": args.client_id, "grants_ended": ended})
+    elif cmd == "grants-list":
+        grants = await admin.list_grants(client_id=args.client_id, username=args.username)
+        rows: list[dict[str, Any]] = [{
+                 "grant_id": g.grant_id, "client_id": g.client_id, "user": g.username,
+                 "label": g.label, "scope": g.scope, "created_at": g.created_at,
+                 "last_used_at": g.last_used_at, "expires_at": g.expires_at,
+                 "revoked": g.revoked, "revoked_reason": g.revoked_reason} for g in grants]
+        lines = [f"{'GRANT':<20} {'CLIENT':<34} {'USER':<16} {'STATUS':<8} {'LAST USED':<20} "
+                 "DEVICE"]
+        for r in rows:
+            lines.append(f"{r['grant_id']:<20} {r['client_id']:<34} {r['user']:<16} "
+                         f"{'revoked' if r['revoked'] else 'active':<8} "
+                         f"{_when(int(r['last_used_at'])):<20} {r['label']}")
+        out(args, "\n".join(lines) if rows else "no grants", rows)
+    elif cmd == "grants-revoke":
+        await admin.revoke_grant(args.grant_id, actor=actor, reason=args.reason or "")
+        out(args, f"grant {args.grant_id} revoked; its tokens are refused at once",
+            {"grant_id": args.grant_id, "revoked": True})
+    elif cmd == "users-add":
+        password = sys.stdin.readline().rstrip("\n")
+        await admin.add_user(args.username, password, actor=actor)
+        out(args, f"user {args.username} saved", {"username": args.username})
+    return EXIT_OK
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Entry point for every command above (``args.as_cmd`` says which)."""
+    from ..cli import _actor, _err, _out
+
+    async def main() -> int:
+        redis: Redis = gwstore.connect(settings.redis_url)
+        try:
+            await redis.ping()
+            key = await gwstore.digest_key(redis, settings.key_prefix,
+                                           settings.token_digest_key)
+            admin = AuthAdmin(redis, settings, TokenDigester(key),
+                              AuthServerMetrics(GatewayMetrics().registry))
+            return await _dispatch(args, admin, _out, _actor(args))
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(main())
+    except AdminError as exc:
+        _err(str(exc))
+        return EXIT_FAIL
+    except RedisError as exc:
+        _err(f"Redis at {settings.redis_url.split('@')[-1]} failed: {exc}")
+        return EXIT_FAIL
+
+

@@ -1,0 +1,194 @@
+"""Issuing, refreshing and revoking tokens (RFC 6749 sections 5 and 6, RFC 7009).
+
+Every token belongs to a :class:`~.models.Grant` (user + client + device). Revoking a
+grant deletes its tokens and pins their digests as revoked in the gateway's cache,
+publishing each so every replica drops it from memory at once.
+
+Refresh tokens follow the client's :class:`~.models.TokenPolicy`:
+
+- *rotatable*: single use; each refresh returns a new one. Presenting a spent one is
+  a replay (RFC 6819 section 5.2.2.3, OAuth 2.0 Security BCP section 4.14): the whole
+  grant, the token family, is revoked and the event audited.
+- *non-rotatable*: the same refresh token is returned until it expires.
+
+Either way a grant ends at ``grant_max_lifetime`` after its creation, or after
+``idle_timeout`` without use.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .errors import InvalidGrant, InvalidScope
+from .hashing import new_token
+from .metrics import AuthServerMetrics
+from .models import GRANT_REFRESH, ROTATABLE, Grant, OAuthClient
+from .storage import AuthStore
+
+AccessTokenSigner = Callable[[dict[str, Any]], Awaitable[str]]
+
+
+class TokenIssuer:
+    """The one place tokens are made and unmade."""
+
+    def __init__(self, store: AuthStore, *, issuer: str, metrics: AuthServerMetrics,
+                 cache_pin_ttl: int = 300, jwt_signer: AccessTokenSigner | None = None) -> None:
+        self.store = store
+        self.issuer = issuer
+        self.metrics = metrics
+        self.cache_pin_ttl = cache_pin_ttl
+        self.jwt_signer = jwt_signer
+
+    async def new_grant(self, client: OAuthClient, *, username: str, sub: str, scope: str,
+                        grant_type: str, label: str = "") -> Grant:
+        now = int(time.time())
+        grant = Grant(
+            grant_id="g_" + secrets.token_urlsafe(12), client_id=client.client_id,
+            username=username, sub=sub, scope=scope, grant_type=grant_type,
+            label=label[:200], created_at=now, last_used_at=now,
+            expires_at=now + client.policy.grant_max_lifetime)
+        await self.store.save_grant(grant)
+        await self.store.audit("grant.created", grant_id=grant.grant_id,
+                               client_id=client.client_id, user=username, label=grant.label)
+        return grant
+
+    async def issue(self, client: OAuthClient, grant: Grant, *, scope: str,
+                    grant_type: str, refresh: bool = True) -> dict[str, Any]:
+        """The RFC 6749 section 5.1 token response for a new access (+ refresh) token."""
+        now = int(time.time())
+        ttl = min(client.policy.access_token_ttl, max(1, grant.expires_at - now))
+        claims = {
+            "grant_id": grant.grant_id, "client_id": client.client_id, "scope": scope,
+            "sub": grant.sub, "username": grant.username, "iat": now, "exp": now + ttl,
+            "token_type": "access_token",
+        }
+        if self.jwt_signer is not None:
+            access = await self.jwt_signer({**claims, "jti": secrets.token_urlsafe(16)})
+        else:
+            access = new_token("gwat_")
+        await self.store.save_token("at", self.store.digest(access), claims, ttl)
+        body: dict[str, Any] = {"access_token": access, "token_type": "Bearer",
+                                "expires_in": ttl, "scope": scope}
+        if refresh:
+            body["refresh_token"] = await self._new_refresh(client, grant, scope, now)
+        self.metrics.tokens_issued.labels(client.client_id, grant_type).inc()
+        return body
+
+    async def _new_refresh(self, client: OAuthClient, grant: Grant, scope: str, now: int
+                           ) -> str:
+        ttl = min(client.policy.refresh_token_ttl, max(1, grant.expires_at - now))
+        token = new_token("gwrt_")
+        await self.store.save_token("rt", self.store.digest(token), {
+            "grant_id": grant.grant_id, "client_id": client.client_id, "scope": scope,
+            "iat": now, "exp": now + ttl, "mode": client.policy.refresh_mode,
+            "token_type": "refresh_token"}, ttl)
+        return token
+
+    async def refresh(self, client: OAuthClient, refresh_token: str, requested_scope: str | None
+                      ) -> dict[str, Any]:
+        """RFC 6749 section 6, with rotation and reuse detection."""
+        digest = self.store.digest(refresh_token)
+        record = await self.store.get_token("rt", digest)
+        if record is None:
+            raise InvalidGrant("The refresh token is invalid, expired or revoked.")
+        if record["client_id"] != client.client_id:
+            # bound to its client (section 6): another client's token is no token
+            raise InvalidGrant("The refresh token was not issued to this client.")
+        grant = await self.store.get_grant(record["grant_id"])
+        if grant is None or not grant.alive(client.policy):
+            raise InvalidGrant("The grant behind this refresh token has ended.")
+        rotatable = record.get("mode", ROTATABLE) == ROTATABLE
+        if rotatable and not await self.store.spend_refresh(
+                digest, int(record["exp"]) - int(time.time())):
+            self.metrics.refresh_reuse.labels(client.client_id).inc()
+            await self.revoke_grant(grant.grant_id, reason="refresh_token_reuse",
+                                    actor="authorization-server")
+            await self.store.audit("refresh.reuse_detected", grant_id=grant.grant_id,
+                                   client_id=client.client_id, user=grant.username)
+            raise InvalidGrant("This refresh token was already used; the grant is revoked.")
+        scope = record["scope"]
+        if requested_scope:
+            wanted = requested_scope.split()
+            if not set(wanted) <= set(scope.split()):
+                raise InvalidScope("A refresh may narrow the scope, never widen it.")
+            scope = " ".join(wanted)
+        await self.store.touch_grant(grant.grant_id)
+        body = await self.issue(client, grant, scope=scope, grant_type=GRANT_REFRESH,
+                                refresh=rotatable)
+        if not rotatable:
+            body["refresh_token"] = refresh_token
+        return body
+
+    async def revoke_grant(self, grant_id: str, *, reason: str, actor: str) -> bool:
+        """End one grant: delete its tokens and purge them from every gateway cache."""
+        grant = await self.store.get_grant(grant_id)
+        if grant is None:
+            return False
+        await self.store.mark_grant_revoked(grant_id, reason)
+        members = await self.store.grant_tokens(grant_id)
+        await self.store.delete_tokens(members)
+        await self._purge_gateway_cache([m[3:] for m in members if m.startswith("at:")])
+        self.metrics.grants_revoked.labels(reason).inc()
+        await self.store.audit("grant.revoked", grant_id=grant_id, client_id=grant.client_id,
+                               user=grant.username, reason=reason, actor=actor)
+        return True
+
+    async def _purge_gateway_cache(self, digests: list[str]) -> None:
+        if not digests:
+            return
+        p = self.store.p
+        async with self.store.redis.pipeline(transaction=False) as pipe:
+            for digest in digests:
+                pipe.set(f"{p}token:{digest}", '{"active":false,"revoked":true}',
+                         ex=self.cache_pin_ttl)
+                pipe.publish(f"{p}events", json.dumps({"type": "token_revoked",
+                                                       "digest": digest}))
+            await pipe.execute()
+
+    async def revoke_token(self, client: OAuthClient, token: str, hint: str | None) -> None:
+        """RFC 7009 section 2.1. A refresh token ends its grant (and so the grant's access
+        tokens); an access token ends alone. Unknown tokens are no error (section 2.2)."""
+        digest = self.store.digest(token)
+        kinds = ["rt", "at"] if hint == "refresh_token" else ["at", "rt"]
+        for kind in kinds:
+            record = await self.store.get_token(kind, digest)
+            if record is None:
+                continue
+            if record["client_id"] != client.client_id:
+                return  # section 2.1: not this client's token; say nothing
+            if kind == "rt":
+                await self.revoke_grant(record["grant_id"], reason="revoked_by_client",
+                                        actor=client.client_id)
+            else:
+                await self.store.delete_tokens([f"at:{digest}"])
+                await self._purge_gateway_cache([digest])
+            return
+
+    async def introspect(self, token: str, *, hint: str | None = None) -> dict[str, Any]:
+        """RFC 7662 section 2.2; ``{"active": false}`` and nothing more when not active."""
+        digest = self.store.digest(token)
+        kinds = ["rt", "at"] if hint == "refresh_token" else ["at", "rt"]
+        for kind in kinds:
+            record = await self.store.get_token(kind, digest)
+            if record is None:
+                continue
+            if int(record.get("exp", 0)) <= time.time():
+                break
+            client = await self.store.get_client(record["client_id"])
+            if client is None or client.disabled:
+                break
+            grant = await self.store.get_grant(record["grant_id"])
+            if grant is None or not grant.alive(client.policy):
+                break
+            answer = {"active": True, "client_id": record["client_id"],
+                      "scope": record["scope"], "exp": record["exp"], "iat": record["iat"],
+                      "iss": self.issuer,
+                      "token_type": "Bearer" if kind == "at" else "refresh_token"}
+            if kind == "at":
+                answer.update({"sub": record.get("sub"), "username": record.get("username")})
+            return answer
+        return {"active": False}

@@ -1,0 +1,73 @@
+"""The token endpoint (RFC 6749 section 3.2) and the refresh grant (section 6).
+
+Each grant type is handled by the module of its RFC and registered here by name:
+``authorization_code`` in ``authorize``, the device code in ``rfc8628``, and
+``refresh_token`` below. A client may use only the flow it was created for (and
+refresh).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from multidict import MultiDictProxy
+
+from .core import AuthorizationServer, server_of
+from .errors import OAuthError, ServerError, UnauthorizedClient, UnsupportedGrantType
+from .models import GRANT_REFRESH, OAuthClient
+
+log = logging.getLogger(__name__)
+
+GrantHandler = Callable[[AuthorizationServer, web.Request, OAuthClient, MultiDictProxy[str]],
+                        Awaitable[dict[str, Any]]]
+GRANT_HANDLERS: dict[str, GrantHandler] = {}
+
+
+def grant_handler(grant_type: str) -> Callable[[GrantHandler], GrantHandler]:
+    """Register the handler of one ``grant_type`` at the token endpoint."""
+
+    def register(func: GrantHandler) -> GrantHandler:
+        GRANT_HANDLERS[grant_type] = func
+        return func
+
+    return register
+
+
+@grant_handler(GRANT_REFRESH)
+async def refresh_grant(server: AuthorizationServer, request: web.Request,
+                        client: OAuthClient, form: MultiDictProxy[str]) -> dict[str, Any]:
+    """Section 6: ``refresh_token`` and an optional narrower ``scope``."""
+    from .errors import InvalidRequest
+
+    token = form.get("refresh_token")
+    if not token:
+        raise InvalidRequest("refresh_token is required.")
+    return await server.issuer.refresh(client, token, form.get("scope"))
+
+
+def token_response(body: dict[str, Any]) -> web.Response:
+    """Section 5.1: JSON, never cached."""
+    return web.json_response(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+
+async def token_endpoint(request: web.Request) -> web.Response:
+    server = server_of(request)
+    try:
+        form = await server.read_form(request)
+        grant_type = form.get("grant_type", "")
+        handler = GRANT_HANDLERS.get(grant_type)
+        if handler is None:
+            raise UnsupportedGrantType(f"Unsupported grant_type {grant_type[:60]!r}.")
+        client = await server.authenticate_client(request, form)
+        if grant_type != GRANT_REFRESH and grant_type != client.grant_type:
+            raise UnauthorizedClient(
+                f"This client may use the {client.flow} flow only.")
+        return token_response(await handler(server, request, client, form))
+    except OAuthError as exc:
+        return exc.response()
+    except Exception:
+        log.exception("token endpoint failed")
+        return ServerError("The authorization server failed.").response()

@@ -1,0 +1,23 @@
+"""Every endpoint of the built-in server, registered on the proxy app (``/oauth/*``
+and the RFC 8414 well-known path), before the gateway's catch-all route."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from . import authorize, rfc8628, rfc9068, sso
+from .rfc6749 import token_endpoint
+from .rfc7009 import revocation_endpoint
+from .rfc7662 import introspection_endpoint
+from .rfc8414 import metadata_endpoint
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/.well-known/oauth-authorization-server", metadata_endpoint)
+    app.router.add_post("/oauth/token", token_endpoint)
+    app.router.add_post("/oauth/introspect", introspection_endpoint)
+    app.router.add_post("/oauth/revoke", revocation_endpoint)
+    authorize.add_routes(app)
+    rfc8628.add_routes(app)
+    rfc9068.add_routes(app)
+    sso.add_routes(app)
