@@ -18,8 +18,9 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 from redis.asyncio import Redis
 
 from gateway.app import GATEWAY, Gateway, create_apps
+from gateway.authserver.admin import AuthAdmin
 from gateway.settings import load_settings
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 
 
 @pytest.fixture(scope="session")
@@ -219,5 +220,60 @@ async def make_gateway(aiohttp_client: AiohttpClient, redis_server: RedisServer,
         client = await aiohttp_client(proxy)
         admin_client = await aiohttp_client(admin)
         return Harness(client, admin_client, proxy[GATEWAY], stream, policy_file)
+
+    return factory
+
+
+@dataclass
+class AuthHarness:
+    """A gateway with the built-in authorization server, and an admin to drive it."""
+
+    client: TestClient[web.Request, web.Application]
+    admin: TestClient[web.Request, web.Application]
+    gw: Gateway
+    log: io.StringIO
+    issuer: str
+    auth: AuthAdmin
+
+    async def metrics(self) -> str:
+        resp = await self.admin.get("/metrics")
+        return await resp.text()
+
+
+AuthGatewayFactory = Callable[..., Awaitable[AuthHarness]]
+
+
+@pytest.fixture
+async def make_auth_gateway(aiohttp_client: AiohttpClient, redis_server: RedisServer,
+                            redis: Redis, tmp_path: Path, upstream: Upstream
+                            ) -> AuthGatewayFactory:
+    """Start a gateway whose built-in authorization server issues the tokens it checks.
+
+    The issuer is the gateway's own loopback URL (``/oauth/*`` on the proxy listener).
+    ``auth`` is an :class:`AuthAdmin` on the same Redis (what the CLI uses)."""
+
+    async def factory(policy: str | None = None, **overrides: Any) -> AuthHarness:
+        from gateway.authserver.admin import AuthAdmin
+        from gateway.authserver.metrics import AuthServerMetrics
+        from gateway.metrics import GatewayMetrics
+        from gateway.store import digest_key
+        from gateway.tokens import TokenDigester
+
+        port = free_port()
+        issuer = f"http://127.0.0.1:{port}"
+        policy_file = tmp_path / f"policy-{len(list(tmp_path.iterdir()))}.yaml"
+        policy_file.write_text((policy or DEFAULT_POLICY).format(upstream=upstream.url))
+        values: dict[str, Any] = {"redis_url": redis_server.url, "policies": str(policy_file),
+                                  "issuer": issuer}
+        values.update(overrides)
+        settings = load_settings(environ={}, **values)
+        stream = io.StringIO()
+        proxy, admin_app = create_apps(settings, log_stream=stream)
+        client = await aiohttp_client(proxy, server_kwargs={"port": port})
+        admin_client = await aiohttp_client(admin_app)
+        key = await digest_key(redis, settings.key_prefix, settings.token_digest_key)
+        auth = AuthAdmin(redis, settings, TokenDigester(key),
+                         AuthServerMetrics(GatewayMetrics().registry))
+        return AuthHarness(client, admin_client, proxy[GATEWAY], stream, issuer, auth)
 
     return factory

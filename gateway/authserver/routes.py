@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import authorize, rfc8628, rfc9068, sso
+from . import authorize, pages, rfc8628, rfc9068, sso
 from .rfc6749 import token_endpoint
 from .rfc7009 import revocation_endpoint
 from .rfc7662 import introspection_endpoint
@@ -17,6 +17,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/oauth/token", token_endpoint)
     app.router.add_post("/oauth/introspect", introspection_endpoint)
     app.router.add_post("/oauth/revoke", revocation_endpoint)
+    pages.add_routes(app)
     authorize.add_routes(app)
     rfc8628.add_routes(app)
     rfc9068.add_routes(app)

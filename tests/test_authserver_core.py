@@ -1,0 +1,211 @@
+"""The built-in server's core: metadata, refresh rotation and reuse, introspection,
+revocation, grants, and the gateway validating its tokens in-process."""
+
+from __future__ import annotations
+
+import aiohttp
+from redis.asyncio import Redis
+
+from gateway.authserver.models import GRANT_DEVICE
+from tests.conftest import AuthGatewayFactory, AuthHarness
+
+BASIC_GW = None
+
+
+async def _grant(h: AuthHarness, *, grant: str = "device_code", scope: str = "anaplan:read",
+                 **policy: object) -> tuple[str, str | None, dict[str, object]]:
+    """A client with one grant and its first tokens (issued directly, as a flow would)."""
+    client, secret = await h.auth.create_client(
+        name="t", grant=grant, redirect_uris=["http://127.0.0.1/cb"] if grant != "device_code"
+        else [], scopes=["anaplan:read anaplan:write"], actor="test", policy=dict(policy))
+    g = await h.auth.issuer.new_grant(client, username="alice", sub="u1", scope=scope,
+                                      grant_type=client.grant_type, label="laptop")
+    body = await h.auth.issuer.issue(client, g, scope=scope, grant_type=client.grant_type)
+    return client.client_id, secret, body
+
+
+async def _refresh(h: AuthHarness, client_id: str, refresh: str,
+                   secret: str | None = None) -> aiohttp.ClientResponse:
+    auth = aiohttp.BasicAuth(client_id, secret) if secret else None
+    data = {"grant_type": "refresh_token", "refresh_token": refresh}
+    if not secret:
+        data["client_id"] = client_id
+    return await h.client.post("/oauth/token", data=data, auth=auth)
+
+
+async def test_metadata_names_every_endpoint(make_auth_gateway: AuthGatewayFactory) -> None:
+    h = await make_auth_gateway()
+    resp = await h.client.get("/.well-known/oauth-authorization-server")
+    assert resp.status == 200
+    meta = await resp.json()
+    assert meta["issuer"] == h.issuer
+    for name in ("authorization_endpoint", "token_endpoint", "device_authorization_endpoint",
+                 "introspection_endpoint", "revocation_endpoint"):
+        assert meta[name].startswith(h.issuer + "/oauth/")
+    assert meta["code_challenge_methods_supported"] == ["S256"]
+    assert GRANT_DEVICE in meta["grant_types_supported"]
+    assert meta["authorization_response_iss_parameter_supported"] is True
+
+
+async def test_gateway_accepts_builtin_tokens_in_process(
+        make_auth_gateway: AuthGatewayFactory) -> None:
+    h = await make_auth_gateway()
+    _, _, body = await _grant(h)
+    resp = await h.client.get("/2/0/workspaces",
+                              headers={"Authorization": f"Bearer {body['access_token']}"})
+    assert resp.status == 200
+    resp = await h.client.post("/2/0/workspaces", data=b"{}",
+                               headers={"Authorization": f"Bearer {body['access_token']}"})
+    assert resp.status == 403
+    assert body["expires_in"] == 2100
+
+
+async def test_rotating_refresh_and_reuse_kills_the_grant(
+        make_auth_gateway: AuthGatewayFactory, redis: Redis) -> None:
+    h = await make_auth_gateway()
+    client_id, _, first = await _grant(h)
+    resp = await _refresh(h, client_id, str(first["refresh_token"]))
+    assert resp.status == 200
+    second = await resp.json()
+    assert second["refresh_token"] != first["refresh_token"]
+    assert resp.headers["Cache-Control"] == "no-store"
+    new_at = second["access_token"]
+    assert (await h.client.get("/2/0/x", headers={"Authorization": f"Bearer {new_at}"})
+            ).status == 200
+    # replaying the spent refresh token revokes the whole family
+    resp = await _refresh(h, client_id, str(first["refresh_token"]))
+    assert resp.status == 400
+    assert (await resp.json())["error"] == "invalid_grant"
+    resp = await _refresh(h, client_id, second["refresh_token"])
+    assert resp.status == 400
+    assert (await h.client.get("/2/0/x", headers={"Authorization": f"Bearer {new_at}"})
+            ).status == 401
+    entries = [e[1]["action"] for e in await redis.xrange("gw:audit")]  # type: ignore[union-attr]
+    assert "refresh.reuse_detected" in entries and "grant.revoked" in entries
+    assert 'gateway_as_refresh_reuse_detected_total{client_id="' + client_id in await h.metrics()
+
+
+async def test_non_rotatable_refresh_returns_the_same_token(
+        make_auth_gateway: AuthGatewayFactory) -> None:
+    h = await make_auth_gateway()
+    client_id, _, first = await _grant(h, refresh_mode="non_rotatable", refresh_token_ttl=86400)
+    for _ in range(2):
+        resp = await _refresh(h, client_id, str(first["refresh_token"]))
+        assert resp.status == 200
+        assert (await resp.json())["refresh_token"] == first["refresh_token"]
+
+
+async def test_refresh_bound_to_client_and_scope(make_auth_gateway: AuthGatewayFactory) -> None:
+    h = await make_auth_gateway()
+    client_id, _, first = await _grant(h)
+    other, _, _ = await _grant(h)
+    resp = await _refresh(h, other, str(first["refresh_token"]))
+    assert (resp.status, (await resp.json())["error"]) == (400, "invalid_grant")
+    resp = await h.client.post("/oauth/token", data={
+        "grant_type": "refresh_token", "refresh_token": first["refresh_token"],
+        "client_id": client_id, "scope": "anaplan:write"})
+    assert (resp.status, (await resp.json())["error"]) == (400, "invalid_scope")
+
+
+async def test_introspection_requires_a_confidential_client(
+        make_auth_gateway: AuthGatewayFactory) -> None:
+    h = await make_auth_gateway()
+    device_client, _, body = await _grant(h)
+    rs, rs_secret = await h.auth.create_client(
+        name="resource server", grant="authorization_code",
+        redirect_uris=["https://rs.example.com/cb"], scopes=[], actor="t")
+    assert rs_secret
+    token = body["access_token"]
+    resp = await h.client.post("/oauth/introspect", data={"token": token})
+    assert resp.status == 401
+    resp = await h.client.post("/oauth/introspect", data={"token": token, "client_id":
+                                                            device_client})
+    assert resp.status == 401
+    resp = await h.client.post("/oauth/introspect", data={"token": token},
+                               auth=aiohttp.BasicAuth(rs.client_id, "wrong"))
+    assert resp.status == 401
+    resp = await h.client.post("/oauth/introspect", data={"token": token},
+                               auth=aiohttp.BasicAuth(rs.client_id, rs_secret))
+    answer = await resp.json()
+    assert answer["active"] is True and answer["client_id"] == device_client
+    assert answer["scope"] == "anaplan:read" and answer["iss"] == h.issuer
+    resp = await h.client.post("/oauth/introspect", data={"token": "nope"},
+                               auth=aiohttp.BasicAuth(rs.client_id, rs_secret))
+    assert await resp.json() == {"active": False}
+    # a disabled client's token is inactive at introspection and refused at the gateway
+    await h.auth.set_disabled(device_client, True, actor="t")
+    resp = await h.client.post("/oauth/introspect", data={"token": token},
+                               auth=aiohttp.BasicAuth(rs.client_id, rs_secret))
+    assert await resp.json() == {"active": False}
+
+
+async def test_revoking_a_refresh_token_kills_the_grants_access_tokens(
+        make_auth_gateway: AuthGatewayFactory) -> None:
+    h = await make_auth_gateway()
+    client_id, _, body = await _grant(h)
+    at = body["access_token"]
+    assert (await h.client.get("/2/0/x", headers={"Authorization": f"Bearer {at}"})
+            ).status == 200
+    resp = await h.client.post("/oauth/revoke", data={
+        "token": body["refresh_token"], "client_id": client_id})
+    assert resp.status == 200
+    assert (await h.client.get("/2/0/x", headers={"Authorization": f"Bearer {at}"})
+            ).status == 401
+    resp = await h.client.post("/oauth/revoke", data={"token": "unknown", "client_id":
+                                                       client_id})
+    assert resp.status == 200
+
+
+async def test_grants_revoke_one_device_only(make_auth_gateway: AuthGatewayFactory) -> None:
+    h = await make_auth_gateway()
+    client, _ = await h.auth.create_client(name="cli", grant="device_code", redirect_uris=[],
+                                           scopes=["anaplan:read"], actor="t")
+    tokens = []
+    for label in ("laptop", "phone"):
+        g = await h.auth.issuer.new_grant(client, username="bob", sub="u2",
+                                          scope="anaplan:read", grant_type=client.grant_type,
+                                          label=label)
+        tokens.append((g.grant_id, (await h.auth.issuer.issue(
+            client, g, scope="anaplan:read", grant_type=client.grant_type))["access_token"]))
+    grants = await h.auth.list_grants(client_id=client.client_id)
+    assert sorted(g.label for g in grants) == ["laptop", "phone"]
+    await h.auth.revoke_grant(tokens[0][0], actor="t")
+    laptop = await h.client.get("/2/0/x", headers={"Authorization": f"Bearer {tokens[0][1]}"})
+    phone = await h.client.get("/2/0/x", headers={"Authorization": f"Bearer {tokens[1][1]}"})
+    assert (laptop.status, phone.status) == (401, 200)
+
+
+async def test_token_endpoint_errors(make_auth_gateway: AuthGatewayFactory) -> None:
+    h = await make_auth_gateway()
+    resp = await h.client.post("/oauth/token", data={"grant_type": "password"})
+    assert (resp.status, (await resp.json())["error"]) == (400, "unsupported_grant_type")
+    resp = await h.client.post("/oauth/token", json={"grant_type": "refresh_token"})
+    assert (resp.status, (await resp.json())["error"]) == (400, "invalid_request")
+    resp = await h.client.post("/oauth/token", data={"grant_type": "refresh_token",
+                                                     "refresh_token": "x", "client_id": "nope"})
+    assert resp.status == 401
+    assert (await resp.json())["error"] == "invalid_client"
+    assert "WWW-Authenticate" in resp.headers
+
+
+async def test_redis_holds_no_token_or_secret(make_auth_gateway: AuthGatewayFactory,
+                                              redis: Redis) -> None:
+    h = await make_auth_gateway()
+    client_id, secret, body = await _grant(h, grant="authorization_code")
+    assert secret
+    await _refresh(h, client_id, str(body["refresh_token"]), secret)
+    blob = []
+    for key in await redis.keys("*"):
+        blob.append(key)
+        kind = await redis.type(key)
+        if kind == "string":
+            blob.append(str(await redis.get(key)))
+        elif kind == "hash":
+            blob.append(str(await redis.hgetall(key)))
+        elif kind == "set":
+            blob.append(str(await redis.smembers(key)))
+        elif kind == "stream":
+            blob.append(str(await redis.xrange(key)))
+    text = "\n".join(blob)
+    for value in (secret, body["access_token"], body["refresh_token"]):
+        assert str(value) not in text
