@@ -88,6 +88,44 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return run(settings)
 
 
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from .demo.run import run as run_demo
+
+    return run_demo()
+
+
+def cmd_login(args: argparse.Namespace, settings: Settings) -> int:
+    from .login import LoginError, device_login
+
+    issuer = args.issuer or settings.issuer
+    if not issuer or not args.client_id:
+        _err("give --issuer (or GATEWAY_ISSUER) and --client-id")
+        return EXIT_USAGE
+    try:
+        asyncio.run(device_login(issuer, args.client_id, args.scope))
+    except LoginError as exc:
+        _err(str(exc))
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    from .login import LoginError, current_token
+
+    issuer = args.issuer or settings.issuer
+    if not issuer or not args.client_id:
+        _err("give --issuer (or GATEWAY_ISSUER) and --client-id")
+        return EXIT_USAGE
+    try:
+        print(asyncio.run(current_token(issuer, args.client_id)))
+    except LoginError as exc:
+        _err(str(exc))
+        return EXIT_FAIL
+    return EXIT_OK
+
+
 # -- policy ----------------------------------------------------------------
 
 def cmd_policy_check(args: argparse.Namespace, settings: Settings) -> int:
@@ -244,6 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="run the gateway")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("demo", help="run the whole system on this machine (Ctrl-C stops it)")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("login", parents=[common],
+                       help="log in with the device flow; the token is kept in ~/.config")
+    p.add_argument("--issuer", help="authorization server (default: GATEWAY_ISSUER)")
+    p.add_argument("--client-id", required=True)
+    p.add_argument("--scope", help="scopes to ask for (default: all of the client's)")
+    p.set_defaults(func=cmd_login)
+    p = sub.add_parser("token", parents=[common],
+                       help="print a current access token from `login` (refreshed if needed)")
+    p.add_argument("--issuer", help="authorization server (default: GATEWAY_ISSUER)")
+    p.add_argument("--client-id", required=True)
+    p.set_defaults(func=cmd_token)
+
     policy = sub.add_parser("policy", help="check and explain route policies")
     psub = policy.add_subparsers(dest="policy_cmd", required=True)
     p = psub.add_parser("check", parents=[common], help="validate policy files")
@@ -291,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(getattr(args, "config", None))
     except SettingsError as exc:
         _err(str(exc))
         return EXIT_USAGE

@@ -1,0 +1,1 @@
+"""``oauth-gateway demo``: the whole system on one machine, nothing installed beforehand."""

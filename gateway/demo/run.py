@@ -1,0 +1,258 @@
+"""``oauth-gateway demo``: Redis, the authorization server, an Anaplan stand-in, the gateway.
+
+Everything on loopback, in one process (plus an embedded Valkey/Redis when none
+answers at ``GATEWAY_REDIS_URL``). Prints the URLs, credentials and commands to try;
+Ctrl-C stops everything and leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, TextIO
+
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from ..app import create_apps
+from ..embedded_redis import EmbeddedRedis, free_port
+from ..settings import Settings, load_settings, parse_hostport
+from . import anaplan
+
+DEMO_USER = "demo"
+READ_SCOPES = "anaplan:read anaplan:bulk"
+ALL_SCOPES = "anaplan:read anaplan:write anaplan:bulk anaplan:bulk:write"
+
+POLICY = """\
+# The demo's policy: the shipped Anaplan vocabulary, pointed at the local stand-in.
+upstreams:
+  anaplan:
+    url: {upstream}
+    scheme: AnaplanAuthToken      # what Anaplan expects
+routes:
+  - name: bulk-imports-read
+    upstream: anaplan
+    methods: [GET, HEAD]
+    path: /2/0/workspaces/*/models/*/imports/**
+    scopes: [anaplan:bulk]
+  - name: bulk-imports-write
+    upstream: anaplan
+    methods: [POST, PUT, PATCH, DELETE]
+    path: /2/0/workspaces/*/models/*/imports/**
+    scopes: [anaplan:bulk:write]
+  - name: bulk-files-read
+    upstream: anaplan
+    methods: [GET, HEAD]
+    path: /2/0/workspaces/*/models/*/files/**
+    scopes: [anaplan:bulk]
+  - name: bulk-files-write
+    upstream: anaplan
+    methods: [POST, PUT, PATCH, DELETE]
+    path: /2/0/workspaces/*/models/*/files/**
+    scopes: [anaplan:bulk:write]
+  - name: integration-read
+    upstream: anaplan
+    methods: [GET, HEAD]
+    path: /2/0/**
+    scopes: [anaplan:read]
+  - name: integration-write
+    upstream: anaplan
+    methods: [POST, PUT, PATCH, DELETE]
+    path: /2/0/**
+    scopes: [anaplan:write]
+"""
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _listen(value: str, default_port: int) -> str:
+    host, port = parse_hostport(value)
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104 (loopback only)
+    if port == default_port and not _port_free(host, port):
+        port = free_port()
+    return f"{host}:{port}"
+
+
+async def _redis_answers(url: str) -> bool:
+    client = Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        await client.ping()
+        return True
+    except (RedisError, OSError):
+        return False
+    finally:
+        await client.aclose()
+
+
+class Demo:
+    """The running demo; :meth:`start` then :meth:`stop`."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.embedded: EmbeddedRedis | None = None
+        self.runners: list[web.AppRunner] = []
+        self.workdir = Path(tempfile.mkdtemp(prefix="oauth-gateway-demo-"))
+        self.info: dict[str, Any] = {}
+
+    async def start(self) -> None:
+        env = dict(os.environ)
+        redis_url = env.get("GATEWAY_REDIS_URL", "redis://127.0.0.1:6379/0")
+        prefix = env.get("GATEWAY_KEY_PREFIX", "")
+        if await _redis_answers(redis_url):
+            redis_note = "the Redis at GATEWAY_REDIS_URL"
+            prefix = prefix or "gwdemo:"  # keep clear of a real deployment's keys
+        else:
+            self.embedded = EmbeddedRedis()
+            await asyncio.to_thread(self.embedded.start)
+            redis_url, prefix = self.embedded.url, prefix or "gw:"
+            redis_note = "embedded Valkey/Redis, stopped on exit"
+        stand_in = web.AppRunner(anaplan.create_app(), access_log=None)
+        await stand_in.setup()
+        upstream_port = free_port()
+        await web.TCPSite(stand_in, "127.0.0.1", upstream_port).start()
+        self.runners.append(stand_in)
+        upstream = f"http://127.0.0.1:{upstream_port}"
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        policy = self.workdir / "demo-policy.yaml"
+        policy.write_text(POLICY.format(upstream=upstream))
+        listen = _listen(env.get("GATEWAY_LISTEN", "127.0.0.1:8080"), 8080)
+        admin_listen = _listen(env.get("GATEWAY_ADMIN_LISTEN", "127.0.0.1:9090"), 9090)
+        issuer = f"http://{listen}"
+        settings = load_settings(
+            environ={}, redis_url=redis_url, key_prefix=prefix, policies=str(policy),
+            issuer=issuer, listen=listen, admin_listen=admin_listen, log_format="text",
+            access_log=env.get("GATEWAY_ACCESS_LOG", "true").lower() != "false")
+        await self._start_gateway(settings)
+        await self._seed(settings)
+        self.info.update(issuer=issuer, admin=f"http://{admin_listen}", upstream=upstream,
+                         redis_url=redis_url, redis_note=redis_note, prefix=prefix)
+        self.print_panel()
+
+    async def _start_gateway(self, settings: Settings) -> None:
+        proxy, admin = create_apps(settings)
+        for app, listen in ((proxy, settings.listen), (admin, settings.admin_listen)):
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+            await runner.setup()
+            host, port = parse_hostport(listen)
+            await web.TCPSite(runner, host, port).start()
+            self.runners.append(runner)
+
+    async def _seed(self, settings: Settings) -> None:
+        from ..authserver.admin import AuthAdmin
+        from ..authserver.metrics import AuthServerMetrics
+        from ..metrics import GatewayMetrics
+        from ..store import connect, digest_key
+        from ..tokens import TokenDigester
+
+        redis = connect(settings.redis_url)
+        try:
+            key = await digest_key(redis, settings.key_prefix, settings.token_digest_key)
+            admin = AuthAdmin(redis, settings, TokenDigester(key),
+                              AuthServerMetrics(GatewayMetrics().registry))
+            password = secrets.token_urlsafe(9)
+            await admin.add_user(DEMO_USER, password, actor="demo")
+            device, _ = await admin.create_client(
+                name="Demo CLI (device flow)", grant="device_code", redirect_uris=[],
+                scopes=[READ_SCOPES], actor="demo")
+            web_client, secret = await admin.create_client(
+                name="Demo web app (code flow)", grant="authorization_code",
+                redirect_uris=["http://127.0.0.1:8765/callback"], scopes=[ALL_SCOPES],
+                actor="demo")
+        finally:
+            await redis.aclose()
+        self.info.update(password=password, device_client=device.client_id,
+                         web_client=web_client.client_id, web_secret=secret)
+
+    def print_panel(self) -> None:
+        i = self.info
+        models = f"$GATEWAY_ISSUER/2/0/workspaces/{anaplan.WORKSPACE}/models"
+        task = (f"{models}/{anaplan.MODELS[0]['id']}/imports/112000000001/tasks")
+        bearer = '-H "Authorization: Bearer $(oauth-gateway token --client-id $CLIENT)"'
+        lines = [
+            "oauth-gateway demo is running",
+            "",
+            f"  API base URL (the gateway)  {i['issuer']}",
+            f"  Authorization server        {i['issuer']}/.well-known/oauth-authorization-server",
+            f"  Metrics / health            {i['admin']}/metrics  /healthz  /readyz",
+            f"  Anaplan stand-in            {i['upstream']}  (reached only through the gateway)",
+            f"  Redis                       {i['redis_url']}  ({i['redis_note']})",
+            "",
+            f"  Demo user                   {DEMO_USER} / {i['password']}",
+            f"  Device-flow client          {i['device_client']}  (scopes: {READ_SCOPES})",
+            f"  Code-flow client            {i['web_client']}",
+            f"    its secret (shown once)   {i['web_secret']}",
+            "",
+            "Try it, in another terminal:",
+            "",
+            f"  export GATEWAY_ISSUER={i['issuer']} CLIENT={i['device_client']}",
+            f"  export GATEWAY_REDIS_URL={i['redis_url']} GATEWAY_KEY_PREFIX={i['prefix']}",
+            "",
+            "  1. Log in with the device flow (open the URL it prints, sign in, approve):",
+            "     oauth-gateway login --client-id $CLIENT",
+            "  2. Call the API through the gateway:",
+            f"     curl {bearer} \\",
+            f"          {models}",
+            "  3. A write this client's scopes do not allow (403 insufficient_scope):",
+            f"     curl -X POST {bearer} \\",
+            f"          {task}",
+            "  4. Disable the client, then repeat step 2 (401 invalid_token):",
+            "     oauth-gateway clients disable $CLIENT --reason demo",
+            "  5. Metrics:",
+            f"     curl -s {i['admin']}/metrics | grep gateway_auth_decisions_total",
+            "",
+            "Ctrl-C stops everything.",
+        ]
+        rule = "=" * min(100, max(len(line) for line in lines))
+        print("\n".join([rule, *lines, rule]), file=self.out, flush=True)
+
+    async def stop(self) -> None:
+        for runner in reversed(self.runners):
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        self.runners.clear()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+            self.embedded = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+async def _main(out: TextIO) -> None:
+    demo = Demo(out)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await demo.start()
+        await stop.wait()
+        print("\nstopping the demo...", file=out, flush=True)
+    finally:
+        await demo.stop()
+    print("demo stopped; nothing left running", file=out, flush=True)
+
+
+def run() -> int:
+    """Entry point of ``oauth-gateway demo``."""
+    try:
+        asyncio.run(_main(sys.stdout))
+    except (FileNotFoundError, RuntimeError, OSError) as exc:
+        print(f"oauth-gateway demo: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
