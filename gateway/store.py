@@ -10,27 +10,67 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+_OPTIONS: dict[str, Any] = {
+    "decode_responses": True,
+    "socket_connect_timeout": 1.0,
+    "socket_timeout": 2.0,
+    "health_check_interval": 15,
+    "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+}
+
+
+def _retry() -> Retry:
+    return Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
+
 
 def connect(url: str) -> Redis:
-    """A pooled async client for ``url`` (``redis://``, ``rediss://`` or ``unix://``)."""
-    return Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_connect_timeout=1.0,
-        socket_timeout=2.0,
-        health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        max_connections=512,
-    )
+    """A pooled async client for ``url``.
+
+    - ``redis://``, ``rediss://`` (TLS), ``unix://``: one server.
+    - ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]``
+      (``rediss+sentinel://`` for TLS): the current master of ``service``, found through
+      Redis Sentinel and followed across failovers. The password is the data nodes';
+      ``?sentinel_password=...`` authenticates to the sentinels.
+    """
+    parts = urlsplit(url)
+    if parts.scheme in ("redis+sentinel", "rediss+sentinel"):
+        return _sentinel(url)
+    return Redis.from_url(url, retry=_retry(), max_connections=512, **_OPTIONS)
+
+
+def _sentinel(url: str) -> Redis:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    hosts: list[tuple[str, int]] = []
+    for item in netloc.split(","):
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "26379")
+        hosts.append((host.strip("[]"), int(port or 26379)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path:
+        raise ValueError("a redis+sentinel:// URL needs the service name as its path")
+    service, db = path[0], int(path[1]) if len(path) > 1 else 0
+    query = parse_qs(parts.query)
+    sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": 1.0, "socket_timeout": 1.0}
+    if "sentinel_password" in query:
+        sentinel_kwargs["password"] = query["sentinel_password"][0]
+    tls = parts.scheme.startswith("rediss")
+    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, ssl=tls)  # type: ignore[no-untyped-call]
+    client: Redis = sentinel.master_for(
+        service, db=db, username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        retry=_retry(), max_connections=512, **_OPTIONS)
+    return client
 
 
 async def digest_key(redis: Redis, prefix: str, configured: str) -> bytes:

