@@ -135,6 +135,9 @@ class Settings:
     trusted_proxies: int = field(default=0, metadata=_doc(
         "how many proxies in front of the gateway append to `X-Forwarded-For` "
         "(0: the client's own address is used)"))
+    workers: int = field(default=1, metadata=_doc(
+        "number of worker processes sharing the listener with SO_REUSEPORT; worker `i` "
+        "serves its own admin listener on the admin port + `i`"))
 
     @property
     def resolved_validator(self) -> str:
@@ -233,10 +236,12 @@ def _validate(s: Settings) -> None:
         raise SettingsError(
             "GATEWAY_VALIDATOR: expected auto, introspection, jwt, anaplan or builtin, "
             f"got {s.validator!r}")
-    if not s.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise SettingsError("GATEWAY_REDIS_URL: expected a redis://, rediss:// or unix:// URL")
+    if not s.redis_url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://",
+                                   "rediss+sentinel://")):
+        raise SettingsError("GATEWAY_REDIS_URL: expected a redis://, rediss://, unix:// or "
+                            "redis+sentinel:// URL")
     for name in ("local_cache_ttl", "cache_max_ttl", "negative_cache_ttl", "local_cache_size",
-                 "max_body_size", "max_auth_header", "client_refresh_interval"):
+                 "max_body_size", "max_auth_header", "client_refresh_interval", "workers"):
         if getattr(s, name) <= 0:
             raise SettingsError(f"{env_name(name)}: must be greater than 0")
 
