@@ -32,13 +32,13 @@ async def fleet(redis_server: RedisServer, auth_server: AuthServer, upstream: Up
                 "GATEWAY_SHUTDOWN_TIMEOUT": "2"})
     procs, urls, admins = [], [], []
     for _ in range(3):
-        port, admin = free_port(), free_port()
+        port, admin_port = free_port(), free_port()
         procs.append(subprocess.Popen(
             [CLI, "serve"], env={**env, "GATEWAY_LISTEN": f"127.0.0.1:{port}",
-                                 "GATEWAY_ADMIN_LISTEN": f"127.0.0.1:{admin}"},
+                                 "GATEWAY_ADMIN_LISTEN": f"127.0.0.1:{admin_port}"},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         urls.append(f"http://127.0.0.1:{port}")
-        admins.append(f"http://127.0.0.1:{admin}")
+        admins.append(f"http://127.0.0.1:{admin_port}")
     async with aiohttp.ClientSession() as session:
         for admin, proc in zip(admins, procs, strict=True):
             deadline = time.monotonic() + 20
