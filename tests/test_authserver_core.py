@@ -3,13 +3,13 @@ revocation, grants, and the gateway validating its tokens in-process."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 from redis.asyncio import Redis
 
 from gateway.authserver.models import GRANT_DEVICE
 from tests.conftest import AuthGatewayFactory, AuthHarness
-
-BASIC_GW = None
 
 
 async def _grant(h: AuthHarness, *, grant: str = "device_code", scope: str = "anaplan:read",
@@ -80,7 +80,8 @@ async def test_rotating_refresh_and_reuse_kills_the_grant(
     assert resp.status == 400
     assert (await h.client.get("/2/0/x", headers={"Authorization": f"Bearer {new_at}"})
             ).status == 401
-    entries = [e[1]["action"] for e in await redis.xrange("gw:audit")]  # type: ignore[union-attr]
+    stream: Any = await redis.xrange("gw:audit")
+    entries = [e[1]["action"] for e in stream]
     assert "refresh.reuse_detected" in entries and "grant.revoked" in entries
     assert 'gateway_as_refresh_reuse_detected_total{client_id="' + client_id in await h.metrics()
 
@@ -194,9 +195,9 @@ async def test_redis_holds_no_token_or_secret(make_auth_gateway: AuthGatewayFact
     client_id, secret, body = await _grant(h, grant="authorization_code")
     assert secret
     await _refresh(h, client_id, str(body["refresh_token"]), secret)
-    blob = []
+    blob: list[str] = []
     for key in await redis.keys("*"):
-        blob.append(key)
+        blob.append(str(key))
         kind = await redis.type(key)
         if kind == "string":
             blob.append(str(await redis.get(key)))
