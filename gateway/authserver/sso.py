@@ -1,9 +1,448 @@
-"""(being written)"""
+"""Single sign-on through the company's OpenID Connect provider.
+
+OpenID Connect Core 1.0 section 3.1 (authorization code flow), with PKCE (RFC 7636,
+``S256``) and the provider found by OpenID Connect Discovery 1.0 section 4.
+
+- ``GET /oauth/sso/start?next=...`` makes ``state``, ``nonce`` and a PKCE verifier, keeps
+  them in Redis (``as:sso_state:{digest(state)}``, 10 minutes, taken with GETDEL) and sends
+  the browser to the provider's ``authorization_endpoint``.
+- ``GET /oauth/sso/callback`` checks the state (single use, and bound to the browser that
+  started by the ``gw_sso_browser`` cookie against login CSRF, RFC 6749 section 10.12),
+  redeems the code with ``client_secret_basic``, validates the ID token (section 3.1.3.7)
+  against the provider's JWKS, maps the user by subject and starts a session.
+
+A user is found by ``(issuer, sub)``; the first login names the account after the
+``GATEWAY_SSO_USERNAME_CLAIM`` claim (or ``sub``), and never takes over an existing
+account that is not linked to that subject.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote_plus
+
+import aiohttp
+import jwt
 from aiohttp import web
+from yarl import URL
+
+from . import pages
+from .core import AS_SLOT, server_of
+
+STATE_TTL = 600
+BROWSER_COOKIE = "gw_sso_browser"
+CALLBACK_PATH = "/oauth/sso/callback"
+_USERNAME_BAD = re.compile(r"[^a-z0-9._@+-]+")
+# OAuth 2.0 error codes (RFC 6749 section 4.1.2.1, OIDC Core 3.1.2.6) users may see
+_PROVIDER_ERRORS = {
+    "access_denied": "The sign-in was cancelled or refused at your company's identity "
+                     "provider.",
+    "login_required": "Your company's identity provider asked you to sign in again.",
+    "consent_required": "Your company's identity provider needs your consent first.",
+    "temporarily_unavailable": "Your company's identity provider is busy. Try again soon.",
+}
+
+
+class SSOError(Exception):
+    """A refused or failed sign-in: what the user reads, and the metric/audit outcome."""
+
+    def __init__(self, status: int, outcome: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.outcome, self.message = status, outcome, message
+
+
+class ProviderError(Exception):
+    """The provider is unreachable or answered something unusable (502 for the user)."""
+
+
+# OIDC Core 3.1.3.7 items 6 to 8: only the provider's asymmetric keys may sign; never
+# ``none``, never HS* (keyed with our own client secret)
+ASYMMETRIC_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                             "ES256", "ES384", "ES512", "EdDSA"})
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=5.0, connect=3.0)
+METADATA_TTL = 300.0
+JWKS_TTL = 3600.0
+JWKS_MIN_REFETCH = 30.0  # an unknown ``kid`` refetches the JWKS at most this often
+LEEWAY = 60
+
+
+@dataclass(frozen=True)
+class ProviderMetadata:
+    """What this client uses of the discovery document (OIDC Discovery section 3)."""
+
+    issuer: str
+    authorization_endpoint: str
+    token_endpoint: str
+    jwks_uri: str
+    algorithms: tuple[str, ...]
+    iss_parameter_supported: bool
+
+
+class OpenIDProvider:
+    """The company's provider: discovery document and JWKS fetched with aiohttp and cached
+    (metadata for ``METADATA_TTL``; keys for ``JWKS_TTL`` or until an unknown ``kid``)."""
+
+    def __init__(self, session: aiohttp.ClientSession, issuer: str) -> None:
+        self.session = session
+        self.issuer = issuer
+        self._meta: ProviderMetadata | None = None
+        self._meta_at = 0.0
+        self._keys: dict[str, dict[str, Any]] = {}
+        self._keys_at = float("-inf")
+        self._meta_lock = asyncio.Lock()
+        self._keys_lock = asyncio.Lock()
+
+    async def _get_json(self, url: str, what: str) -> dict[str, Any]:
+        try:
+            async with self.session.get(url, timeout=HTTP_TIMEOUT,
+                                        headers={"Accept": "application/json"}) as resp:
+                if resp.status != 200:
+                    raise ProviderError(f"Your company's identity provider answered "
+                                        f"{resp.status} for its {what}.")
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise ProviderError(f"Your company's identity provider could not be reached "
+                                f"({what}: {type(exc).__name__}). Try again later.") from None
+        if not isinstance(body, dict):
+            raise ProviderError(f"Your company's identity provider sent an unusable {what}.")
+        return body
+
+    async def metadata(self) -> ProviderMetadata:
+        """OIDC Discovery 4: ``{issuer}/.well-known/openid-configuration``, whose ``issuer``
+        must be exactly the configured one (section 4.3)."""
+        async with self._meta_lock:
+            if self._meta is None or time.monotonic() - self._meta_at > METADATA_TTL:
+                doc = await self._get_json(self.issuer.rstrip("/") +
+                                           "/.well-known/openid-configuration",
+                                           "discovery document")
+                self._meta, self._meta_at = self._parse(doc), time.monotonic()
+            return self._meta
+
+    def _parse(self, doc: dict[str, Any]) -> ProviderMetadata:
+        if doc.get("issuer") != self.issuer:
+            raise ProviderError("The identity provider's discovery document names another "
+                                "issuer than GATEWAY_SSO_ISSUER.")
+        urls = {}
+        for name in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
+            value = doc.get(name)
+            if not isinstance(value, str) or not value.startswith(("https://", "http://")):
+                raise ProviderError(f"The identity provider's discovery document has no "
+                                    f"usable {name}.")
+            urls[name] = value
+        offered = doc.get("id_token_signing_alg_values_supported", ["RS256"])
+        algs = tuple(a for a in offered if a in ASYMMETRIC_ALGS) if isinstance(
+            offered, list) else ()
+        if not algs:
+            raise ProviderError("The identity provider signs ID tokens with no algorithm this "
+                                "server accepts.")
+        return ProviderMetadata(
+            issuer=self.issuer, algorithms=algs, iss_parameter_supported=doc.get(
+                "authorization_response_iss_parameter_supported") is True, **urls)
+
+    async def signing_key(self, kid: str, alg: str) -> jwt.PyJWK:
+        """The provider's key ``kid`` for ``alg``; refetches the JWKS when ``kid`` is new
+        (key rotation), at most every ``JWKS_MIN_REFETCH`` seconds."""
+        async with self._keys_lock:
+            age = time.monotonic() - self._keys_at
+            if age > JWKS_TTL or (kid not in self._keys and age > JWKS_MIN_REFETCH):
+                doc = await self._get_json((await self.metadata()).jwks_uri, "keys (JWKS)")
+                keys = doc.get("keys")
+                if not isinstance(keys, list):
+                    raise ProviderError("The identity provider's JWKS holds no keys.")
+                self._keys = {str(k.get("kid", "")): k for k in keys if isinstance(k, dict)
+                              and k.get("use", "sig") == "sig"}
+                self._keys_at = time.monotonic()
+            jwk = self._keys.get(kid)
+            if jwk is None and not kid and len(self._keys) == 1:
+                jwk = next(iter(self._keys.values()))
+        if jwk is None:
+            raise jwt.InvalidKeyError("The ID token is signed with a key the identity "
+                                      "provider does not publish.")
+        if jwk.get("alg", alg) != alg:
+            raise jwt.InvalidAlgorithmError("The ID token's algorithm does not match its key.")
+        return jwt.PyJWK(jwk, algorithm=alg)
+
+    async def redeem_code(self, code: str, *, client_id: str, client_secret: str,
+                          redirect_uri: str, code_verifier: str) -> dict[str, Any]:
+        """RFC 6749 4.1.3 with RFC 7636 ``code_verifier``; ``client_secret_basic`` with id
+        and secret form-encoded first (section 2.3.1)."""
+        meta = await self.metadata()
+        data = {"grant_type": "authorization_code", "code": code,
+                "redirect_uri": redirect_uri, "code_verifier": code_verifier}
+        basic = aiohttp.encode_basic_auth(quote_plus(client_id), quote_plus(client_secret))
+        try:
+            async with self.session.post(meta.token_endpoint, data=data, timeout=HTTP_TIMEOUT,
+                                         headers={"Accept": "application/json",
+                                                  "Authorization": basic}) as resp:
+                status = resp.status
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ProviderError(f"Your company's identity provider could not be reached "
+                                f"(token endpoint: {type(exc).__name__}).") from None
+        except ValueError:
+            raise ProviderError("Your company's identity provider answered the token "
+                                "request with something that is not JSON.") from None
+        if status == 200 and isinstance(body, dict):
+            return body
+        error = body.get("error") if isinstance(body, dict) else None
+        if 400 <= status < 500 and isinstance(error, str) and error != "invalid_client":
+            raise SSOError(400, "refused", "Your company's identity provider refused the "
+                           f"sign-in code ({_safe_code(error)}). Start again.")
+        raise ProviderError(f"Your company's identity provider answered {status} to the "
+                            f"token request ({_safe_code(error or 'no error code')}).")
+
+
+def _safe_code(code: str) -> str:
+    return code if re.fullmatch(r"[a-z_ ]{1,64}", code) else "error"
+
+
+_ID_TOKEN_MESSAGES: dict[type[Exception], str] = {
+    jwt.ExpiredSignatureError: "The ID token has expired.",
+    jwt.ImmatureSignatureError: "The ID token is dated in the future.",
+    jwt.InvalidIssuerError: "The ID token was issued by another provider (iss).",
+    jwt.InvalidAudienceError: "The ID token was issued for another application (aud).",
+    jwt.InvalidSignatureError: "The ID token's signature does not verify.",
+    jwt.DecodeError: "The ID token is malformed.",
+}
+
+
+async def validate_id_token(provider: OpenIDProvider, token: object, *, client_id: str,
+                            nonce: str) -> dict[str, Any]:
+    """OIDC Core 3.1.3.7: signature with the provider's key and an allowed algorithm,
+    ``iss`` exactly the issuer, ``aud`` containing us (``azp`` when several), ``exp`` and
+    ``iat`` within ``LEEWAY``, ``nonce`` the one this sign-in sent. Raises ``PyJWTError``."""
+    if not isinstance(token, str) or not token:
+        raise ProviderError("Your company's identity provider returned no ID token.")
+    meta = await provider.metadata()
+    header = jwt.get_unverified_header(token)
+    alg = header.get("alg")
+    if alg not in meta.algorithms:
+        raise jwt.InvalidAlgorithmError(f"The ID token is signed with {str(alg)[:16]!r}, "
+                                        "which this server does not accept.")
+    key = await provider.signing_key(str(header.get("kid", "")), alg)
+    claims: dict[str, Any] = jwt.decode(
+        token, key, algorithms=list(meta.algorithms), audience=client_id,
+        issuer=provider.issuer, leeway=LEEWAY,
+        options={"require": ["iss", "sub", "aud", "exp", "iat"]})
+    audiences = [claims["aud"]] if isinstance(claims["aud"], str) else list(claims["aud"])
+    azp = claims.get("azp")
+    if (len(audiences) > 1 or azp is not None) and azp != client_id:
+        raise jwt.InvalidTokenError("The ID token was issued to another authorized party "
+                                    "(azp).")
+    sent = claims.get("nonce")
+    if not isinstance(sent, str) or not hmac.compare_digest(sent.encode(), nonce.encode()):
+        raise jwt.InvalidTokenError("The ID token's nonce does not match this sign-in.")
+    sub = claims["sub"]
+    if not isinstance(sub, str) or not 0 < len(sub) <= 255:
+        raise jwt.InvalidTokenError("The ID token's subject (sub) is not valid.")
+    return claims
+
+
+def _explain(exc: jwt.PyJWTError) -> str:
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return f"The ID token lacks the {exc.claim!r} claim."
+    return _ID_TOKEN_MESSAGES.get(type(exc), str(exc))
+
+
+SSO_PROVIDER = web.AppKey("sso_provider", OpenIDProvider)
+
+
+async def _provider_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The HTTP client and the provider's cached metadata and keys, owned by the app."""
+    server = app[AS_SLOT].server
+    if server is None or not server.settings.sso_issuer:
+        yield
+        return
+    session = aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
+    app[SSO_PROVIDER] = OpenIDProvider(session, server.settings.sso_issuer)
+    try:
+        yield
+    finally:
+        await session.close()
+
+
+def _provider(request: web.Request) -> OpenIDProvider:
+    provider = request.app.get(SSO_PROVIDER)
+    settings = server_of(request).settings
+    if provider is None or not settings.sso_client_id:
+        raise SSOError(404, "not_configured", "Single sign-on is not configured here.")
+    return provider
+
+
+def _fail_page(err: SSOError) -> web.Response:
+    return pages.page("Sign-in failed", (
+        f'<h1>Sign-in failed</h1><p class="error" role="alert">{pages.e(err.message)}</p>'
+        '<p><a href="/oauth/login">Back to the sign-in page</a></p>'), status=err.status)
+
+
+async def _refuse(request: web.Request, err: SSOError) -> web.Response:
+    server = server_of(request)
+    server.metrics.logins.labels("sso", err.outcome).inc()
+    await server.store.audit("login.failed", method="sso", reason=err.outcome,
+                             remote=request.remote or "?")
+    return _fail_page(err)
+
+
+def _state_key(request: web.Request, state: str) -> str:
+    store = server_of(request).store
+    return f"{store.p}as:sso_state:{store.digest(state)}"
+
+
+async def sso_start(request: web.Request) -> web.StreamResponse:
+    """OIDC Core 3.1.2.1: the authentication request, sent through the browser."""
+    server = server_of(request)
+    try:
+        provider = _provider(request)
+        if await server.store.hit(f"sso-start:{request.remote or '?'}", 60) > 60:
+            raise SSOError(429, "rate_limited", "Too many sign-in attempts. Wait a minute.")
+        meta = await provider.metadata()
+    except ProviderError as exc:
+        return await _refuse(request, SSOError(502, "provider_unavailable", str(exc)))
+    except SSOError as exc:
+        return await _refuse(request, exc)
+    state, nonce = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    verifier = secrets.token_urlsafe(64)  # RFC 7636 4.1: 43 to 128 characters
+    challenge = base64.urlsafe_b64encode(
+        hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    browser = request.cookies.get(BROWSER_COOKIE, "")
+    if len(browser) < 20:
+        browser = secrets.token_urlsafe(24)
+    record = {"nonce": nonce, "verifier": verifier, "browser": server.store.digest(browser),
+              "next": pages.safe_next(request.query.get("next"))}
+    await server.store.redis.set(_state_key(request, state), json.dumps(record), ex=STATE_TTL)
+    location = URL(meta.authorization_endpoint).update_query({
+        "response_type": "code", "client_id": server.settings.sso_client_id,
+        "redirect_uri": server.url(CALLBACK_PATH), "scope": _scopes(server.settings.sso_scopes),
+        "state": state, "nonce": nonce, "code_challenge": challenge,
+        "code_challenge_method": "S256"})
+    response = web.HTTPFound(str(location))
+    response.headers["Cache-Control"] = "no-store"
+    response.set_cookie(BROWSER_COOKIE, browser, httponly=True, samesite="Lax",
+                        secure=server.issuer_url.startswith("https://"),
+                        path="/oauth/sso/", max_age=STATE_TTL)
+    raise response
+
+
+def _scopes(configured: str) -> str:
+    scopes = configured.split()
+    return " ".join(scopes if "openid" in scopes else ["openid", *scopes])
+
+
+async def sso_callback(request: web.Request) -> web.StreamResponse:
+    """OIDC Core 3.1.2.5 to 3.1.3.7: the authentication response, the code redeemed and
+    the ID token validated; then the local session."""
+    server = server_of(request)
+    try:
+        provider = _provider(request)
+        record = await _take_state(request)
+        username, sub = await _complete(request, provider, record)
+    except ProviderError as exc:
+        return await _refuse(request, SSOError(502, "provider_unavailable", str(exc)))
+    except SSOError as exc:
+        return await _refuse(request, exc)
+    server.metrics.logins.labels("sso", "success").inc()
+    response = web.HTTPSeeOther(record["next"])
+    await pages.start_session(request, response, username=username, sub=sub, method="sso")
+    await server.store.audit("login", user=username, method="sso",
+                             remote=request.remote or "?")
+    raise response
+
+
+async def _take_state(request: web.Request) -> dict[str, str]:
+    """RFC 6749 10.12: the state must be one this server issued, unused, to this browser."""
+    state = request.query.get("state", "")
+    if not state or len(state) > 256:
+        raise SSOError(400, "invalid_state", "This sign-in response carries no valid state. "
+                       "Start again from the sign-in page.")
+    raw = await server_of(request).store.redis.getdel(_state_key(request, state))
+    if not raw:
+        raise SSOError(400, "invalid_state", "This sign-in attempt is unknown, expired or "
+                       "already used. Start again from the sign-in page.")
+    record: dict[str, str] = json.loads(raw)
+    browser = request.cookies.get(BROWSER_COOKIE, "")
+    if not hmac.compare_digest(server_of(request).store.digest(browser), record["browser"]):
+        raise SSOError(400, "invalid_state", "This sign-in was started in another browser. "
+                       "Start again from the sign-in page.")
+    return record
+
+
+async def _complete(request: web.Request, provider: OpenIDProvider,
+                    record: dict[str, str]) -> tuple[str, str]:
+    server = server_of(request)
+    settings = server.settings
+    query = request.query
+    meta = await provider.metadata()
+    # RFC 9207 section 2.4: the response must come from the provider we asked (mix-up)
+    if ("iss" in query or meta.iss_parameter_supported) and query.get("iss") != meta.issuer:
+        raise SSOError(400, "invalid_response", "The sign-in response names another "
+                       "identity provider (iss).")
+    if "error" in query:
+        code = query["error"]
+        message = _PROVIDER_ERRORS.get(code, "Your company's identity provider refused the "
+                                       "sign-in.")
+        raise SSOError(400, "denied", f"{message} ({_safe_code(code)})")
+    code = query.get("code", "")
+    if not code:
+        raise SSOError(400, "invalid_response", "The sign-in response carries no code.")
+    tokens = await provider.redeem_code(
+        code, client_id=settings.sso_client_id, client_secret=settings.sso_client_secret,
+        redirect_uri=server.url(CALLBACK_PATH), code_verifier=record["verifier"])
+    try:
+        claims = await validate_id_token(
+            provider, tokens.get("id_token"), client_id=settings.sso_client_id,
+            nonce=record["nonce"])
+    except jwt.PyJWTError as exc:
+        raise SSOError(400, "invalid_id_token", _explain(exc)) from None
+    return await _local_user(request, meta.issuer, claims)
+
+
+def username_from(claims: dict[str, Any], claim: str) -> str:
+    """The account name a first login gets: the claim, made a safe username, else ``sub``."""
+    for value in (claims.get(claim), claims["sub"]):
+        if isinstance(value, str):
+            name = _USERNAME_BAD.sub("-", value.lower()).strip("-.")[:128]
+            if name:
+                return name
+    return "sso-" + hashlib.sha256(str(claims["sub"]).encode()).hexdigest()[:16]
+
+
+async def _local_user(request: web.Request, issuer: str, claims: dict[str, Any]
+                      ) -> tuple[str, str]:
+    """Find the user linked to ``(issuer, sub)``, or link a new account on first login."""
+    server = server_of(request)
+    store = server.store
+    sso_sub = str(claims["sub"])
+    username = await store.sso_username(issuer, sso_sub)
+    if username is None:
+        username = username_from(claims, server.settings.sso_username_claim)
+    user_key = f"{store.p}as:user:{username}"
+    # HSETNX on ``sub``: only one login can create the record, and never over an
+    # existing (local or other) account, which would be an account takeover
+    if await store.redis.hsetnx(user_key, "sub", "u_" + uuid.uuid4().hex):
+        await store.save_user(username, {"sso": issuer, "sso_sub": sso_sub,
+                                         "created_at": str(int(time.time()))})
+        await store.audit("user.added", user=username, actor="sso", method="sso")
+    user = await store.get_user(username)
+    if user.get("sso") != issuer or user.get("sso_sub") != sso_sub:
+        raise SSOError(409, "conflict", f"The account name {username!r} already belongs to "
+                       "another user. Ask an administrator to link your company account.")
+    await store.map_sso(issuer, sso_sub, username)
+    return username, user["sub"]
 
 
 def add_routes(app: web.Application) -> None:
-    """Register this module's endpoints."""
+    """Register this module's endpoints and the provider client's lifetime."""
+    app.cleanup_ctx.append(_provider_ctx)
+    app.router.add_get("/oauth/sso/start", sso_start)
+    app.router.add_get(CALLBACK_PATH, sso_callback)
