@@ -3,6 +3,7 @@ revocation, grants, and the gateway validating its tokens in-process."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import aiohttp
@@ -26,11 +27,15 @@ async def _grant(h: AuthHarness, *, grant: str = "device_code", scope: str = "an
 
 async def _refresh(h: AuthHarness, client_id: str, refresh: str,
                    secret: str | None = None) -> aiohttp.ClientResponse:
-    auth = aiohttp.BasicAuth(client_id, secret) if secret else None
+    headers = {"Authorization": basic(client_id, secret)} if secret else {}
     data = {"grant_type": "refresh_token", "refresh_token": refresh}
     if not secret:
         data["client_id"] = client_id
-    return await h.client.post("/oauth/token", data=data, auth=auth)
+    return await h.client.post("/oauth/token", data=data, headers=headers)
+
+
+def basic(client_id: str, secret: str) -> str:
+    return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
 
 
 async def test_metadata_names_every_endpoint(make_auth_gateway: AuthGatewayFactory) -> None:
@@ -123,20 +128,20 @@ async def test_introspection_requires_a_confidential_client(
                                                             device_client})
     assert resp.status == 401
     resp = await h.client.post("/oauth/introspect", data={"token": token},
-                               auth=aiohttp.BasicAuth(rs.client_id, "wrong"))
+                               headers={"Authorization": basic(rs.client_id, "wrong")})
     assert resp.status == 401
     resp = await h.client.post("/oauth/introspect", data={"token": token},
-                               auth=aiohttp.BasicAuth(rs.client_id, rs_secret))
+                               headers={"Authorization": basic(rs.client_id, rs_secret)})
     answer = await resp.json()
     assert answer["active"] is True and answer["client_id"] == device_client
     assert answer["scope"] == "anaplan:read" and answer["iss"] == h.issuer
     resp = await h.client.post("/oauth/introspect", data={"token": "nope"},
-                               auth=aiohttp.BasicAuth(rs.client_id, rs_secret))
+                               headers={"Authorization": basic(rs.client_id, rs_secret)})
     assert await resp.json() == {"active": False}
     # a disabled client's token is inactive at introspection and refused at the gateway
     await h.auth.set_disabled(device_client, True, actor="t")
     resp = await h.client.post("/oauth/introspect", data={"token": token},
-                               auth=aiohttp.BasicAuth(rs.client_id, rs_secret))
+                               headers={"Authorization": basic(rs.client_id, rs_secret)})
     assert await resp.json() == {"active": False}
 
 

@@ -32,6 +32,8 @@ from .hashing import verify_secret
 SESSION_COOKIE = "gw_session"
 CSRF_COOKIE = "gw_csrf"
 SESSION_TTL = 8 * 3600
+#: a CSRF token made for this response, to be set as a cookie on it
+NEW_CSRF = web.RequestKey("gw_new_csrf", str)
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
        "frame-ancestors 'none'; base-uri 'none'")
 
@@ -78,14 +80,14 @@ def csrf_token(request: web.Request) -> str:
     """The CSRF token for forms on this page (the cookie's value, made when absent)."""
     token = request.cookies.get(CSRF_COOKIE, "")
     if len(token) < 20:
-        token = request.get("gw_new_csrf") or secrets.token_urlsafe(24)
-        request["gw_new_csrf"] = token
+        token = request.get(NEW_CSRF) or secrets.token_urlsafe(24)
+        request[NEW_CSRF] = token
     return token
 
 
 def with_csrf_cookie(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
     """Set the CSRF cookie if :func:`csrf_token` had to make one for this response."""
-    token = request.get("gw_new_csrf")
+    token = request.get(NEW_CSRF)
     if token:
         response.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="Strict",
                             secure=_secure(server_of(request)), path="/")
