@@ -4,8 +4,12 @@
 |---|---|---|
 | ``client:{id}`` | hash | the client (shared with the gateway's governance) |
 | ``as:clients`` | set | ids of clients this server manages |
-| ``as:user:{username}`` | hash | local user: ``password_hash``, ``sub`` |
-| ``as:sso:{sub}`` | string | username mapped to an SSO subject |
+| ``as:user:{username}`` | hash | user: ``sub``, ``password_hash`` (local users), ``sso``, ``sso_sub`` (SSO users) |
+| ``as:sso:{issuer}|{sub}`` | string | username mapped to an SSO subject |
+| ``as:sso_state:{digest}`` | string | an SSO login in progress (state, nonce, PKCE verifier), 600 s |
+| ``as:session:{digest}`` | string | a browser session (user, auth time, method), 8 h |
+| ``as:authz:{digest}`` | string | a pending consent request (JSON), 600 s |
+| ``as:signing_keys`` | hash | RFC 9068 signing keys (private keys AES-GCM encrypted) |
 | ``as:grant:{id}`` | hash | one grant (user + client + device) |
 | ``as:grants`` / ``as:client_grants:{id}`` / ``as:user_grants:{name}`` | set | grant indexes |
 | ``as:grant_tokens:{id}`` | set | ``at:{digest}`` / ``rt:{digest}`` issued under a grant |
@@ -16,6 +20,9 @@
 | ``as:code_used:{digest}`` | string | grant id issued by a redeemed code (replay detection) |
 | ``as:device:{digest}`` | string | device authorization (JSON) |
 | ``as:user_code:{code}`` | string | device code digest for a user code |
+| ``as:device_poll:{digest}`` | hash | last poll time and current interval (``slow_down``) |
+| ``as:device_decision:{digest}`` | string | the user's approve/deny, set once |
+| ``as:rate:{key}:{window}`` | string | rate-limit counters (logins, user codes, SSO starts) |
 | ``audit`` | stream | every administrative and security event |
 
 Tokens, codes and device codes appear only as keyed digests.
