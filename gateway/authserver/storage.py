@@ -4,9 +4,9 @@
 |---|---|---|
 | ``client:{id}`` | hash | the client (shared with the gateway's governance) |
 | ``as:clients`` | set | ids of clients this server manages |
-| ``as:user:{username}`` | hash | user: ``sub``, ``password_hash`` (local users), ``sso``, ``sso_sub`` (SSO users) |
+| ``as:user:{username}`` | hash | ``sub``; ``password_hash`` (local), ``sso``/``sso_sub`` (SSO) |
 | ``as:sso:{issuer}|{sub}`` | string | username mapped to an SSO subject |
-| ``as:sso_state:{digest}`` | string | an SSO login in progress (state, nonce, PKCE verifier), 600 s |
+| ``as:sso_state:{digest}`` | string | an SSO login in progress (nonce, PKCE verifier), 600 s |
 | ``as:session:{digest}`` | string | a browser session (user, auth time, method), 8 h |
 | ``as:authz:{digest}`` | string | a pending consent request (JSON), 600 s |
 | ``as:signing_keys`` | hash | RFC 9068 signing keys (private keys AES-GCM encrypted) |
