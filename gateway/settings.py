@@ -35,15 +35,17 @@ class Settings:
     admin_listen: str = field(default="127.0.0.1:9090", metadata=_doc(
         "host:port of the operator listener: `/metrics`, `/healthz`, `/readyz`"))
     redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata=_doc(
-        "Redis (or Valkey) URL; `rediss://` for TLS"))
+        "Redis (or Valkey) URL; `rediss://` for TLS; "
+        "`redis+sentinel://host:26379[,host:26379]/service[/db]` for Redis Sentinel"))
     key_prefix: str = field(default="gw:", metadata=_doc(
         "prefix of every Redis key the project writes"))
     policies: str = field(default="policies/", metadata=_doc(
         "a policy file, or a folder of `*.yaml` policy files"))
     validator: str = field(default="auto", metadata=_doc(
-        "`introspection`, `jwt`, `anaplan`, or `auto` (introspection when "
+        "`introspection`, `jwt`, `anaplan`, `builtin`, or `auto` (introspection when "
         "`GATEWAY_INTROSPECTION_URL` is set, else jwt when `GATEWAY_JWKS_URL` is set, "
-        "else anaplan when `GATEWAY_ANAPLAN_VALIDATE_URL` is set)"))
+        "else anaplan when `GATEWAY_ANAPLAN_VALIDATE_URL` is set, else builtin when "
+        "`GATEWAY_ISSUER` is set)"))
     introspection_url: str = field(default="", metadata=_doc(
         "RFC 7662 endpoint of an external authorization server"))
     introspection_client_id: str = field(default="", metadata=_doc(
