@@ -45,7 +45,7 @@ class EmbeddedRedis:
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
-        self._dir = tempfile.mkdtemp(prefix="oauth-gateway-redis-")
+        self._dir = ""
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -53,6 +53,8 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, within: float = 10.0) -> None:
+        """Start (again, after :meth:`stop`, on the same port) and wait for PONG."""
+        self._dir = tempfile.mkdtemp(prefix="oauth-gateway-redis-")
         self.proc = subprocess.Popen(
             [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", self._dir, "--loglevel", "warning"],
@@ -79,4 +81,5 @@ class EmbeddedRedis:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)

@@ -13,9 +13,7 @@ good; any other answer, or one we cannot read, is :class:`ValidatorUnavailable`.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import random
 import re
 import time
 from typing import Any
@@ -23,6 +21,7 @@ from typing import Any
 import aiohttp
 
 from .base import TokenInfo, ValidatorUnavailable
+from .retry import RetryPolicy
 
 DEFAULT_URL = "https://auth.anaplan.com/token/validate"
 DEFAULT_SCOPES = frozenset({"anaplan:read", "anaplan:write"})
@@ -52,40 +51,22 @@ class AnaplanValidator:
         self._session = session
         self._url = url
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 1.0))
-        self._retries = max(0, retries)
-        self._backoff = backoff
+        self._retry = RetryPolicy(retries, backoff)
         self._scopes = frozenset(default_scopes)
 
     async def validate(self, token: str) -> TokenInfo:
         if not _TOKEN_CHARS.fullmatch(token):
             return TokenInfo.inactive()
-        last = "no attempt made"
-        for attempt in range(self._retries + 1):
-            if attempt:
-                # full jitter keeps a fleet of replicas from retrying in lockstep
-                await asyncio.sleep(random.uniform(0, self._backoff * 2 ** (attempt - 1)))
-            try:
-                async with self._session.get(
-                    self._url,
-                    headers={"Authorization": f"AnaplanAuthToken {token}",
-                             "Accept": "application/json"},
-                    timeout=self._timeout,
-                    allow_redirects=False,
-                ) as resp:
-                    if resp.status >= 500:
-                        last = f"Anaplan token validation answered {resp.status}"
-                        continue
-                    if resp.status in (401, 403):
-                        return TokenInfo.inactive()
-                    if resp.status != 200:
-                        raise ValidatorUnavailable(
-                            f"Anaplan token validation answered {resp.status}")
-                    body = await resp.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                last = f"Anaplan token validation unreachable ({type(exc).__name__})"
-                continue
-            return self._parse(body)
-        raise ValidatorUnavailable(last)
+        status, body = await self._retry.fetch(lambda: self._session.get(
+            self._url,
+            headers={"Authorization": f"AnaplanAuthToken {token}", "Accept": "application/json"},
+            timeout=self._timeout, allow_redirects=False,
+        ), what="Anaplan token validation")
+        if status in (401, 403):
+            return TokenInfo.inactive()
+        if status != 200:
+            raise ValidatorUnavailable(f"Anaplan token validation answered {status}")
+        return self._parse(body)
 
     def _parse(self, body: bytes) -> TokenInfo:
         try:

@@ -10,16 +10,15 @@ and every failure ends in :class:`ValidatorUnavailable`, never in "inactive".
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import random
 from typing import Any
 from urllib.parse import quote_plus
 
 import aiohttp
 
 from .base import TokenInfo, ValidatorUnavailable, parse_scopes
+from .retry import RetryPolicy
 
 
 class IntrospectionClient:
@@ -38,36 +37,18 @@ class IntrospectionClient:
             pair = f"{quote_plus(client_id)}:{quote_plus(client_secret)}".encode()
             self._headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 1.0))
-        self._retries = max(0, retries)
-        self._backoff = backoff
+        self._retry = RetryPolicy(retries, backoff)
 
     async def validate(self, token: str) -> TokenInfo:
-        last = "no attempt made"
-        for attempt in range(self._retries + 1):
-            if attempt:
-                # full jitter keeps a fleet of replicas from retrying in lockstep
-                await asyncio.sleep(random.uniform(0, self._backoff * 2 ** (attempt - 1)))
-            try:
-                async with self._session.post(
-                    self._url,
-                    data={"token": token, "token_type_hint": "access_token"},
-                    headers=self._headers,
-                    timeout=self._timeout,
-                    allow_redirects=False,
-                ) as resp:
-                    if resp.status >= 500:
-                        last = f"introspection endpoint answered {resp.status}"
-                        continue
-                    if resp.status != 200:
-                        raise ValidatorUnavailable(
-                            f"introspection endpoint answered {resp.status}; "
-                            "check the gateway's introspection credentials")
-                    body = await resp.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                last = f"introspection endpoint unreachable ({type(exc).__name__})"
-                continue
-            return self._parse(body)
-        raise ValidatorUnavailable(last)
+        status, body = await self._retry.fetch(lambda: self._session.post(
+            self._url, data={"token": token, "token_type_hint": "access_token"},
+            headers=self._headers, timeout=self._timeout, allow_redirects=False,
+        ), what="introspection endpoint")
+        if status != 200:
+            raise ValidatorUnavailable(
+                f"introspection endpoint answered {status}; check the gateway's introspection "
+                "credentials")
+        return self._parse(body)
 
     @staticmethod
     def _parse(body: bytes) -> TokenInfo:
