@@ -9,6 +9,11 @@ When keyspace notifications are on, ``__keyspace@{db}__:{prefix}client:*`` tells
 changes made with plain ``redis-cli``. After any disconnection the subscriber
 re-subscribes, re-reads every client record and empties the local token layer, since
 messages published meanwhile are lost (pub/sub is fire-and-forget).
+
+On Redis Cluster the subscription is held on one node, which is enough: a PUBLISH on
+any node reaches the subscribers on every node. Keyspace notifications are not used
+there: each node reports only its own keys, and the gateway leaves a cluster's
+configuration alone; the registry's polling bounds a ``redis-cli`` change under 1 s.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from . import store
 from .cache import TokenCache
 from .clients import ClientRegistry
 from .metrics import GatewayMetrics
@@ -55,9 +61,10 @@ class EventSubscriber:
         self.registry = registry
         self.cache = cache
         self.metrics = metrics
-        self.keyspace = keyspace
+        cluster = store.is_cluster(redis)
+        self.keyspace = keyspace and not cluster  # node-local in a cluster (module docstring)
         self.channel = f"{key_prefix}events"
-        db = redis.connection_pool.connection_kwargs.get("db", 0)
+        db = 0 if cluster else redis.connection_pool.connection_kwargs.get("db", 0)
         self.keyspace_pattern = f"__keyspace@{db}__:{key_prefix}client:*"
         self._keyspace_prefix = f"__keyspace@{db}__:{key_prefix}client:"
         self.connected = asyncio.Event()
@@ -69,6 +76,10 @@ class EventSubscriber:
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
+                if store.is_cluster(self.redis):
+                    # a cluster client learns which node holds which slot on a command
+                    # (again after losing a node); the subscription is placed by that map
+                    await self.redis.ping()
                 await pubsub.subscribe(self.channel)
                 if self.keyspace and await enable_keyspace_notifications(self.redis):
                     await pubsub.psubscribe(self.keyspace_pattern)

@@ -1,17 +1,24 @@
 """Prometheus metrics, one ``CollectorRegistry`` per app (CONTRACT.md fixes the names).
 
 Label children are bound once and kept (``prometheus_client``'s ``.labels()`` lookup
-is the largest per-request cost, see PERF_NOTES.md). Every label value is bounded:
-routes come from the policy, methods from a fixed list, statuses are integers, and
-client ids are capped (:data:`MAX_CLIENT_LABELS`, then ``other``). No label ever
-carries a token or a raw path.
+is the largest per-request cost, see PERF_NOTES.md). The families updated on every
+request are :class:`LoopCounter` / :class:`LoopHistogram`: plain numbers without
+``prometheus_client``'s per-update lock, which cost a third of the pipeline's own work
+(docs/PERFORMANCE.md). Every label value is bounded: routes come from the policy,
+methods from a fixed list, statuses are integers, and client ids are capped
+(:data:`MAX_CLIENT_LABELS`, then ``other``). No label ever carries a token or a raw path.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .policy import HTTP_METHODS
 
@@ -28,24 +35,114 @@ NO_ROUTE = "(none)"
 _LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
 
 
+class CounterChild:
+    """One labelled counter: a plain float."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class HistogramChild:
+    """One labelled histogram: a count per bucket (not cumulative) and the sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: bound >= value
+        self.sum += value
+
+
+class LoopCounter(Collector):
+    """A counter family for the event loop's thread.
+
+    Updated only from the event loop, and read by ``/metrics`` on that same loop, so it
+    needs no lock: an update is one addition.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], *,
+                 registry: CollectorRegistry) -> None:
+        # the attribute names of prometheus_client's own metrics, for tools that read them
+        self._name, self._documentation, self._labelnames = name, documentation, labelnames
+        self._children: dict[tuple[str, ...], CounterChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> CounterChild:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = CounterChild()
+        return child
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(list(values), child.value)
+        yield family
+
+
+class LoopHistogram(Collector):
+    """A histogram family for the event loop's thread (see :class:`LoopCounter`)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], *,
+                 buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self._name, self._documentation, self._labelnames = name, documentation, labelnames
+        self.bounds = tuple(buckets)
+        self._les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
+        self._children: dict[tuple[str, ...], HistogramChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> HistogramChild:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = HistogramChild(self.bounds)
+        return child
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for values, child in list(self._children.items()):
+            cumulative, buckets = 0, []
+            for le, count in zip(self._les, child.counts, strict=True):
+                cumulative += count
+                buckets.append((le, float(cumulative)))
+            family.add_metric(list(values), buckets, child.sum)
+        yield family
+
+
 class GatewayMetrics:
     """The gateway's metric families and their pre-bound children."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("gateway_requests", "Requests answered by the proxy listener.",
-                                ["route", "method", "status"], registry=r)
-        self.request_duration = Histogram(
+        # updated on every request: lock-free
+        self.requests = LoopCounter(
+            "gateway_requests", "Requests answered by the proxy listener.",
+            ["route", "method", "status"], registry=r)
+        self.request_duration = LoopHistogram(
             "gateway_request_duration_seconds", "Time from request to response headers.",
             ["route"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.upstream_duration = Histogram(
+        self.upstream_duration = LoopHistogram(
             "gateway_upstream_duration_seconds", "Time the upstream took to answer headers.",
             ["route"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.auth_decisions = Counter(
+        self.auth_decisions = LoopCounter(
             "gateway_auth_decisions", "Authentication and authorization decisions.",
             ["client_id", "decision"], registry=r)
-        self.cache_requests = Counter(
+        self.cache_requests = LoopCounter(
             "gateway_token_cache_requests", "Token cache look-ups by layer and result.",
             ["layer", "result"], registry=r)
         self.introspections = Counter(
@@ -76,9 +173,9 @@ class GatewayMetrics:
                                       for o in ("active", "inactive", "error")}
         #: families other parts register once in this registry (e.g. the built-in server)
         self.extras: dict[str, Any] = {}
-        self._route_children: dict[str, tuple[Any, Any]] = {}
-        self._request_children: dict[tuple[str, str, int], Any] = {}
-        self._decision_children: dict[tuple[str, str], Any] = {}
+        self._route_children: dict[str, tuple[HistogramChild, HistogramChild]] = {}
+        self._request_children: dict[tuple[str, str, int], CounterChild] = {}
+        self._decision_children: dict[tuple[str, str], CounterChild] = {}
         self.bind_routes([NO_ROUTE])
 
     def bind_routes(self, routes: list[str]) -> None:

@@ -9,19 +9,23 @@
   upstream's.
 - The client's token travels in the scheme the upstream expects, or is stripped or
   replaced, per upstream policy.
-- Nothing is retried: a failed connect answers 502, no response headers within
-  ``upstream_timeout`` answers 504, with JSON bodies.
+- Nothing is retried: a failed connect answers 502, an upstream silent for
+  ``upstream_timeout`` seconds (the upstream's own ``timeout`` when its policy sets
+  one) answers 504 before its headers, with JSON bodies, and breaks the stream after.
+
+Every request passes here, so per-request work is kept to what the request needs:
+the upstream's timeouts and ``Host`` are worked out once, and the header sets are
+only copied when a ``Connection`` header names more to drop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .errors import BadGateway, GatewayError, GatewayTimeout, PayloadTooLarge
@@ -34,18 +38,21 @@ HOP_BY_HOP = frozenset({
 })
 # never copied from the client: we set them, or they are ours to decide
 _REQUEST_DROP = HOP_BY_HOP | {"host", "authorization", "x-request-id", "content-length"}
+# an untrusted client's forwarding claims are replaced, never extended
+_UNTRUSTED_DROP = _REQUEST_DROP | {"forwarded", "x-forwarded-for", "x-forwarded-proto",
+                                   "x-forwarded-host"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 _CHUNK = 64 * 1024
 
 
-def _connection_tokens(headers: CIMultiDict[str] | object) -> set[str]:
-    names: set[str] = set()
-    getall = getattr(headers, "getall", None)
-    if getall is None:
-        return names
-    for value in getall("Connection", []):
-        names.update(v.strip().lower() for v in value.split(",") if v.strip())
-    return names
+def _dropped(headers: CIMultiDictProxy[str], always: frozenset[str]) -> frozenset[str]:
+    """``always``, plus every header the ``Connection`` header names."""
+    if "Connection" not in headers:
+        return always
+    names = {v.strip().lower() for value in headers.getall("Connection")
+             for v in value.split(",")}
+    names.discard("")
+    return always | names
 
 
 class _BodyTooLarge(Exception):
@@ -84,32 +91,43 @@ class UpstreamForwarder:
         self.upstream_timeout = upstream_timeout
         self.max_body_size = max_body_size
         self.trusted_proxies = trusted_proxies
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=connect_timeout, sock_connect=connect_timeout,
-            sock_read=upstream_timeout)
+        self._connect_timeout = connect_timeout
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self._hosts: dict[str, str] = {}
+
+    def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
+        """Connect within the connect timeout; 504 when the upstream is silent for
+        ``seconds`` (aiohttp's ``sock_read``, cheaper than a deadline of our own)."""
+        timeout = self._timeouts.get(seconds)
+        if timeout is None:
+            timeout = self._timeouts[seconds] = aiohttp.ClientTimeout(
+                total=None, connect=self._connect_timeout,
+                sock_connect=self._connect_timeout, sock_read=seconds)
+        return timeout
 
     def upstream_headers(self, request: web.Request, upstream: Upstream,
                          token: PresentedToken, request_id: str) -> CIMultiDict[str]:
         """The headers the upstream receives."""
-        drop = _REQUEST_DROP | _connection_tokens(request.headers)
-        out: CIMultiDict[str] = CIMultiDict()
-        for name, value in request.headers.items():
-            if name.lower() not in drop:
-                out.add(name, value)
+        headers = request.headers
+        extend = self.trusted_proxies > 0 and "X-Forwarded-For" in headers
+        drop = _dropped(headers, _REQUEST_DROP if extend else _UNTRUSTED_DROP)
+        out = CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop])
         peer = request.remote or ""
-        # several fields are one list (RFC 9110 section 5.3); the last proxy's is the last
-        prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
-        if self.trusted_proxies > 0 and prior:
+        if extend:
+            # several fields are one list (RFC 9110 section 5.3); the last proxy's is the last
+            prior = ", ".join(headers.getall("X-Forwarded-For"))
             out["X-Forwarded-For"] = f"{prior}, {peer}"
-        else:  # an untrusted client's claim is replaced, never extended
+            out.setdefault("X-Forwarded-Proto", request.scheme)
+            out.setdefault("X-Forwarded-Host", request.host)
+        else:
             out["X-Forwarded-For"] = peer
-            out.popall("Forwarded", None)
             out["X-Forwarded-Proto"] = request.scheme
             out["X-Forwarded-Host"] = request.host
-        out.setdefault("X-Forwarded-Proto", request.scheme)
-        out.setdefault("X-Forwarded-Host", request.host)
         out["X-Request-Id"] = request_id
-        out["Host"] = upstream.host
+        host = self._hosts.get(upstream.url)
+        if host is None:
+            host = self._hosts[upstream.url] = upstream.host
+        out["Host"] = host
         if upstream.credentials == "forward":
             out["Authorization"] = f"{upstream.scheme} {token.value}"
         elif upstream.credentials == "replace":
@@ -135,11 +153,10 @@ class UpstreamForwarder:
         started = time.perf_counter()
         limit = upstream.timeout or self.upstream_timeout
         try:
-            async with asyncio.timeout(limit):
-                resp = await self.session.request(
-                    request.method, url, headers=headers, data=data, allow_redirects=False,
-                    timeout=self._timeout, auto_decompress=False, skip_auto_headers=(
-                        "Accept-Encoding", "User-Agent", "Content-Type"))
+            resp = await self.session.request(
+                request.method, url, headers=headers, data=data, allow_redirects=False,
+                timeout=self._timeout(limit), auto_decompress=False, skip_auto_headers=(
+                    "Accept-Encoding", "User-Agent", "Content-Type"))
         except (_BodyTooLarge, aiohttp.ClientError, OSError, TimeoutError) as exc:
             if data is not None and data.exceeded:
                 raise PayloadTooLarge(
@@ -165,11 +182,9 @@ class UpstreamForwarder:
 
     async def _relay(self, request: web.Request, resp: aiohttp.ClientResponse,
                      request_id: str) -> web.StreamResponse:
-        drop = _RESPONSE_DROP | _connection_tokens(resp.headers)
+        drop = _dropped(resp.headers, _RESPONSE_DROP)
         out = web.StreamResponse(status=resp.status, reason=resp.reason)
-        for name, value in resp.headers.items():
-            if name.lower() not in drop:
-                out.headers.add(name, value)
+        out.headers.extend([(k, v) for k, v in resp.headers.items() if k.lower() not in drop])
         out.headers["X-Request-Id"] = request_id
         if resp.content_length is not None and request.method != "HEAD" \
                 and resp.status not in (204, 304):

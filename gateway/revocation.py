@@ -68,13 +68,13 @@ async def revoke_token(redis: Redis, settings: Settings, token: str) -> Revocati
     exp = _jwt_exp(token)
     pin = max(settings.cache_max_ttl,
               int(exp - time.time()) + 60 if exp is not None else DEFAULT_PIN)
-    async with redis.pipeline(transaction=True) as pipe:
+    async with store.pipeline(redis) as pipe:
         pipe.set(f"{settings.key_prefix}token:{digest}", '{"active":false,"revoked":true}',
                  ex=max(1, pin))
         pipe.xadd(f"{settings.key_prefix}audit", {
             "action": "token.revoked", "token_digest": digest[:12], "at": str(int(time.time())),
             "authorization_server": at_server}, maxlen=100_000, approximate=True)
-        pipe.publish(f"{settings.key_prefix}events",
-                     json.dumps({"type": "token_revoked", "digest": digest}))
-        await pipe.execute()
+        await store.execute_and_publish(
+            redis, pipe, f"{settings.key_prefix}events",
+            [json.dumps({"type": "token_revoked", "digest": digest})])
     return RevocationResult(digest, at_server, pin)

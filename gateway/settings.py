@@ -36,7 +36,8 @@ class Settings:
         "host:port of the operator listener: `/metrics`, `/healthz`, `/readyz`"))
     redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata=_doc(
         "Redis (or Valkey) URL; `rediss://` for TLS; "
-        "`redis+sentinel://host:26379[,host:26379]/service[/db]` for Redis Sentinel"))
+        "`redis+sentinel://host:26379[,host:26379]/service[/db]` for Redis Sentinel; "
+        "`redis+cluster://host:6379[,host:6379]` for Redis Cluster (`rediss+` for TLS)"))
     key_prefix: str = field(default="gw:", metadata=_doc(
         "prefix of every Redis key the project writes"))
     policies: str = field(default="policies/", metadata=_doc(
@@ -239,9 +240,10 @@ def _validate(s: Settings) -> None:
             "GATEWAY_VALIDATOR: expected auto, introspection, jwt, anaplan or builtin, "
             f"got {s.validator!r}")
     if not s.redis_url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://",
-                                   "rediss+sentinel://")):
-        raise SettingsError("GATEWAY_REDIS_URL: expected a redis://, rediss://, unix:// or "
-                            "redis+sentinel:// URL")
+                                   "rediss+sentinel://", "redis+cluster://",
+                                   "rediss+cluster://")):
+        raise SettingsError("GATEWAY_REDIS_URL: expected a redis://, rediss://, unix://, "
+                            "redis+sentinel:// or redis+cluster:// URL")
     for name in ("local_cache_ttl", "cache_max_ttl", "negative_cache_ttl", "local_cache_size",
                  "max_body_size", "max_auth_header", "client_refresh_interval", "workers"):
         if getattr(s, name) <= 0:

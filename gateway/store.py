@@ -4,22 +4,32 @@ The client is built once per process by the app factory and handed to every
 component (redis-py style: collaborators are passed in). Retries are bounded and
 short: a request must not wait long on a Redis that is gone, and the client
 reconnects by itself once it is back.
+
+On Redis Cluster the client is a :class:`~redis.asyncio.cluster.RedisCluster`, typed
+as :class:`~redis.asyncio.Redis` like the others: it takes the same commands, and
+components keep one type. What a cluster does differently goes through the helpers
+here: a MULTI/EXEC transaction and a multi-key command must stay within one hash slot,
+and a cluster pipeline carries no PUBLISH (:func:`pipeline`,
+:func:`execute_and_publish`, :func:`is_cluster`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 _OPTIONS: dict[str, Any] = {
     "decode_responses": True,
@@ -30,8 +40,9 @@ _OPTIONS: dict[str, Any] = {
 }
 
 
-def _retry() -> Retry:
-    return Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
+def _retry() -> AsyncRetry:
+    # one quick retry: a request must not wait long on a Redis that is gone
+    return AsyncRetry(ExponentialBackoff(cap=0.25, base=0.05), 1)
 
 
 def connect(url: str) -> Redis:
@@ -42,20 +53,78 @@ def connect(url: str) -> Redis:
       (``rediss+sentinel://`` for TLS): the current master of ``service``, found through
       Redis Sentinel and followed across failovers. The password is the data nodes';
       ``?sentinel_password=...`` authenticates to the sentinels.
+    - ``redis+cluster://[[user]:password@]host:port[,host:port...][/]``
+      (``rediss+cluster://`` for TLS): a Redis Cluster, discovered from any of the nodes
+      named and followed across resharding and failovers. Database 0 only.
     """
     parts = urlsplit(url)
     if parts.scheme in ("redis+sentinel", "rediss+sentinel"):
         return _sentinel(url)
+    if parts.scheme in ("redis+cluster", "rediss+cluster"):
+        return _cluster(url)
     return Redis.from_url(url, retry=_retry(), max_connections=512, **_OPTIONS)
+
+
+def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
+    """``host[:port][,host[:port]...]`` after any ``user:password@``; IPv6 in brackets."""
+    hosts: list[tuple[str, int]] = []
+    for item in netloc.rpartition("@")[2].split(","):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or host.endswith(":") or item.endswith("]"):  # no port, or bare IPv6
+            host, port = item, ""
+        hosts.append((host.strip("[]"), int(port or default_port)))
+    return hosts
+
+
+def _credentials(url: str) -> tuple[str | None, str | None]:
+    """``(username, password)`` of ``url``, percent-decoded."""
+    parts = urlsplit(url)
+    return (unquote(parts.username) if parts.username else None,
+            unquote(parts.password) if parts.password else None)
+
+
+class _Cluster(RedisCluster):
+    """A :class:`RedisCluster` that reports "no node answers" as a ConnectionError.
+
+    redis-py raises a bare :class:`RedisClusterException` when it cannot (re)discover
+    the cluster, at start or after losing a node; the gateway's outage handling
+    (503 with Retry-After, the last client record read, reconnect with backoff) is
+    keyed on :class:`RedisError`, as for one server that is down.
+    """
+
+    async def initialize(self, additional_startup_nodes_info: list[tuple[str, int]] | None
+                         = None, last_failed_node_name: str | None = None) -> RedisCluster:
+        try:
+            return await super().initialize(additional_startup_nodes_info,
+                                            last_failed_node_name)
+        except RedisClusterException as exc:
+            raise RedisConnectionError(str(exc)) from exc
+
+
+def _cluster(url: str) -> Redis:
+    parts = urlsplit(url)
+    hosts = _hosts(parts.netloc, 6379)
+    if not hosts:
+        raise ValueError("a redis+cluster:// URL needs at least one host:port")
+    if parts.path.strip("/"):
+        raise ValueError("a redis+cluster:// URL takes no database: a cluster has only "
+                         "database 0")
+    if parts.query:
+        raise ValueError("a redis+cluster:// URL takes no query parameters")
+    username, password = _credentials(url)
+    client = _Cluster(startup_nodes=[ClusterNode(host, port) for host, port in hosts],
+                      username=username, password=password,
+                      ssl=parts.scheme == "rediss+cluster",
+                      retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+                      max_connections=512, **_OPTIONS)
+    return cast(Redis, client)  # same commands; see the module docstring
 
 
 def _sentinel(url: str) -> Redis:
     parts = urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    hosts: list[tuple[str, int]] = []
-    for item in netloc.split(","):
-        host, _, port = item.rpartition(":") if ":" in item else (item, "", "26379")
-        hosts.append((host.strip("[]"), int(port or 26379)))
+    hosts = _hosts(parts.netloc, 26379)
     path = [p for p in parts.path.split("/") if p]
     if not path:
         raise ValueError("a redis+sentinel:// URL needs the service name as its path")
@@ -66,11 +135,48 @@ def _sentinel(url: str) -> Redis:
         sentinel_kwargs["password"] = query["sentinel_password"][0]
     tls = parts.scheme.startswith("rediss")
     sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, ssl=tls)  # type: ignore[no-untyped-call]
-    client: Redis = sentinel.master_for(
-        service, db=db, username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-        retry=_retry(), max_connections=512, **_OPTIONS)
+    username, password = _credentials(url)
+    client: Redis = sentinel.master_for(service, db=db, username=username, password=password,
+                                        retry=_retry(), max_connections=512, **_OPTIONS)
     return client
+
+
+def is_cluster(redis: Redis) -> bool:
+    """Whether ``redis`` is a Redis Cluster client (see :func:`connect`)."""
+    return isinstance(redis, RedisCluster)
+
+
+def pipeline(redis: Redis, *, transaction: bool = True) -> Pipeline:
+    """A pipeline for writes that belong together but touch several keys.
+
+    On one server it is what ``redis.pipeline(transaction=...)`` gives: MULTI/EXEC,
+    all applied or none. In a cluster a transaction cannot span hash slots, so it is a
+    plain pipeline there: each command applies atomically, in order per node, but a
+    failure midway may leave some of them applied. A transaction on keys of one slot
+    (WATCH included) is fine in a cluster too: use ``redis.pipeline()`` for that.
+    """
+    return redis.pipeline(transaction=transaction and not is_cluster(redis))
+
+
+async def execute_and_publish(redis: Redis, pipe: Pipeline, channel: str,
+                              messages: Sequence[str]) -> None:
+    """Execute ``pipe``, then let every subscriber of ``channel`` hear ``messages``.
+
+    On one server the PUBLISHes ride in the pipeline itself (inside its MULTI when it
+    is a transaction): one round trip, and nobody hears of a change that was not made.
+    A cluster pipeline refuses PUBLISH and sends its commands to their nodes
+    concurrently, so a notice sent with it could overtake the write it announces and a
+    replica re-read the old value: there they are published once the writes are
+    acknowledged. PUBLISH on any cluster node reaches the subscribers on every node.
+    """
+    if not is_cluster(redis):
+        for message in messages:
+            pipe.publish(channel, message)
+        await pipe.execute()
+        return
+    await pipe.execute()
+    for start in range(0, len(messages), 64):  # bounded: each one holds a connection
+        await asyncio.gather(*(redis.publish(channel, m) for m in messages[start:start + 64]))
 
 
 async def digest_key(redis: Redis, prefix: str, configured: str) -> bytes:

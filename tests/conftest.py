@@ -246,17 +246,19 @@ AuthGatewayFactory = Callable[..., Awaitable[AuthHarness]]
 @pytest.fixture
 async def make_auth_gateway(aiohttp_client: AiohttpClient, redis_server: RedisServer,
                             redis: Redis, tmp_path: Path, upstream: Upstream
-                            ) -> AuthGatewayFactory:
+                            ) -> AsyncIterator[AuthGatewayFactory]:
     """Start a gateway whose built-in authorization server issues the tokens it checks.
 
     The issuer is the gateway's own loopback URL (``/oauth/*`` on the proxy listener).
-    ``auth`` is an :class:`AuthAdmin` on the same Redis (what the CLI uses)."""
+    ``auth`` is an :class:`AuthAdmin` on the same Redis (what the CLI uses): the
+    session's server, or the one ``redis_url=`` names."""
+    own_clients: list[Redis] = []
 
     async def factory(policy: str | None = None, **overrides: Any) -> AuthHarness:
         from gateway.authserver.admin import AuthAdmin
         from gateway.authserver.metrics import AuthServerMetrics
         from gateway.metrics import GatewayMetrics
-        from gateway.store import digest_key
+        from gateway.store import connect, digest_key
         from gateway.tokens import TokenDigester
 
         port = free_port()
@@ -271,9 +273,15 @@ async def make_auth_gateway(aiohttp_client: AiohttpClient, redis_server: RedisSe
         proxy, admin_app = create_apps(settings, log_stream=stream)
         client = await aiohttp_client(proxy, server_kwargs={"port": port})
         admin_client = await aiohttp_client(admin_app)
-        key = await digest_key(redis, settings.key_prefix, settings.token_digest_key)
-        auth = AuthAdmin(redis, settings, TokenDigester(key),
+        admin_redis = redis
+        if settings.redis_url != redis_server.url:  # another topology (Sentinel, Cluster)
+            admin_redis = connect(settings.redis_url)
+            own_clients.append(admin_redis)
+        key = await digest_key(admin_redis, settings.key_prefix, settings.token_digest_key)
+        auth = AuthAdmin(admin_redis, settings, TokenDigester(key),
                          AuthServerMetrics(GatewayMetrics().registry))
         return AuthHarness(client, admin_client, proxy[GATEWAY], stream, issuer, auth)
 
-    return factory
+    yield factory
+    for own in own_clients:
+        await own.aclose()

@@ -271,7 +271,7 @@ async def test_redis_never_holds_a_token(make_gateway: GatewayFactory, auth_serv
     await raw.aclose()
     blob = b"\n".join(x if isinstance(x, bytes) else repr(x).encode() for x in dump)
     assert any(k.startswith(b"gw:token:") for k in dump)
-    assert any(k.startswith(b"gw:usage:tok:app1:") for k in dump)
+    assert any(k.startswith(b"gw:usage:tok:{app1}:") for k in dump)
     assert TOKEN.encode() not in blob and b"bad-token-123" not in blob
 
 

@@ -281,7 +281,7 @@ async def test_client_usage_counts_in_redis_hold_no_token(make_gateway: GatewayF
     async def check() -> None:
         await usage.flush()
         counted = 0
-        async for k in redis.scan_iter("gw:usage:req:appU:*"):
+        async for k in redis.scan_iter("gw:usage:req:{appU}:*"):
             counted += int(await redis.get(k) or 0)
         assert counted == 2
 

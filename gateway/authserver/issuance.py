@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .. import store as gwstore
 from .errors import InvalidGrant, InvalidScope
 from .hashing import new_token
 from .metrics import AuthServerMetrics
@@ -141,13 +142,14 @@ class TokenIssuer:
         if not digests:
             return
         p = self.store.p
-        async with self.store.redis.pipeline(transaction=False) as pipe:
+        redis = self.store.redis
+        async with redis.pipeline(transaction=False) as pipe:
             for digest in digests:
                 pipe.set(f"{p}token:{digest}", '{"active":false,"revoked":true}',
                          ex=self.cache_pin_ttl)
-                pipe.publish(f"{p}events", json.dumps({"type": "token_revoked",
-                                                       "digest": digest}))
-            await pipe.execute()
+            await gwstore.execute_and_publish(
+                redis, pipe, f"{p}events",
+                [json.dumps({"type": "token_revoked", "digest": d}) for d in digests])
 
     async def revoke_token(self, client: OAuthClient, token: str, hint: str | None) -> None:
         """RFC 7009 section 2.1. A refresh token ends its grant (and so the grant's access

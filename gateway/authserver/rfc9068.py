@@ -41,7 +41,8 @@ retired key stays published for ``RETENTION`` after its successor took over, the
 longest access-token lifetime a :class:`~.models.TokenPolicy` allows plus a margin,
 and is then dropped. :meth:`SigningKeys.rotate` makes a key that signs at once.
 Replicas re-read the keys every ``RELOAD_INTERVAL`` seconds; changes go through a
-WATCH/MULTI transaction on the hash, so two replicas never both rotate.
+WATCH/MULTI transaction on the hash, so two replicas never both rotate (one key, so one
+hash slot: the same transaction on Redis Cluster).
 """
 
 from __future__ import annotations

@@ -25,7 +25,9 @@
 | ``as:rate:{key}:{window}`` | string | rate-limit counters (logins, user codes, SSO starts) |
 | ``audit`` | stream | every administrative and security event |
 
-Tokens, codes and device codes appear only as keyed digests.
+Tokens, codes and device codes appear only as keyed digests. Writes that span keys are
+MULTI/EXEC transactions on one server and plain pipelines on Redis Cluster, where keys of
+different hash slots cannot share a transaction (:func:`gateway.store.pipeline`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from .. import store as gwstore
 from ..tokens import TokenDigester
 from .models import Grant, OAuthClient, TokenPolicy
 
@@ -78,20 +81,20 @@ class AuthStore:
     async def save_client(self, client: OAuthClient, *, extra: dict[str, str] | None = None
                           ) -> None:
         mapping: dict[Any, Any] = {**client.to_fields(), **(extra or {})}
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with gwstore.pipeline(self.redis) as pipe:
             pipe.hset(self.client_key(client.client_id), mapping=mapping)
             pipe.sadd(f"{self.p}as:clients", client.client_id)
-            pipe.publish(f"{self.p}events",
-                         json.dumps({"type": "client", "client_id": client.client_id}))
-            await pipe.execute()
+            await gwstore.execute_and_publish(
+                self.redis, pipe, f"{self.p}events",
+                [json.dumps({"type": "client", "client_id": client.client_id})])
 
     async def delete_client(self, client_id: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with gwstore.pipeline(self.redis) as pipe:
             pipe.delete(self.client_key(client_id))
             pipe.srem(f"{self.p}as:clients", client_id)
-            pipe.publish(f"{self.p}events", json.dumps({"type": "client",
-                                                        "client_id": client_id}))
-            await pipe.execute()
+            await gwstore.execute_and_publish(
+                self.redis, pipe, f"{self.p}events",
+                [json.dumps({"type": "client", "client_id": client_id})])
 
     async def list_clients(self) -> list[OAuthClient]:
         ids = sorted(cast(set[str], await self.redis.smembers(f"{self.p}as:clients")))
@@ -117,7 +120,7 @@ class AuthStore:
     # -- grants --------------------------------------------------------------
 
     async def save_grant(self, grant: Grant) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with gwstore.pipeline(self.redis) as pipe:
             pipe.hset(f"{self.p}as:grant:{grant.grant_id}",
                       mapping=cast(dict[Any, Any], grant.to_fields()))
             pipe.sadd(f"{self.p}as:grants", grant.grant_id)
@@ -160,8 +163,11 @@ class AuthStore:
 
     async def save_token(self, kind: str, digest: str, record: dict[str, Any], ttl: int
                          ) -> None:
-        """``kind`` is ``at`` or ``rt``; the record is JSON with a TTL of the token's life."""
-        async with self.redis.pipeline(transaction=True) as pipe:
+        """``kind`` is ``at`` or ``rt``; the record is JSON with a TTL of the token's life.
+
+        Raises when either write fails, so a token whose record is not indexed under its
+        grant (and so would survive the grant's revocation) is never handed out."""
+        async with gwstore.pipeline(self.redis) as pipe:
             pipe.set(f"{self.p}as:{kind}:{digest}", json.dumps(record), ex=max(1, ttl))
             pipe.sadd(f"{self.p}as:grant_tokens:{record['grant_id']}", f"{kind}:{digest}")
             await pipe.execute()
@@ -172,7 +178,7 @@ class AuthStore:
 
     async def delete_tokens(self, members: Iterable[str]) -> None:
         keys = [f"{self.p}as:{m}" for m in members]
-        if keys:
+        if keys:  # a multi-key DEL: in a cluster, redis-py sends one per hash slot
             await self.redis.delete(*keys)
 
     async def spend_refresh(self, digest: str, ttl: int) -> bool:
@@ -201,7 +207,7 @@ class AuthStore:
 
     async def save_device(self, digest: str, record: dict[str, Any], ttl: int,
                           user_code: str | None = None) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with gwstore.pipeline(self.redis) as pipe:
             pipe.set(f"{self.p}as:device:{digest}", json.dumps(record), ex=max(1, ttl))
             if user_code:
                 pipe.set(f"{self.p}as:user_code:{user_code}", digest, ex=max(1, ttl))
@@ -228,7 +234,7 @@ class AuthStore:
     async def hit(self, key: str, window: int) -> int:
         """Count an event in a fixed window (rate limits); returns the count so far."""
         full = f"{self.p}as:rate:{key}:{int(time.time()) // window}"
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self.redis.pipeline(transaction=True) as pipe:  # one key: fine in a cluster
             pipe.incr(full)
             pipe.expire(full, window * 2)
             count, _ = await pipe.execute()

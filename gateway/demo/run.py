@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from aiohttp import web
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ..app import create_apps
 from ..embedded_redis import EmbeddedRedis, free_port
 from ..settings import Settings, load_settings, parse_hostport
+from ..store import connect
 from . import anaplan
 
 DEMO_USER = "demo"
@@ -90,11 +90,14 @@ def _listen(value: str, default_port: int) -> str:
 
 
 async def _redis_answers(url: str) -> bool:
-    client = Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
     try:
-        await client.ping()
+        client = connect(url)  # any URL the gateway takes: Sentinel, Cluster too
+    except ValueError:
+        return False
+    try:
+        await asyncio.wait_for(client.ping(), timeout=1.0)
         return True
-    except (RedisError, OSError):
+    except (RedisError, OSError, TimeoutError):
         return False
     finally:
         await client.aclose()
@@ -158,7 +161,7 @@ class Demo:
         from ..authserver.admin import AuthAdmin
         from ..authserver.metrics import AuthServerMetrics
         from ..metrics import GatewayMetrics
-        from ..store import connect, digest_key
+        from ..store import digest_key
         from ..tokens import TokenDigester
 
         redis = connect(settings.redis_url)

@@ -1,0 +1,56 @@
+"""``python -m gateway.bench`` in its smallest form: it runs and prints its table.
+
+Timings are the benchmark's business, not the test's: nothing here asserts a figure.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from gateway.bench.load import TokenPlan, Workload, parse_wrk, wrk_script
+
+
+def test_bench_prints_the_table_with_a_ratio() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.bench", "--duration", "1", "--connections", "4",
+         "--scenarios", "steady", "--generator", "asyncio"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "| scenario | bare req/s |" in out and "gateway/bare req/s" in out
+    row = next(line for line in out.splitlines() if line.startswith("| steady |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 11
+    assert re.fullmatch(r"\*\*\d+\.\d\d\*\*", cells[9]), row  # the ratio, measured
+    assert float(cells[1].replace(",", "")) > 0 and float(cells[5].replace(",", "")) > 0
+    assert "in-process layer hits" in out
+
+
+def test_wrk_script_sends_the_tokens_the_plan_names() -> None:
+    plan = TokenPlan("fresh", repeat=4, bad_every=5, base=7, suffix="s")
+    assert [plan.token(n) for n in (0, 3, 4, 16)] == ["t7.s", "t7.s", "t8.s", "x11.s"]
+    script = wrk_script(Workload("/2/0/x", plan))
+    assert 'local kind, count, rep, bad_every, base, suffix = "fresh", 1, 4,' in script
+    assert "function request()" in script
+    fixed = wrk_script(Workload("/2/0/upload", method="POST", upload=1024))
+    assert 'wrk.method = "POST"' in fixed and 'string.rep("x", 1024)' in fixed
+    assert "function request()" not in fixed  # one request, built once by wrk
+
+
+def test_wrk_output_is_read_in_milliseconds() -> None:
+    output = """Running 2s test @ http://127.0.0.1:1/2/0/x
+  1 threads and 32 connections
+  Latency Distribution
+     50%  812.00us
+     75%    1.20ms
+     90%    2.00ms
+     99%    1.05s
+  12000 requests in 2.00s, 3.1MB read
+  Non-2xx or 3xx responses: 3
+Requests/sec:   6000.00
+"""
+    result = parse_wrk(output, 2)
+    assert (result.requests, result.seconds, result.errors) == (12000, 2.0, 3)
+    assert (result.p50_ms, result.p99_ms) == (0.812, 1050.0)
