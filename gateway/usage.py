@@ -16,6 +16,10 @@ slots.
 Buckets expire after the window. Every 15 s each replica sums the window and
 publishes the gauges ``gateway_client_window_requests`` and
 ``gateway_client_window_distinct_tokens``.
+
+On one server (or Sentinel) a client's share of a flush, and of a report, is one Lua
+script call over its keys (one hash slot) instead of four or two commands: redis-py's
+cost is per command and per value it parses, and both tasks cover every active client.
 """
 
 from __future__ import annotations

@@ -12,10 +12,12 @@ measures:
                     itself as ``oauth-gateway serve``;
 - ``load.py``       the load: ``wrk`` when it is on PATH (a generated Lua script sets
                     each request's token), else a built-in asyncio generator;
-- ``scenarios.py``  steady, many-tokens, cold, bodies, scaling: bare then gateway, back
-                    to back, and the table of requests/s, p50, p99 and their ratio;
+- ``scenarios.py``  steady, many-tokens, cold, bodies, scaling: bare and gateway in
+                    alternating runs, and the table of requests/s, p50, p99, CPU time
+                    per request and their ratios;
 - ``memory.py``     RSS growth of 100,000 tokens held by the in-process cache layer.
 
 Read the ratios, not the absolute figures: on a 2-core machine the load generator,
-the upstream, Redis and the proxy under test all compete for the same cores.
+the upstream, Redis and the proxy under test all compete for the same cores (by
+default the proxy under test gets one to itself). docs/PERFORMANCE.md has the figures.
 """

@@ -18,8 +18,8 @@ def parse_options(argv: list[str] | None = None) -> Options:
         description="Load the reference bare proxy and the gateway back to back, per "
                     "scenario, and print requests/s, p50, p99 and their ratio.")
     parser.add_argument("--duration", type=float, default=None,
-                        help="seconds per load run (default 8, --quick 2; whole seconds "
-                             "with wrk)")
+                        help="seconds of load per proxy and scenario, in 1-second runs "
+                             "alternating bare and gateway (default 8, --quick 2)")
     parser.add_argument("--connections", type=int, default=32,
                         help="concurrent keep-alive connections (default 32)")
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS),
@@ -51,8 +51,8 @@ def parse_options(argv: list[str] | None = None) -> Options:
 def main(argv: list[str] | None = None) -> int:
     options = parse_options(argv)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(run(options, sys.stdout))
-    return 0
+        report = runner.run(run(options, sys.stdout))
+    return 1 if report.failed else 0
 
 
 if __name__ == "__main__":
