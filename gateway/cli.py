@@ -242,7 +242,7 @@ def cmd_tokens_revoke(args: argparse.Namespace, settings: Settings) -> int:
              {"digest_prefix": result.digest[:12],
               "authorization_server": result.authorization_server,
               "pinned_seconds": result.pinned_seconds})
-        failed = result.authorization_server not in ("revoked", "not configured")
+        failed = result.authorization_server.startswith(("failed", "unreachable"))
         return EXIT_FAIL if failed else EXIT_OK
 
     return _with_redis(settings, action)

@@ -45,6 +45,33 @@ class RevocationResult:
     pinned_seconds: int
 
 
+async def _revoke_at_builtin_server(redis: Redis, settings: Settings, digester: TokenDigester,
+                                    digest: str) -> str:
+    """The built-in server shares this Redis: end the token there directly. A refresh
+    token ends its grant (RFC 7009 section 2.1), and so the grant's access tokens."""
+    from prometheus_client import CollectorRegistry
+
+    from .authserver.core import tenant_defaults
+    from .authserver.issuance import TokenIssuer
+    from .authserver.metrics import AuthServerMetrics
+    from .authserver.storage import AuthStore
+
+    auth_store = AuthStore(redis, key_prefix=settings.key_prefix, digester=digester,
+                           defaults=tenant_defaults(settings))
+    issuer = TokenIssuer(auth_store, issuer=settings.issuer,
+                         metrics=AuthServerMetrics(CollectorRegistry()),
+                         cache_pin_ttl=settings.cache_max_ttl + 60)
+    refresh = await auth_store.get_token("rt", digest)
+    if refresh is not None:
+        await issuer.revoke_grant(refresh["grant_id"], reason="revoked_by_admin",
+                                  actor="oauth-gateway tokens revoke")
+        return "revoked (built-in server: the refresh token's grant ended)"
+    if await auth_store.get_token("at", digest) is not None:
+        await auth_store.delete_tokens([f"at:{digest}"])
+        return "revoked (built-in server)"
+    return "unknown to the built-in server"
+
+
 async def revoke_token(redis: Redis, settings: Settings, token: str) -> RevocationResult:
     """Revoke ``token`` at the authorization server (if configured) and purge every cache."""
     at_server = "not configured"
@@ -64,7 +91,10 @@ async def revoke_token(redis: Redis, settings: Settings, token: str) -> Revocati
         except (aiohttp.ClientError, TimeoutError) as exc:
             at_server = f"unreachable ({type(exc).__name__})"
     key = await store.digest_key(redis, settings.key_prefix, settings.token_digest_key)
-    digest = TokenDigester(key).digest(token)
+    digester = TokenDigester(key)
+    digest = digester.digest(token)
+    if settings.issuer and not settings.revocation_url:
+        at_server = await _revoke_at_builtin_server(redis, settings, digester, digest)
     exp = _jwt_exp(token)
     pin = max(settings.cache_max_ttl,
               int(exp - time.time()) + 60 if exp is not None else DEFAULT_PIN)

@@ -3,10 +3,12 @@ revocation, grants, and the gateway validating its tokens in-process."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any
 
 import aiohttp
+import pytest
 from redis.asyncio import Redis
 
 from gateway.authserver.models import GRANT_DEVICE
@@ -215,3 +217,33 @@ async def test_redis_holds_no_token_or_secret(make_auth_gateway: AuthGatewayFact
     text = "\n".join(blob)
     for value in (secret, body["access_token"], body["refresh_token"]):
         assert str(value) not in text
+
+
+async def test_cli_tokens_revoke_ends_tokens_at_the_builtin_server(
+        make_auth_gateway: AuthGatewayFactory, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway import cli
+
+    h = await make_auth_gateway()
+    client_id, _, body = await _grant(h)
+    rs, rs_secret = await h.auth.create_client(
+        name="resource server", grant="authorization_code",
+        redirect_uris=["https://rs.example.com/cb"], scopes=[], actor="t")
+    assert rs_secret
+    monkeypatch.setenv("GATEWAY_REDIS_URL", h.gw.settings.redis_url)
+    monkeypatch.setenv("GATEWAY_ISSUER", h.issuer)
+    assert await asyncio.to_thread(cli.main, ["tokens", "revoke", str(body["access_token"])]) \
+        == 0
+    assert "built-in server" in capsys.readouterr().out
+    resp = await h.client.post("/oauth/introspect", data={"token": body["access_token"]},
+                               headers={"Authorization": basic(rs.client_id, rs_secret)})
+    assert await resp.json() == {"active": False}
+    assert (await h.client.get("/2/0/x", headers={
+        "Authorization": f"Bearer {body['access_token']}"})).status == 401
+    # a refresh token ends its grant: no more refreshes
+    assert await asyncio.to_thread(cli.main, ["tokens", "revoke", str(body["refresh_token"])]) \
+        == 0
+    resp = await _refresh(h, client_id, str(body["refresh_token"]))
+    assert (resp.status, (await resp.json())["error"]) == (400, "invalid_grant")
+    grants = await h.auth.list_grants(client_id=client_id)
+    assert grants[0].revoked and grants[0].revoked_reason == "revoked_by_admin"
