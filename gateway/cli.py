@@ -194,12 +194,16 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
         admin = ClientAdmin(redis, key_prefix=settings.key_prefix)
         if args.clients_cmd == "list":
             rows = [_record_view(cid, f) for cid, f in await admin.list()]
-            lines = [f"{'CLIENT':<36} {'STATUS':<9} {'SCOPES':<30} UPDATED"]
+            lines = [f"{'CLIENT':<34} {'NAME':<24} {'FLOW':<18} {'STATUS':<9} "
+                     f"{'SCOPES':<30} UPDATED"]
             for r in rows:
                 updated = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(
                     int(r["updated_at"]))) + f" by {r.get('updated_by', '?')}" \
                     if r.get("updated_at", "").isdigit() else "-"
-                lines.append(f"{r['client_id']:<36} "
+                flow = "device_code" if r.get("grant_type", "").endswith("device_code") \
+                    else r.get("grant_type", "-")
+                lines.append(f"{r['client_id']:<34} {r.get('name', '-')[:24]:<24} "
+                             f"{flow:<18} "
                              f"{'disabled' if r['disabled'] else 'enabled':<9} "
                              f"{r.get('scopes', '(token)'):<30} {updated}")
             _out(args, "\n".join(lines) if rows else "no client records", rows)

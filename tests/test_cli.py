@@ -246,9 +246,10 @@ async def test_clients_disable_show_list_enable_and_audit(
     code, out, _ = await arun(capsys, "clients", "list")
     assert code == 0
     header, *rows = out.splitlines()
-    assert header.split()[:2] == ["CLIENT", "STATUS"]
+    assert header.split()[:4] == ["CLIENT", "NAME", "FLOW", "STATUS"]
     assert len(rows) == 1
-    assert rows[0].split()[:2] == ["app-x", "disabled"]
+    # a governance-only record (no authorization-server client): no name, no flow
+    assert rows[0].split()[:4] == ["app-x", "-", "-", "disabled"]
     assert rows[0].endswith("by alice")
 
     code, out, _ = await arun(capsys, "clients", "list", "--json")
