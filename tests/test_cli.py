@@ -264,7 +264,7 @@ async def test_clients_disable_show_list_enable_and_audit(
     assert json.loads(out)["disabled"] is False
     assert json.loads(out)["updated_by"] == "bob"
     code, out, _ = await arun(capsys, "clients", "list")
-    assert out.splitlines()[1].split()[:2] == ["app-x", "enabled"]
+    assert out.splitlines()[1].split()[:4] == ["app-x", "-", "-", "enabled"]
 
     code, out, _ = await arun(capsys, "audit", "tail", "--json")
     assert code == 0
