@@ -14,6 +14,7 @@ concurrent look-ups of different tokens share Redis round trips (:class:`EntryRe
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -92,14 +93,14 @@ class EntryReader:
         self._queue: list[tuple[str, asyncio.Future[tuple[str | None, int]]]] = []
         self._drainer: asyncio.Task[None] | None = None
 
-    async def read(self, key: str) -> tuple[str | None, int]:
-        """``(value or None, PTTL in ms)``; raises :class:`RedisError`."""
+    def read(self, key: str) -> asyncio.Future[tuple[str | None, int]]:
+        """A future of ``(value or None, PTTL in ms)``, or of a :class:`RedisError`."""
         future: asyncio.Future[tuple[str | None, int]] = \
             asyncio.get_running_loop().create_future()
         self._queue.append((key, future))
         if self._drainer is None:
             self._drainer = asyncio.create_task(self._drain())
-        return await future
+        return future
 
     async def _drain(self) -> None:
         batch: list[tuple[str, asyncio.Future[tuple[str | None, int]]]] = []
@@ -143,6 +144,7 @@ class TokenCache:
         self._max_ttl = max_ttl
         self._negative_ttl = negative_ttl
         self._inflight: dict[str, asyncio.Future[TokenInfo]] = {}
+        self._validating: set[asyncio.Task[None]] = set()  # referenced until done
         self._reads = EntryReader(redis)
 
     def key(self, digest: str) -> str:
@@ -162,15 +164,48 @@ class TokenCache:
         if future is None:
             future = asyncio.get_running_loop().create_future()
             self._inflight[digest] = future
-            # a task of its own, so a client that hangs up does not cancel the fill
-            # that other requests are waiting on
-            task = asyncio.create_task(self._fill(token, digest, future))
-            task.add_done_callback(lambda _t: self._inflight.pop(digest, None))
+            future.add_done_callback(lambda _f: self._inflight.pop(digest, None))
+            self._reads.read(self.key(digest)).add_done_callback(
+                functools.partial(self._redis_answered, token, digest, future))
+        # shielded: a client that hangs up does not cancel what other requests wait on
         return digest, await asyncio.shield(future)
 
-    async def _fill(self, token: str, digest: str, future: asyncio.Future[TokenInfo]) -> None:
+    def _redis_answered(self, token: str, digest: str, future: asyncio.Future[TokenInfo],
+                        read: asyncio.Future[tuple[str | None, int]]) -> None:
+        """Redis answered a look-up: a hit settles it here (no task of its own, the
+        common case when the in-process layer misses), a miss goes to the validator."""
+        if read.cancelled():  # shutdown
+            future.cancel()
+            return
+        error = read.exception()
+        raw, pttl = (None, -2) if error else read.result()
+        if isinstance(error, RedisError):  # as if Redis did not know the token
+            self.metrics.redis_errors.labels("token_cache_get").inc()
+        elif error is not None:
+            future.set_exception(error)
+            return
+        if raw is not None:
+            self.metrics.cache_redis_hit.inc()
+            try:
+                info = TokenInfo.from_json(raw)
+            except Exception as exc:  # handed to every waiter
+                future.set_exception(exc)
+                return
+            remaining = pttl / 1000 if pttl and pttl > 0 else self._local_ttl
+            self._store_local(digest, info, remaining)
+            future.set_result(info)
+            return
+        self.metrics.cache_redis_miss.inc()
+        # a task of its own, so a client that hangs up does not cancel the validation
+        # that other requests are waiting on
+        validating = asyncio.create_task(self._validate(token, digest, future))
+        self._validating.add(validating)
+        validating.add_done_callback(self._validating.discard)
+
+    async def _validate(self, token: str, digest: str, future: asyncio.Future[TokenInfo]
+                        ) -> None:
         try:
-            info = await self._resolve(token, digest)
+            info = await self._introspect(token, digest)
         except BaseException as exc:  # handed to every waiter
             if not future.done():
                 future.set_exception(exc)
@@ -180,20 +215,8 @@ class TokenCache:
             if not future.done():
                 future.set_result(info)
 
-    async def _resolve(self, token: str, digest: str) -> TokenInfo:
-        key = self.key(digest)
-        try:
-            raw, pttl = await self._reads.read(key)
-        except RedisError:
-            self.metrics.redis_errors.labels("token_cache_get").inc()
-            raw, pttl = None, -2
-        if raw is not None:
-            self.metrics.cache_redis_hit.inc()
-            info = TokenInfo.from_json(raw)
-            remaining = pttl / 1000 if pttl and pttl > 0 else self._local_ttl
-            self._store_local(digest, info, remaining)
-            return info
-        self.metrics.cache_redis_miss.inc()
+    async def _introspect(self, token: str, digest: str) -> TokenInfo:
+        """Ask the validator about a token Redis does not know; cache its answer."""
         started = time.perf_counter()
         try:
             info = await self.validator.validate(token)
@@ -210,7 +233,7 @@ class TokenCache:
             info = TokenInfo.inactive()
         ttl = self._ttl_for(info)
         try:
-            await self.redis.set(key, info.to_json(), px=max(1, int(ttl * 1000)))
+            await self.redis.set(self.key(digest), info.to_json(), px=max(1, int(ttl * 1000)))
         except RedisError:
             self.metrics.redis_errors.labels("token_cache_set").inc()
         self._store_local(digest, info, ttl)
