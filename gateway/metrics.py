@@ -139,6 +139,10 @@ class GatewayMetrics:
         self.upstream_duration = LoopHistogram(
             "gateway_upstream_duration_seconds", "Time the upstream took to answer headers.",
             ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.upstream_responses = LoopCounter(
+            "gateway_upstream_responses", "Responses from upstreams, by status class "
+            "(the upstream's own answers, not the gateway's 502/504).",
+            ["route", "status_class"], registry=r)
         self.auth_decisions = LoopCounter(
             "gateway_auth_decisions", "Authentication and authorization decisions.",
             ["client_id", "decision"], registry=r)
@@ -176,6 +180,7 @@ class GatewayMetrics:
         self._route_children: dict[str, tuple[HistogramChild, HistogramChild]] = {}
         self._request_children: dict[tuple[str, str, int], CounterChild] = {}
         self._decision_children: dict[tuple[str, str], CounterChild] = {}
+        self._upstream_children: dict[tuple[str, int], CounterChild] = {}
         self.bind_routes([NO_ROUTE])
 
     def bind_routes(self, routes: list[str]) -> None:
@@ -198,12 +203,18 @@ class GatewayMetrics:
             pair = self._route_children[route]
         pair[0].observe(seconds)
 
-    def observe_upstream(self, route: str, seconds: float) -> None:
+    def observe_upstream(self, route: str, seconds: float, status: int) -> None:
         pair = self._route_children.get(route)
         if pair is None:
             self.bind_routes([route])
             pair = self._route_children[route]
         pair[1].observe(seconds)
+        key = (route, status // 100)
+        child = self._upstream_children.get(key)
+        if child is None:
+            child = self._upstream_children[key] = self.upstream_responses.labels(
+                route, f"{key[1]}xx")
+        child.inc()
 
     def decision(self, client_id: str | None, decision: str) -> None:
         key = (client_id or "unknown", decision)

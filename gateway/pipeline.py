@@ -178,10 +178,10 @@ class ProxyPipeline:
         decision = "allowed"
         upstream_seconds = 0.0
 
-        def observe_upstream(seconds: float) -> None:
+        def observe_upstream(seconds: float, status: int) -> None:
             nonlocal upstream_seconds
             upstream_seconds = seconds
-            self.metrics.observe_upstream(state.route, seconds)
+            self.metrics.observe_upstream(state.route, seconds, status)
 
         response: web.StreamResponse
         try:

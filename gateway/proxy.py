@@ -135,7 +135,7 @@ class UpstreamForwarder:
         return out
 
     async def forward(self, request: web.Request, route: Route, token: PresentedToken,
-                      request_id: str, observe_upstream: Callable[[float], None]
+                      request_id: str, observe_upstream: Callable[[float, int], None]
                       ) -> web.StreamResponse:
         """Send the request upstream and stream the answer back to the client."""
         length = request.content_length
@@ -163,7 +163,7 @@ class UpstreamForwarder:
                     f"The request body exceeds the limit of {self.max_body_size} bytes."
                 ) from None
             raise self._failure(exc, time.perf_counter() - started, limit) from None
-        observe_upstream(time.perf_counter() - started)
+        observe_upstream(time.perf_counter() - started, resp.status)
         try:
             return await self._relay(request, resp, request_id)
         finally:

@@ -377,3 +377,21 @@ async def test_access_log_off(make_gateway: GatewayFactory, auth_server: AuthSer
     assert h.log.getvalue() == ""
     text = await h.metrics()
     assert sample(text, "gateway_requests_total", route="read", method="GET", status="200") == 1
+
+
+async def test_upstream_responses_count_the_upstreams_own_status(
+        make_gateway: GatewayFactory, auth_server: AuthServer) -> None:
+    auth_server.issue("tok-upstream-status-1", client_id="app1")
+    gw = await make_gateway()
+    headers = {"Authorization": "Bearer tok-upstream-status-1"}
+    assert (await gw.client.get("/status/503", headers=headers)).status == 503
+    assert (await gw.client.get("/status/200", headers=headers)).status == 200
+    assert (await gw.client.get("/status/404", headers=headers)).status == 404
+    text = await gw.metrics()
+    for status_class in ("5xx", "2xx", "4xx"):
+        assert (f'gateway_upstream_responses_total{{route="status",status_class="{status_class}"}}'
+                " 1.0") in text
+    # a refusal by the gateway never reached an upstream: not counted there
+    assert (await gw.client.get("/status/200")).status == 401
+    assert 'gateway_upstream_responses_total{route="status",status_class="2xx"} 1.0' \
+        in await gw.metrics()
