@@ -38,6 +38,7 @@ from .metrics import MAX_CLIENT_LABELS, GatewayMetrics
 
 log = logging.getLogger(__name__)
 BUCKET = 60
+_FLUSH_CHUNK = 32  # clients per pipeline in a flush
 _DIGESTS_PER_CALL = 1000  # Lua's unpack() has a stack of ~8,000 values
 
 # KEYS[1]: a client's request counter for this minute, KEYS[2]: its distinct-token
@@ -105,8 +106,29 @@ class UsageTracker:
         bucket = int(time.time()) // BUCKET
         ttl = self.window + BUCKET
         now = time.time()
-        async with self.redis.pipeline(transaction=False) as pipe:
+        items = list(requests.items())
+        try:
+            # pipelines of a few dozen clients: a flush that covers hundreds of clients
+            # in one go would hold the event loop for milliseconds and show in p99
+            for start in range(0, len(items), _FLUSH_CHUNK):
+                await self._flush_chunk(items[start:start + _FLUSH_CHUNK], digests,
+                                        bucket, ttl)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(f"{self.prefix}usage:clients", dict.fromkeys(requests, now))
+                pipe.zremrangebyscore(f"{self.prefix}usage:clients", 0, now - self.window)
+                await pipe.execute()
+        except RedisError:
+            # keep the counts for the next flush rather than lose them (a chunk already
+            # written may be counted twice: an over-count beats a loss here)
             for client_id, count in requests.items():
+                self._requests[client_id] += count
+                self._digests[client_id].update(digests[client_id])
+            raise
+
+    async def _flush_chunk(self, items: list[tuple[str, int]], digests: dict[str, set[str]],
+                           bucket: int, ttl: int) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for client_id, count in items:
                 rkey = self.key("req", client_id, bucket)
                 tkey = self.key("tok", client_id, bucket)
                 seen = list(digests[client_id])
@@ -120,17 +142,7 @@ class UsageTracker:
                                       args=[ttl, count, *seen[:_DIGESTS_PER_CALL]])
                 for start in range(_DIGESTS_PER_CALL, len(seen), _DIGESTS_PER_CALL):
                     pipe.pfadd(tkey, *seen[start:start + _DIGESTS_PER_CALL])
-            # one command for every client
-            pipe.zadd(f"{self.prefix}usage:clients", dict.fromkeys(requests, now))
-            pipe.zremrangebyscore(f"{self.prefix}usage:clients", 0, now - self.window)
-            try:
-                await pipe.execute()
-            except RedisError:
-                # keep the counts for the next flush rather than lose them
-                for client_id, count in requests.items():
-                    self._requests[client_id] += count
-                    self._digests[client_id].update(digests[client_id])
-                raise
+            await pipe.execute()
 
     async def window_counts(self) -> dict[str, tuple[int, int]]:
         """``client_id -> (requests, distinct tokens)`` over the window, fleet-wide."""

@@ -245,3 +245,49 @@ async def run_load(generator: str, base_url: str, workload: Workload, *, connect
         return await asyncio.to_thread(run_wrk, base_url, workload, connections=connections,
                                        seconds=seconds)
     return await run_asyncio(base_url, workload, connections=connections, seconds=seconds)
+
+
+async def run_fixed_rate(base_url: str, workload: Workload, *, rate: float, seconds: float,
+                         connections: int = 64) -> LoadResult:
+    """An open-loop load: request ``i`` is due at ``i / rate`` seconds, whether or not
+    earlier ones have answered, and its latency counts from when it was due (so a stall
+    is not hidden by requests that were never sent: no coordinated omission). Bounded by
+    ``rate * seconds`` requests and by time."""
+    _check_loopback(base_url)
+    url = URL(base_url + workload.path)
+    total = max(1, int(rate * seconds))
+    latencies: list[float] = []
+    errors = 0
+    timeout = aiohttp.ClientTimeout(total=_REQUEST_TIMEOUT)
+    loop = asyncio.get_running_loop()
+
+    async def one(session: aiohttp.ClientSession, n: int, due: float) -> None:
+        nonlocal errors
+        headers = {"Authorization": "Bearer " + workload.tokens.token(n)}
+        try:
+            async with session.request(workload.method, url, headers=headers,
+                                       timeout=timeout) as resp:
+                async for _ in resp.content.iter_chunked(_CHUNK):
+                    pass
+                failed = resp.status >= 400
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            failed = True
+        latencies.append((loop.time() - due) * 1000)
+        errors += failed
+
+    connector = aiohttp.TCPConnector(limit=connections, limit_per_host=0)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                     cookie_jar=aiohttp.DummyCookieJar()) as session:
+        start = loop.time()
+        tasks = []
+        for n in range(total):
+            due = start + n / rate
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(session, n, due)))
+        await asyncio.gather(*tasks)
+        took = loop.time() - start
+    latencies.sort()
+    return LoadResult(len(latencies), took, _percentile(latencies, 0.50),
+                      _percentile(latencies, 0.99), errors)

@@ -46,7 +46,7 @@ from redis.asyncio import Redis
 
 from ..tokens import TokenDigester
 from ..validators.base import TokenInfo
-from .load import LoadResult, TokenPlan, Workload, run_asyncio, run_load
+from .load import LoadResult, TokenPlan, Workload, run_asyncio, run_fixed_rate, run_load
 from .processes import (
     GatewayProcess,
     RedisProcess,
@@ -89,7 +89,7 @@ class Options:
     connections: int = 32
     generator: str = "wrk"
     scenarios: tuple[str, ...] = ("steady", "many-tokens", "cold", "bodies", "scaling",
-                                  "memory")
+                                  "latency", "memory")
     bodies: tuple[str, ...] = ("1 KiB down", "1 MiB down", "1 KiB up", "1 MiB up")
     #: the proxy under test alone on one CPU, everything else on the others
     pin: bool = True
@@ -457,9 +457,36 @@ async def memory(bench: Bench, report: Report) -> None:
         f"+{_mb(result['growth'])} ({result['per_token']:.0f} bytes a token; target < 100 MB)")
 
 
+async def latency(bench: Bench, report: Report) -> None:
+    """Added latency where it matters: at half the bare proxy's saturation rate, open loop
+    (requests are due on a fixed schedule; latency counts from when each was due)."""
+    workload = Workload(SMALL, TokenPlan("cycle", count=CLIENTS))
+    async with bench.gateway() as gw:
+        bare_url = bench.bare.url
+        await bench.warm(bare_url, workload)
+        await bench.warm(gw.url, workload)
+        saturation = (await bench.load(bare_url, bench._next(bare_url, workload), 2.0)).rps
+        rate = max(100.0, saturation / 2)
+        seconds = max(2.0, bench.options.duration / 2)
+        runs: dict[str, list[LoadResult]] = {"bare": [], "gateway": []}
+        for _ in range(2):  # alternate, so outside load hits both alike
+            for name, url in (("bare", bare_url), ("gateway", gw.url)):
+                runs[name].append(await run_fixed_rate(
+                    url, bench._next(url, workload), rate=rate, seconds=seconds / 2))
+    p50 = {k: statistics.median(r.p50_ms for r in v) for k, v in runs.items()}
+    p99 = {k: statistics.median(r.p99_ms for r in v) for k, v in runs.items()}
+    errors = sum(r.errors for v in runs.values() for r in v)
+    report.notes.append(
+        f"latency at half the bare proxy's saturation ({rate:,.0f} req/s of {saturation:,.0f}, "
+        f"open loop): bare p50 {p50['bare']:.2f} / p99 {p99['bare']:.2f} ms, gateway p50 "
+        f"{p50['gateway']:.2f} / p99 {p99['gateway']:.2f} ms: **p99 added "
+        f"{p99['gateway'] - p99['bare']:.2f} ms** (target < 1 ms)"
+        + (f"; {errors} errors" if errors else ""))
+
+
 SCENARIOS: dict[str, Callable[[Bench, Report], Awaitable[None]]] = {
     "steady": steady, "many-tokens": many_tokens, "cold": cold, "bodies": bodies,
-    "scaling": scaling, "memory": memory,
+    "scaling": scaling, "latency": latency, "memory": memory,
 }
 
 
