@@ -51,16 +51,11 @@ async def _revoke_at_builtin_server(redis: Redis, settings: Settings, digester: 
     token ends its grant (RFC 7009 section 2.1), and so the grant's access tokens."""
     from prometheus_client import CollectorRegistry
 
-    from .authserver.core import tenant_defaults
-    from .authserver.issuance import TokenIssuer
+    from .authserver.admin import AuthAdmin
     from .authserver.metrics import AuthServerMetrics
-    from .authserver.storage import AuthStore
 
-    auth_store = AuthStore(redis, key_prefix=settings.key_prefix, digester=digester,
-                           defaults=tenant_defaults(settings))
-    issuer = TokenIssuer(auth_store, issuer=settings.issuer,
-                         metrics=AuthServerMetrics(CollectorRegistry()),
-                         cache_pin_ttl=settings.cache_max_ttl + 60)
+    admin = AuthAdmin(redis, settings, digester, AuthServerMetrics(CollectorRegistry()))
+    auth_store, issuer = admin.store, admin.issuer
     refresh = await auth_store.get_token("rt", digest)
     if refresh is not None:
         await issuer.revoke_grant(refresh["grant_id"], reason="revoked_by_admin",

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from ..clients import ClientAdmin
 from ..settings import Settings
 from ..tokens import TokenDigester
-from .core import tenant_defaults
+from .core import cache_pin_ttl, tenant_defaults
 from .hashing import hash_secret
 from .issuance import TokenIssuer
 from .metrics import AuthServerMetrics
@@ -39,7 +39,7 @@ class AuthAdmin:
         self.store = AuthStore(redis, key_prefix=settings.key_prefix, digester=digester,
                                defaults=tenant_defaults(settings))
         self.issuer = TokenIssuer(self.store, issuer=settings.issuer, metrics=metrics,
-                                  cache_pin_ttl=int(settings.cache_max_ttl) + 60)
+                                  cache_pin_ttl=cache_pin_ttl(settings))
         self.governance = ClientAdmin(redis, key_prefix=settings.key_prefix)
 
     async def create_client(self, *, name: str, grant: str, redirect_uris: list[str],

@@ -33,6 +33,12 @@ def tenant_defaults(settings: Settings) -> TokenPolicy:
         grant_max_lifetime=settings.as_grant_max_lifetime).validate()
 
 
+def cache_pin_ttl(settings: Settings) -> int:
+    """How long a revoked token's digest stays pinned inactive in the gateway's cache:
+    past any cached "active" answer for it, in Redis or in a replica's memory."""
+    return int(max(settings.cache_max_ttl, settings.local_cache_ttl)) + 60
+
+
 @dataclass
 class AuthorizationServer:
     """Everything the endpoints share."""

@@ -8,7 +8,7 @@ from ..metrics import GatewayMetrics
 from ..policy import RoutePolicy
 from ..settings import Settings
 from ..tokens import TokenDigester
-from .core import AuthorizationServer, tenant_defaults
+from .core import AuthorizationServer, cache_pin_ttl, tenant_defaults
 from .issuance import TokenIssuer
 from .metrics import AuthServerMetrics
 from .storage import AuthStore
@@ -25,8 +25,7 @@ async def build_auth_server(settings: Settings, redis: Redis, digester: TokenDig
         as_metrics = AuthServerMetrics(metrics.registry)
         metrics.extras["authserver"] = as_metrics
     issuer = TokenIssuer(store, issuer=settings.issuer.rstrip("/"), metrics=as_metrics,
-                         cache_pin_ttl=max(settings.cache_max_ttl, settings.local_cache_ttl
-                                           ).__int__() + 60)
+                         cache_pin_ttl=cache_pin_ttl(settings))
     server = AuthorizationServer(settings=settings, store=store, issuer=issuer,
                                  metrics=as_metrics)
     server.extras["scopes_supported"] = sorted(

@@ -24,6 +24,7 @@ from yarl import URL
 
 _CHUNK = 64 * 1024
 _REQUEST_TIMEOUT = 10.0
+_TIMEOUT = aiohttp.ClientTimeout(total=_REQUEST_TIMEOUT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +195,26 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
+async def _send(session: aiohttp.ClientSession, url: URL, workload: Workload, n: int,
+                body: bytes | None) -> bool:
+    """Request ``n`` of ``workload``, its answer read to the end; True if it failed."""
+    headers = {"Authorization": "Bearer " + workload.tokens.token(n)}
+    try:
+        async with session.request(workload.method, url, headers=headers, data=body,
+                                   timeout=_TIMEOUT) as resp:
+            async for _ in resp.content.iter_chunked(_CHUNK):
+                pass
+            return resp.status >= 400
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        return True
+
+
+def _session(connections: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections, limit_per_host=0),
+        auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+
+
 async def run_asyncio(base_url: str, workload: Workload, *, connections: int,
                       seconds: float, max_requests: int = 2_000_000) -> LoadResult:
     """``connections`` keep-alive connections sending back to back, one shared request
@@ -204,7 +225,6 @@ async def run_asyncio(base_url: str, workload: Workload, *, connections: int,
     counter = itertools.count()
     latencies: list[float] = []
     errors = 0
-    timeout = aiohttp.ClientTimeout(total=_REQUEST_TIMEOUT)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
 
@@ -214,22 +234,12 @@ async def run_asyncio(base_url: str, workload: Workload, *, connections: int,
             n = next(counter)
             if n >= max_requests:
                 return
-            headers = {"Authorization": "Bearer " + workload.tokens.token(n)}
             started = time.perf_counter()
-            try:
-                async with session.request(workload.method, url, headers=headers, data=body,
-                                           timeout=timeout) as resp:
-                    async for _ in resp.content.iter_chunked(_CHUNK):
-                        pass
-                    failed = resp.status >= 400
-            except (aiohttp.ClientError, OSError, TimeoutError):
-                failed = True
+            failed = await _send(session, url, workload, n, body)
             latencies.append((time.perf_counter() - started) * 1000)
             errors += failed
 
-    connector = aiohttp.TCPConnector(limit=connections, limit_per_host=0)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                     cookie_jar=aiohttp.DummyCookieJar()) as session:
+    async with _session(connections) as session:
         started = time.perf_counter()
         await asyncio.gather(*(stream(session) for _ in range(connections)))
         took = time.perf_counter() - started
@@ -258,26 +268,15 @@ async def run_fixed_rate(base_url: str, workload: Workload, *, rate: float, seco
     total = max(1, int(rate * seconds))
     latencies: list[float] = []
     errors = 0
-    timeout = aiohttp.ClientTimeout(total=_REQUEST_TIMEOUT)
     loop = asyncio.get_running_loop()
 
     async def one(session: aiohttp.ClientSession, n: int, due: float) -> None:
         nonlocal errors
-        headers = {"Authorization": "Bearer " + workload.tokens.token(n)}
-        try:
-            async with session.request(workload.method, url, headers=headers,
-                                       timeout=timeout) as resp:
-                async for _ in resp.content.iter_chunked(_CHUNK):
-                    pass
-                failed = resp.status >= 400
-        except (aiohttp.ClientError, OSError, TimeoutError):
-            failed = True
+        failed = await _send(session, url, workload, n, None)
         latencies.append((loop.time() - due) * 1000)
         errors += failed
 
-    connector = aiohttp.TCPConnector(limit=connections, limit_per_host=0)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                     cookie_jar=aiohttp.DummyCookieJar()) as session:
+    async with _session(connections) as session:
         start = loop.time()
         tasks = []
         for n in range(total):
