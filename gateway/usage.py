@@ -17,9 +17,10 @@ Buckets expire after the window. Every 15 s each replica sums the window and
 publishes the gauges ``gateway_client_window_requests`` and
 ``gateway_client_window_distinct_tokens``.
 
-On one server (or Sentinel) a client's share of a flush, and of a report, is one Lua
-script call over its keys (one hash slot) instead of four or two commands: redis-py's
-cost is per command and per value it parses, and both tasks cover every active client.
+On one server (or Sentinel) a flush is one Lua script call per few dozen clients, and a
+report one per few clients, the scripts naming the keys themselves: redis-py's cost is
+per command and per value it sends or parses, and both tasks cover every active client.
+A cluster, where a script's keys must share a hash slot, gets pipelined plain commands.
 """
 
 from __future__ import annotations
@@ -38,35 +39,60 @@ from .metrics import MAX_CLIENT_LABELS, GatewayMetrics
 
 log = logging.getLogger(__name__)
 BUCKET = 60
-_FLUSH_CHUNK = 32  # clients per pipeline in a flush
-_DIGESTS_PER_CALL = 1000  # Lua's unpack() has a stack of ~8,000 values
+_FLUSH_CLIENTS = 64  # clients per script call (or pipeline, on a cluster) in a flush
+_DIGESTS_PER_ARG = 1000  # Lua's unpack() has a stack of ~8,000 values
+_REPORT_CLIENTS = 8  # clients summed per script call in a report
 
-# KEYS[1]: a client's request counter for this minute, KEYS[2]: its distinct-token
-# HyperLogLog (one hash slot: the client id is their hash tag). ARGV[1]: seconds both
-# live, ARGV[2]: requests to add, ARGV[3...]: token digests seen (at most
-# _DIGESTS_PER_CALL). Returns 1. One command per client instead of four: redis-py
-# spends tens of microseconds of CPU per command, and a flush covers every active
-# client every second.
+# ARGV[1]: the key prefix up to the kind (``gw:usage:``), ARGV[2]: the minute bucket,
+# ARGV[3]: seconds the buckets live, ARGV[4]: now, ARGV[5]: the oldest last use kept in
+# the client set; then pairs: a client id, and "requests digest digest ..." (at most
+# _DIGESTS_PER_ARG digests; a client with more comes back in another pair, 0 requests).
+# Returns 1. A few dozen clients per command, two values each, instead of four commands
+# a client: redis-py spends tens of microseconds of CPU per command and about one per
+# value it sends, and a flush covers every active client every second. The script
+# names its keys itself, which a single server allows; a cluster gets plain commands.
 _ADD_USAGE = """
-redis.call('INCRBY', KEYS[1], ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-if #ARGV > 2 then
-  redis.call('PFADD', KEYS[2], unpack(ARGV, 3))
+local prefix, bucket, ttl, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+for c = 6, #ARGV, 2 do
+  local cid = ARGV[c]
+  local rkey = prefix .. 'req:{' .. cid .. '}:' .. bucket
+  local tkey = prefix .. 'tok:{' .. cid .. '}:' .. bucket
+  local fields = {}
+  for word in string.gmatch(ARGV[c + 1], '%S+') do
+    fields[#fields + 1] = word
+  end
+  redis.call('INCRBY', rkey, fields[1])
+  redis.call('EXPIRE', rkey, ttl)
+  if #fields > 1 then
+    redis.call('PFADD', tkey, unpack(fields, 2))
+  end
+  redis.call('EXPIRE', tkey, ttl)
+  redis.call('ZADD', prefix .. 'clients', now, cid)
 end
-redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', prefix .. 'clients', 0, ARGV[5])
 return 1
 """
 
-# KEYS: a client's request counters for the window's minutes, then its distinct-token
-# HyperLogLogs for the same minutes, as many of each (one hash slot: the client id is
-# their hash tag). Returns {requests over the window, distinct tokens over the window}.
-_SUM_WINDOW = """
-local n = #KEYS / 2
-local total = 0
-for i = 1, n do
-  total = total + (tonumber(redis.call('GET', KEYS[i])) or 0)
+# ARGV[1]: the key prefix up to the kind (``gw:usage:``), ARGV[2]: the window's first
+# minute bucket, ARGV[3]: its number of buckets, ARGV[4...]: client ids. Returns, for
+# each client in order, {requests over the window, distinct tokens over the window},
+# flattened. The script names its keys itself (60 counters and 60 HyperLogLogs a
+# client, which packing and sending from Python cost more than the rest of the
+# report); a single server allows that, a cluster does not, and gets plain commands.
+_SUM_WINDOWS = """
+local prefix, first, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {}
+for c = 4, #ARGV do
+  local cid = ARGV[c]
+  local total, hlls = 0, {}
+  for b = first, first + n - 1 do
+    total = total + (tonumber(redis.call('GET', prefix .. 'req:{' .. cid .. '}:' .. b)) or 0)
+    hlls[#hlls + 1] = prefix .. 'tok:{' .. cid .. '}:' .. b
+  end
+  out[#out + 1] = total
+  out[#out + 1] = redis.call('PFCOUNT', unpack(hlls))
 end
-return {total, redis.call('PFCOUNT', unpack(KEYS, n + 1))}
+return out
 """
 _CLUSTER_READS = 32  # clients summed at once on a cluster (two commands each)
 
@@ -86,7 +112,7 @@ class UsageTracker:
         self._requests: dict[str, int] = defaultdict(int)
         self._digests: dict[str, set[str]] = defaultdict(set)
         self._add_usage = redis.register_script(_ADD_USAGE)
-        self._sum_window = redis.register_script(_SUM_WINDOW)
+        self._sum_windows = redis.register_script(_SUM_WINDOWS)
         self._cluster = store.is_cluster(redis)
 
     def key(self, kind: str, client_id: str, bucket: int) -> str:
@@ -106,42 +132,55 @@ class UsageTracker:
         bucket = int(time.time()) // BUCKET
         ttl = self.window + BUCKET
         now = time.time()
-        items = list(requests.items())
         try:
-            # pipelines of a few dozen clients: a flush that covers hundreds of clients
-            # in one go would hold the event loop for milliseconds and show in p99
-            for start in range(0, len(items), _FLUSH_CHUNK):
-                await self._flush_chunk(items[start:start + _FLUSH_CHUNK], digests,
-                                        bucket, ttl)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zadd(f"{self.prefix}usage:clients", dict.fromkeys(requests, now))
-                pipe.zremrangebyscore(f"{self.prefix}usage:clients", 0, now - self.window)
-                await pipe.execute()
+            # a few dozen clients at a time: a flush that covers hundreds of clients in
+            # one go would hold the event loop (and Redis) for milliseconds, seen in p99
+            if self._cluster:
+                await self._flush_commands(requests, digests, bucket, ttl, now)
+            else:
+                await self._flush_scripts(requests, digests, bucket, ttl, now)
         except RedisError:
-            # keep the counts for the next flush rather than lose them (a chunk already
+            # keep the counts for the next flush rather than lose them (a part already
             # written may be counted twice: an over-count beats a loss here)
             for client_id, count in requests.items():
                 self._requests[client_id] += count
                 self._digests[client_id].update(digests[client_id])
             raise
 
-    async def _flush_chunk(self, items: list[tuple[str, int]], digests: dict[str, set[str]],
-                           bucket: int, ttl: int) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for client_id, count in items:
-                rkey = self.key("req", client_id, bucket)
-                tkey = self.key("tok", client_id, bucket)
-                seen = list(digests[client_id])
-                if self._cluster:  # a cluster pipeline loads no script on its nodes
+    async def _flush_scripts(self, requests: dict[str, int], digests: dict[str, set[str]],
+                             bucket: int, ttl: int, now: float) -> None:
+        """One script call per few dozen clients (one server or Sentinel)."""
+        head = [f"{self.prefix}usage:", bucket, ttl, now, now - self.window]
+        args: list[str | int | float] = []
+        for client_id, count in requests.items():
+            seen = list(digests[client_id])
+            args += (client_id, " ".join([str(count), *seen[:_DIGESTS_PER_ARG]]))
+            for start in range(_DIGESTS_PER_ARG, len(seen), _DIGESTS_PER_ARG):
+                args += (client_id, " ".join(["0", *seen[start:start + _DIGESTS_PER_ARG]]))
+            if len(args) >= 2 * _FLUSH_CLIENTS:
+                await self._add_usage(args=head + args)
+                args = []
+        if args:
+            await self._add_usage(args=head + args)
+
+    async def _flush_commands(self, requests: dict[str, int], digests: dict[str, set[str]],
+                              bucket: int, ttl: int, now: float) -> None:
+        """Plain commands, pipelined per few dozen clients (a cluster: a script's keys
+        must share a hash slot there)."""
+        items = list(requests.items())
+        for start in range(0, len(items), _FLUSH_CLIENTS):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for client_id, count in items[start:start + _FLUSH_CLIENTS]:
+                    rkey = self.key("req", client_id, bucket)
+                    tkey = self.key("tok", client_id, bucket)
                     pipe.incrby(rkey, count)
                     pipe.expire(rkey, ttl)
-                    pipe.pfadd(tkey, *seen)
+                    pipe.pfadd(tkey, *digests[client_id])
                     pipe.expire(tkey, ttl)
-                    continue
-                await self._add_usage(keys=[rkey, tkey], client=pipe,
-                                      args=[ttl, count, *seen[:_DIGESTS_PER_CALL]])
-                for start in range(_DIGESTS_PER_CALL, len(seen), _DIGESTS_PER_CALL):
-                    pipe.pfadd(tkey, *seen[start:start + _DIGESTS_PER_CALL])
+                await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(f"{self.prefix}usage:clients", dict.fromkeys(requests, now))
+            pipe.zremrangebyscore(f"{self.prefix}usage:clients", 0, now - self.window)
             await pipe.execute()
 
     async def window_counts(self) -> dict[str, tuple[int, int]]:
@@ -165,15 +204,15 @@ class UsageTracker:
                         self.redis.pfcount(*[self.key("tok", cid, b) for b in buckets]))),
                     return_exceptions=True)
         else:
-            # each client's window summed in Redis, one script call a client: parsing 60
-            # counters a client in Python cost more than all the rest of the report
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for cid in clients:
-                    await self._sum_window(client=pipe, keys=[
-                        *[self.key("req", cid, b) for b in buckets],
-                        *[self.key("tok", cid, b) for b in buckets]])
-                for total, distinct in await pipe.execute():
-                    results += [[total], distinct]
+            # each client's window summed in Redis, a few clients per script call:
+            # parsing 60 counters a client in Python cost more than all the rest of the
+            # report, and one call for every client would hold Redis for milliseconds
+            for start in range(0, len(clients), _REPORT_CLIENTS):
+                sums = await self._sum_windows(args=[
+                    f"{self.prefix}usage:", buckets[0], len(buckets),
+                    *clients[start:start + _REPORT_CLIENTS]])
+                for i in range(0, len(sums), 2):
+                    results += [[sums[i]], sums[i + 1]]
         out: dict[str, tuple[int, int]] = {}
         errors = [r for r in results if isinstance(r, Exception)]
         if errors and len(errors) == len(results):

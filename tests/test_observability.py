@@ -10,7 +10,10 @@ from typing import Any
 
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
 
+from gateway.metrics import GatewayMetrics
+from gateway.usage import UsageTracker
 from tests.conftest import AuthServer, GatewayFactory, Harness, Upstream
 
 CONTRACT_METRICS = (
@@ -293,6 +296,33 @@ async def test_client_usage_counts_in_redis_hold_no_token(make_gateway: GatewayF
         if k != "gw:usage:clients":  # buckets expire with the window
             assert 0 < await redis.ttl(k) <= h.gw.settings.usage_window + 60, k
     assert token not in repr(keys)
+
+
+async def test_client_usage_flush_of_many_clients_and_tokens_is_exact(redis: Redis) -> None:
+    # a flush covers every active client in a few script calls: 150 clients span
+    # several calls, one client's 2,500 tokens span several of its own values, and a
+    # client id with spaces and braces stays one client
+    usage = UsageTracker(redis, key_prefix="gw:", metrics=GatewayMetrics())
+    clients = [f"app-{i:03d}" for i in range(149)] + ["odd {app} id"]
+    for i, cid in enumerate(clients):
+        for _ in range(i % 5 + 1):
+            usage.record(cid, f"{i:040x}")
+    for n in range(2500):
+        usage.record("heavy", f"{n:040x}")
+    await usage.flush()
+    counts = await usage.window_counts()
+    assert set(counts) == {*clients, "heavy"}
+    for i, cid in enumerate(clients):
+        assert counts[cid] == (i % 5 + 1, 1), cid
+    requests, distinct = counts["heavy"]
+    assert requests == 2500
+    assert abs(distinct - 2500) < 2500 * 0.03  # a HyperLogLog: ~0.8% standard error
+    assert await redis.zcard("gw:usage:clients") == 151
+    assert await redis.exists("gw:usage:req:{odd {app} id}:" + str(int(time.time()) // 60))
+    # a second flush adds to the same buckets
+    usage.record("app-000", "0" * 40)
+    await usage.flush()
+    assert (await usage.window_counts())["app-000"] == (2, 1)
 
 
 # --- access log ------------------------------------------------------------------------

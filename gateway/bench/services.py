@@ -126,13 +126,17 @@ def bare_proxy_app(upstream: str) -> web.Application:
         yield
         await app[session_key].close()
 
+    # the gateway's upstream timeouts (aiohttp's sock_read, not the default 5-minute
+    # total): measured ~12% cheaper per request, and forwarding is not what we compare
+    timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_connect=5.0, sock_read=30.0)
+
     async def forward(request: web.Request) -> web.StreamResponse:
         headers = [(k, v) for k, v in request.headers.items()
                    if k.lower() not in HOP_BY_HOP and k.lower() != "host"]
         async with request.app[session_key].request(
                 request.method, URL(upstream + request.raw_path, encoded=True),
                 headers=headers, data=request.content if request.body_exists else None,
-                allow_redirects=False, skip_auto_headers=(
+                allow_redirects=False, timeout=timeout, skip_auto_headers=(
                     "Accept-Encoding", "User-Agent", "Content-Type")) as resp:
             out = web.StreamResponse(status=resp.status, reason=resp.reason)
             for k, v in resp.headers.items():
