@@ -150,7 +150,8 @@ class UsageTracker:
     async def _flush_scripts(self, requests: dict[str, int], digests: dict[str, set[str]],
                              bucket: int, ttl: int, now: float) -> None:
         """One script call per few dozen clients (one server or Sentinel)."""
-        head = [f"{self.prefix}usage:", bucket, ttl, now, now - self.window]
+        head: list[str | int | float] = [f"{self.prefix}usage:", bucket, ttl, now,
+                                         now - self.window]
         args: list[str | int | float] = []
         for client_id, count in requests.items():
             seen = list(digests[client_id])
