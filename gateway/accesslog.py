@@ -42,7 +42,11 @@ class AccessLog:
         self.interval = interval
         self.enabled = enabled
         self._buffer: list[tuple[Any, ...]] = []
-        self._quoted: dict[str, str] = {}  # recurring values (routes, clients), quoted once
+        # the part of a JSON line that recurs (method, route, client, status, decision),
+        # and remote addresses, each quoted and joined once: most lines differ only in
+        # their id, their timings and their time
+        self._middles: dict[tuple[str, str, str, int, str], str] = {}
+        self._remotes: dict[str | None, str] = {}
 
     def record(self, request_id: str, method: str, route: str, client_id: str, status: int,
                decision: str, seconds: float, upstream_seconds: float, remote: str | None
@@ -52,13 +56,25 @@ class AccessLog:
             self._buffer.append((request_id, method, route, client_id, status, decision,
                                  seconds, upstream_seconds, remote, time.time()))
 
-    def _json_string(self, value: str) -> str:
-        quoted = self._quoted.get(value)
-        if quoted is None:
-            quoted = f'"{value}"' if _PLAIN.fullmatch(value) else _encode_json(value)
-            if len(self._quoted) >= 10_000:
-                self._quoted.clear()
-            self._quoted[value] = quoted
+    @staticmethod
+    def _json_string(value: str) -> str:
+        return f'"{value}"' if _PLAIN.fullmatch(value) else _encode_json(value)
+
+    def _middle(self, key: tuple[str, str, str, int, str]) -> str:
+        method, route, client_id, status, decision = key
+        q = self._json_string
+        middle = (f'"method":{q(method)},"route":{q(route)},"client_id":{q(client_id)},'
+                  f'"status":{status:d},"decision":{q(decision)}')
+        if len(self._middles) >= 10_000:  # client ids come from outside: stay bounded
+            self._middles.clear()
+        self._middles[key] = middle
+        return middle
+
+    def _remote(self, remote: str | None) -> str:
+        quoted = "null" if remote is None else self._json_string(remote)
+        if len(self._remotes) >= 10_000:
+            self._remotes.clear()
+        self._remotes[remote] = quoted
         return quoted
 
     def format(self, values: tuple[Any, ...]) -> str:
@@ -66,12 +82,13 @@ class AccessLog:
         (request_id, method, route, client_id, status, decision, seconds, upstream, remote,
          ts) = values
         if self.fmt == "json":
-            q = self._json_string
+            key = (method, route, client_id, status, decision)
+            middle = self._middles.get(key) or self._middle(key)
+            quoted_remote = self._remotes.get(remote) or self._remote(remote)
             rid = f'"{request_id}"' if _PLAIN.fullmatch(request_id) else _encode_json(request_id)
-            return (f'{{"request_id":{rid},"method":{q(method)},"route":{q(route)},'
-                    f'"client_id":{q(client_id)},"status":{status:d},"decision":{q(decision)},'
-                    f'"duration_ms":{seconds * 1000:.3f},"upstream_ms":{upstream * 1000:.3f},'
-                    f'"remote":{"null" if remote is None else q(remote)},"ts":{ts:.3f}}}')
+            return (f'{{"request_id":{rid},{middle},"duration_ms":{seconds * 1000:.3f},'
+                    f'"upstream_ms":{upstream * 1000:.3f},"remote":{quoted_remote},'
+                    f'"ts":{ts:.3f}}}')
         shown = (request_id, method, route, client_id, status, decision,
                  f"{seconds * 1000:.3f}", f"{upstream * 1000:.3f}", remote, f"{ts:.3f}")
         return " ".join(f"{k}={_text_value(v)}" for k, v in zip(FIELDS, shown, strict=True))

@@ -151,7 +151,8 @@ class TokenCache:
         return self._prefix + digest
 
     async def lookup(self, token: str) -> tuple[str, TokenInfo]:
-        """Return ``(digest, info)``; raise :class:`IntrospectionUnavailable` to fail closed."""
+        """Return ``(digest, info)``, ``info`` inactive when the token is past its ``exp``;
+        raise :class:`IntrospectionUnavailable` to fail closed."""
         digest = self.digester.digest(token)
         info = self.local.get(digest, time.monotonic())
         if info is not None:
@@ -168,7 +169,10 @@ class TokenCache:
             self._reads.read(self.key(digest)).add_done_callback(
                 functools.partial(self._redis_answered, token, digest, future))
         # shielded: a client that hangs up does not cancel what other requests wait on
-        return digest, await asyncio.shield(future)
+        info = await asyncio.shield(future)
+        if info.active and info.expired():  # an entry is never kept past exp; clocks differ
+            return digest, TokenInfo.inactive()
+        return digest, info
 
     def _redis_answered(self, token: str, digest: str, future: asyncio.Future[TokenInfo],
                         read: asyncio.Future[tuple[str | None, int]]) -> None:

@@ -23,6 +23,7 @@ before cannot be checked, and its requests fail closed with 503.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
@@ -95,6 +96,13 @@ class ClientRegistry:
         self.refresh_interval = refresh_interval
         self._records: dict[str, ClientRecord] = {}
         self._last_used: dict[str, float] = {}
+        self._used: set[str] = set()  # ids used since the last refresh
+        # the fields each mirrored record was built from, by the poll
+        self._fields: dict[str, tuple[bool, str | None, str | None]] = {}
+        # reads are numbered as they are sent; a record only takes an answer newer than
+        # the one it holds, so a slow poll cannot undo what an event just re-read
+        self._reads = itertools.count(1)
+        self._applied: dict[str, int] = {}
         self._fetching: dict[str, asyncio.Future[ClientRecord]] = {}
         self._read_records = redis.register_script(_READ_RECORDS)
 
@@ -105,7 +113,7 @@ class ClientRegistry:
         """The mirrored record, if this replica holds one (the hot path: no I/O)."""
         record = self._records.get(client_id)
         if record is not None:
-            self._last_used[client_id] = time.monotonic()
+            self._used.add(client_id)  # timed at the next refresh: no clock read here
         return record
 
     async def get(self, client_id: str) -> ClientRecord:
@@ -121,6 +129,7 @@ class ClientRegistry:
         return await asyncio.shield(future)
 
     async def _fetch(self, client_id: str) -> ClientRecord:
+        read = next(self._reads)
         try:
             fields = await self.redis.hgetall(self.key(client_id))
         except RedisError:
@@ -129,24 +138,39 @@ class ClientRegistry:
                 "The client registry cannot be read, so the client's status is unknown; "
                 "retry later.") from None
         record = ClientRecord.from_hash(client_id, cast(dict[str, str], fields))
-        self._records[client_id] = record
+        if read > self._applied.get(client_id, 0):
+            self._applied[client_id] = read
+            self._records[client_id] = record
+            self._fields.pop(client_id, None)  # not read by the poll: rebuilt by the next
         self._last_used[client_id] = time.monotonic()
-        return record
+        return self._records.get(client_id, record)  # a newer answer, if one came
 
     async def refresh(self, client_ids: list[str] | None = None) -> None:
         """Re-read the given (default: every mirrored) record in one pipelined round trip."""
         ids = list(self._records) if client_ids is None else client_ids
         now = time.monotonic()
         if client_ids is None:  # forget clients unused for a long time
+            for cid in self._used:
+                self._last_used[cid] = now
+            self._used.clear()
             for cid in [c for c in ids if now - self._last_used.get(c, now) > _FORGET_AFTER]:
                 self._records.pop(cid, None)
+                self._fields.pop(cid, None)
+                self._applied.pop(cid, None)
                 self._last_used.pop(cid, None)
             ids = list(self._records)
         for start in range(0, len(ids), _READ_CHUNK):
             chunk = ids[start:start + _READ_CHUNK]
-            for cid, fields in zip(chunk, await self._read(chunk), strict=True):
+            read = next(self._reads)
+            answers = await self._read(chunk)
+            for cid, fields in zip(chunk, answers, strict=True):
+                if read < self._applied.get(cid, 0):  # a newer answer came meanwhile
+                    continue
                 if client_ids is not None or cid in self._records:
-                    self._records[cid] = ClientRecord.from_fields(cid, *fields)
+                    self._applied[cid] = read
+                    if self._fields.get(cid) != fields:  # most polls change nothing
+                        self._records[cid] = ClientRecord.from_fields(cid, *fields)
+                        self._fields[cid] = fields
                     self._last_used.setdefault(cid, now)
 
     async def _read(self, ids: list[str]) -> list[tuple[bool, str | None, str | None]]:
@@ -163,6 +187,8 @@ class ClientRegistry:
     def invalidate(self, client_id: str) -> None:
         """Drop the mirror of one record; the next request re-reads it."""
         self._records.pop(client_id, None)
+        self._fields.pop(client_id, None)
+        self._applied[client_id] = next(self._reads)  # answers to reads sent before: stale
 
     async def run_refresher(self) -> None:
         """Background task: poll every ``refresh_interval``; survives Redis outages."""

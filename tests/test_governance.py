@@ -13,6 +13,8 @@ from pytest_aiohttp import AiohttpServer
 from redis.asyncio import Redis
 
 from gateway import cli
+from gateway.clients import ClientRecord, ClientRegistry
+from gateway.metrics import GatewayMetrics
 from tests.conftest import AuthServer, GatewayFactory, Harness
 from tests.redis_server import RedisServer
 
@@ -179,3 +181,38 @@ async def test_redis_outage_and_restart(make_gateway: GatewayFactory, auth_serve
     await _until_status(gw, 401, 1.5)
     metrics = await gw.metrics()
     assert 'gateway_redis_errors_total{operation="token_cache_get"}' in metrics
+
+
+async def test_a_slow_poll_does_not_undo_a_newer_re_read(redis: Redis) -> None:
+    # the 0.5 s poll reads every record; if an event re-reads one record while the poll's
+    # answer is still on its way, the poll's older answer must not overwrite it
+    registry = ClientRegistry(redis, key_prefix="gw:", metrics=GatewayMetrics())
+    await redis.hset("gw:client:appR", mapping={"disabled": "0"})
+    await registry.refresh(["appR"])
+    assert registry.cached("appR") == ClientRecord("appR", exists=True, disabled=False)
+
+    answered, release = asyncio.Event(), asyncio.Event()
+    read = registry._read
+
+    async def slow_read(ids: list[str]) -> list[tuple[bool, str | None, str | None]]:
+        answer = await read(ids)  # read now (enabled), delivered late
+        if not answered.is_set():  # the poll's read: the first one
+            answered.set()
+            await release.wait()
+        return answer
+
+    registry._read = slow_read  # type: ignore[method-assign]
+    poll = asyncio.create_task(registry.refresh())
+    await answered.wait()
+    await redis.hset("gw:client:appR", "disabled", "1")
+    await registry.refresh(["appR"])  # the event's re-read: newer
+    assert registry.cached("appR") is not None and registry.cached("appR").disabled  # type: ignore[union-attr]
+    release.set()
+    await poll
+    record = registry.cached("appR")
+    assert record is not None and record.disabled
+    # and the next poll still applies changes
+    await redis.hset("gw:client:appR", "disabled", "0")
+    await registry.refresh()
+    record = registry.cached("appR")
+    assert record is not None and not record.disabled
