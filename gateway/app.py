@@ -169,7 +169,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         gw.registry = ClientRegistry(redis, key_prefix=s.key_prefix, metrics=gw.metrics,
                                      refresh_interval=s.client_refresh_interval)
         usage = UsageTracker(redis, key_prefix=s.key_prefix, metrics=gw.metrics,
-                             window=s.usage_window)
+                             window=s.usage_window, flush_interval=s.usage_flush_interval)
         forwarder = UpstreamForwarder(
             upstream_session, connect_timeout=s.upstream_connect_timeout,
             upstream_timeout=s.upstream_timeout, max_body_size=s.max_body_size,

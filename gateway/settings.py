@@ -135,6 +135,8 @@ class Settings:
         "seconds in-flight requests get to finish on SIGTERM"))
     usage_window: int = field(default=3600, metadata=_doc(
         "seconds of the fleet-wide token-usage window per client"))
+    usage_flush_interval: float = field(default=1.0, metadata=_doc(
+        "seconds between writes of this replica's usage counts to Redis"))
     trusted_proxies: int = field(default=0, metadata=_doc(
         "how many proxies in front of the gateway append to `X-Forwarded-For` "
         "(0: the client's own address is used)"))
@@ -245,7 +247,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError("GATEWAY_REDIS_URL: expected a redis://, rediss://, unix://, "
                             "redis+sentinel:// or redis+cluster:// URL")
     for name in ("local_cache_ttl", "cache_max_ttl", "negative_cache_ttl", "local_cache_size",
-                 "max_body_size", "max_auth_header", "client_refresh_interval", "workers"):
+                 "max_body_size", "max_auth_header", "client_refresh_interval", "workers",
+                 "usage_flush_interval"):
         if getattr(s, name) <= 0:
             raise SettingsError(f"{env_name(name)}: must be greater than 0")
 

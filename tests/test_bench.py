@@ -5,11 +5,17 @@ Timings are the benchmark's business, not the test's: nothing here asserts a fig
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
 
-from gateway.bench.load import TokenPlan, Workload, parse_wrk, wrk_script
+import pytest
+from aiohttp import web
+from pytest_aiohttp import AiohttpServer
+
+from gateway.bench import instructions
+from gateway.bench.load import TokenPlan, Workload, parse_wrk, run_fixed_rate, wrk_script
 
 
 def test_bench_prints_the_table_with_a_ratio() -> None:
@@ -54,3 +60,44 @@ Requests/sec:   6000.00
     result = parse_wrk(output, 2)
     assert (result.requests, result.seconds, result.errors) == (12000, 2.0, 3)
     assert (result.p50_ms, result.p99_ms) == (0.812, 1050.0)
+
+
+async def test_open_loop_latency_counts_a_stall_from_when_requests_were_due(
+        aiohttp_server: AiohttpServer) -> None:
+    # one connection, 100 requests/s; the 50th answer takes 200 ms. A closed loop would
+    # send nothing meanwhile and count one slow request; the open loop keeps the
+    # schedule, so the ~20 requests due during the stall count their wait as well
+    seen = 0
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal seen
+        seen += 1
+        assert request.headers["Authorization"].startswith("Bearer t0.")
+        if seen == 50:
+            await asyncio.sleep(0.2)
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get("/2/0/x", handler)
+    server = await aiohttp_server(app)
+    result = await run_fixed_rate(str(server.make_url("")).rstrip("/"), Workload("/2/0/x"),
+                                  rate=100, seconds=2, connections=1)
+    assert (result.requests, result.errors) == (200, 0)
+    assert seen == 200
+    assert result.p99_ms > 100  # the stall, as every request due during it saw it
+    assert result.p50_ms < 50
+
+
+@pytest.mark.skipif(not instructions.available(), reason="valgrind is not installed")
+def test_bench_counts_instructions_per_request_under_callgrind() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.bench", "--scenarios", "instructions",
+         "--instruction-requests", "100", "--generator", "asyncio"],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = re.search(r"bare ([\d,]+)k, gateway ([\d,]+)k a request: "
+                      r"\*\*gateway/bare (\d+\.\d+)\*\*", done.stdout)
+    assert found, done.stdout
+    bare, gateway = (int(found.group(i).replace(",", "")) for i in (1, 2))
+    assert bare > 0 and gateway > 0
+    assert float(found.group(3)) == pytest.approx(gateway / bare, abs=0.01)

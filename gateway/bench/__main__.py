@@ -23,13 +23,17 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser.add_argument("--connections", type=int, default=32,
                         help="concurrent keep-alive connections (default 32)")
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS),
-                        default=list(SCENARIOS), metavar="NAME",
-                        help=f"any of {', '.join(SCENARIOS)} (default: all)")
+                        default=list(Options().scenarios), metavar="NAME",
+                        help=f"any of {', '.join(SCENARIOS)} (default: all but "
+                             "instructions, which needs valgrind and takes ~2 minutes)")
     parser.add_argument("--quick", action="store_true",
                         help="2-second runs, 1 MiB bodies only: about 40 seconds in all")
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="let every process run on every CPU (default: the proxy under "
                              "test alone on the last CPU, everything else on the others)")
+    parser.add_argument("--instruction-requests", type=int, default=None, metavar="N",
+                        help="requests counted per proxy by the instructions scenario "
+                             "(default 2000)")
     parser.add_argument("--generator", choices=("auto", "wrk", "asyncio"), default="auto",
                         help="load generator (default: wrk when on PATH, else asyncio)")
     args = parser.parse_args(argv)
@@ -43,6 +47,10 @@ def parse_options(argv: list[str] | None = None) -> Options:
     duration = args.duration if args.duration is not None else 2.0 if args.quick else 8.0
     options = Options(duration=duration, connections=args.connections, generator=generator,
                       scenarios=tuple(dict.fromkeys(args.scenarios)), pin=args.pin)
+    if args.instruction_requests is not None:
+        if args.instruction_requests < 1:
+            parser.error("--instruction-requests must be positive")
+        options = dataclasses.replace(options, instruction_requests=args.instruction_requests)
     if args.quick:
         options = dataclasses.replace(options, bodies=("1 MiB down", "1 MiB up"))
     return options

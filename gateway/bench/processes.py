@@ -208,24 +208,28 @@ async def wait_http(url: str, proc: Managed, *, within: float = 20.0,
 
 
 class ServiceProcess(Managed):
-    """One of :mod:`gateway.bench.services` on ``port``."""
+    """One of :mod:`gateway.bench.services` on ``port``; ``wrapper`` runs it under another
+    program (valgrind), which may take ``ready_within`` seconds to start."""
 
     def __init__(self, kind: str, workdir: Path, *, port: int, args: tuple[str, ...] = (),
-                 name: str | None = None, cpus: set[int] | None = None) -> None:
+                 name: str | None = None, cpus: set[int] | None = None,
+                 wrapper: tuple[str, ...] = (), ready_within: float = 20.0) -> None:
         super().__init__(name or kind, workdir, cpus)
         self.kind = kind
         self.port = port
         self.args = args
+        self.wrapper = wrapper
+        self.ready_within = ready_within
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        self.spawn([sys.executable, "-m", "gateway.bench.services", self.kind,
+        self.spawn([*self.wrapper, sys.executable, "-m", "gateway.bench.services", self.kind,
                     "--port", str(self.port), *self.args])
         await wait_http(self.url + "/stats" if self.kind == "introspection" else self.url,
-                        self)
+                        self, within=self.ready_within)
 
 
 def gateway_command() -> list[str]:
@@ -240,8 +244,11 @@ class GatewayProcess(Managed):
     """``oauth-gateway serve`` configured through its environment only."""
 
     def __init__(self, workdir: Path, settings: dict[str, str], *, name: str = "gateway",
-                 cpus: set[int] | None = None) -> None:
+                 cpus: set[int] | None = None, wrapper: tuple[str, ...] = (),
+                 ready_within: float = 30.0) -> None:
         super().__init__(name, workdir, cpus)
+        self.wrapper = wrapper
+        self.ready_within = ready_within
         self.port = free_port()
         # worker i serves its admin listener on admin_port + i
         self.admin_port = free_port_block(int(settings.get("workers", "1")), avoid=self.port)
@@ -263,9 +270,10 @@ class GatewayProcess(Managed):
     async def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         env.update({f"GATEWAY_{k.upper()}": v for k, v in self.settings.items()})
-        self.spawn(gateway_command(), env)
+        self.spawn([*self.wrapper, *gateway_command()], env)
         for worker in range(self.workers):
-            await wait_http(self.admin_url(worker) + "/readyz", self, want=200, within=30)
+            await wait_http(self.admin_url(worker) + "/readyz", self, want=200,
+                            within=self.ready_within)
 
     async def metrics(self) -> dict[str, float]:
         """``/metrics`` of every worker, summed: ``'name{labels}' -> value``."""

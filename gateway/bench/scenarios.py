@@ -93,6 +93,8 @@ class Options:
     bodies: tuple[str, ...] = ("1 KiB down", "1 MiB down", "1 KiB up", "1 MiB up")
     #: the proxy under test alone on one CPU, everything else on the others
     pin: bool = True
+    #: requests counted per proxy by the instructions scenario
+    instruction_requests: int = 2000
 
 
 @dataclass(slots=True)
@@ -235,7 +237,8 @@ class Bench:
         }
 
     @contextlib.asynccontextmanager
-    async def gateway(self, **overrides: str) -> AsyncIterator[GatewayProcess]:
+    async def gateway(self, wrapper: tuple[str, ...] = (), ready_within: float = 30.0,
+                      **overrides: str) -> AsyncIterator[GatewayProcess]:
         """A fresh gateway on an emptied Redis holding the 300 client records."""
         assert self.redis is not None
         await self.redis.flushall()
@@ -244,7 +247,7 @@ class Bench:
                 pipe.hset(f"gw:client:client{n}", mapping={"disabled": "0", "scopes": SCOPES})
             await pipe.execute()
         gw = GatewayProcess(self.workdir, self.gateway_settings(**overrides),
-                            cpus=self.proxy_cpus)
+                            cpus=self.proxy_cpus, wrapper=wrapper, ready_within=ready_within)
         try:
             await gw.start()
             yield gw
@@ -484,9 +487,25 @@ async def latency(bench: Bench, report: Report) -> None:
         + (f"; {errors} errors" if errors else ""))
 
 
+async def instructions(bench: Bench, report: Report) -> None:
+    """Instructions per request under callgrind (:mod:`gateway.bench.instructions`)."""
+    from . import instructions as counting
+
+    if not counting.available():
+        report.notes.append("instructions: skipped, valgrind is not on PATH "
+                            "(Debian: apt-get install valgrind)")
+        return
+    requests = bench.options.instruction_requests
+    bare, gateway = await counting.measure(bench, requests)
+    report.notes.append(
+        f"instructions (callgrind, user space, {requests:,} steady requests each, "
+        f"the gateway's timers off): bare {bare / 1000:,.0f}k, gateway {gateway / 1000:,.0f}k "
+        f"a request: **gateway/bare {gateway / bare:.3f}**")
+
+
 SCENARIOS: dict[str, Callable[[Bench, Report], Awaitable[None]]] = {
     "steady": steady, "many-tokens": many_tokens, "cold": cold, "bodies": bodies,
-    "scaling": scaling, "latency": latency, "memory": memory,
+    "scaling": scaling, "latency": latency, "memory": memory, "instructions": instructions,
 }
 
 
