@@ -128,6 +128,43 @@ class EntryReader:
             self._drainer = None
 
 
+class _Flight:
+    """One look-up on its way (Redis, then maybe the validator) and the requests waiting
+    for it. Each waiter has a future of its own, so a client that hangs up cancels only
+    its own wait (what ``asyncio.shield`` gave, with one future a waiter instead of two
+    and their callbacks). Settling it answers every waiter and ends the flight."""
+
+    __slots__ = ("digest", "inflight", "waiters")
+
+    def __init__(self, inflight: dict[str, _Flight], digest: str) -> None:
+        self.inflight = inflight
+        self.digest = digest
+        self.waiters: list[asyncio.Future[TokenInfo]] = []
+        inflight[digest] = self
+
+    def wait(self) -> asyncio.Future[TokenInfo]:
+        waiter: asyncio.Future[TokenInfo] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        return waiter
+
+    def _settled(self) -> list[asyncio.Future[TokenInfo]]:
+        if self.inflight.get(self.digest) is self:
+            del self.inflight[self.digest]
+        return [w for w in self.waiters if not w.done()]  # a waiter may have given up
+
+    def set_result(self, info: TokenInfo) -> None:
+        for waiter in self._settled():
+            waiter.set_result(info)
+
+    def set_exception(self, exc: BaseException) -> None:
+        for waiter in self._settled():
+            waiter.set_exception(exc)
+
+    def cancel(self) -> None:
+        for waiter in self._settled():
+            waiter.cancel()
+
+
 class TokenCache:
     """Answer "what is this token?" from the cheapest layer that knows."""
 
@@ -143,7 +180,7 @@ class TokenCache:
         self._local_ttl = local_ttl
         self._max_ttl = max_ttl
         self._negative_ttl = negative_ttl
-        self._inflight: dict[str, asyncio.Future[TokenInfo]] = {}
+        self._inflight: dict[str, _Flight] = {}
         self._validating: set[asyncio.Task[None]] = set()  # referenced until done
         self._reads = EntryReader(redis)
 
@@ -161,20 +198,17 @@ class TokenCache:
                 return digest, TokenInfo.inactive()
             return digest, info
         self.metrics.cache_local_miss.inc()
-        future = self._inflight.get(digest)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            self._inflight[digest] = future
-            future.add_done_callback(lambda _f: self._inflight.pop(digest, None))
+        flight = self._inflight.get(digest)
+        if flight is None:
+            flight = _Flight(self._inflight, digest)
             self._reads.read(self.key(digest)).add_done_callback(
-                functools.partial(self._redis_answered, token, digest, future))
-        # shielded: a client that hangs up does not cancel what other requests wait on
-        info = await asyncio.shield(future)
+                functools.partial(self._redis_answered, token, digest, flight))
+        info = await flight.wait()
         if info.active and info.expired():  # an entry is never kept past exp; clocks differ
             return digest, TokenInfo.inactive()
         return digest, info
 
-    def _redis_answered(self, token: str, digest: str, future: asyncio.Future[TokenInfo],
+    def _redis_answered(self, token: str, digest: str, future: _Flight,
                         read: asyncio.Future[tuple[str | None, int]]) -> None:
         """Redis answered a look-up: a hit settles it here (no task of its own, the
         common case when the in-process layer misses), a miss goes to the validator."""
@@ -206,18 +240,18 @@ class TokenCache:
         self._validating.add(validating)
         validating.add_done_callback(self._validating.discard)
 
-    async def _validate(self, token: str, digest: str, future: asyncio.Future[TokenInfo]
-                        ) -> None:
+    async def _validate(self, token: str, digest: str, future: _Flight) -> None:
         try:
             info = await self._introspect(token, digest)
+        except asyncio.CancelledError:  # shutdown
+            future.cancel()
+            raise
         except BaseException as exc:  # handed to every waiter
-            if not future.done():
-                future.set_exception(exc)
+            future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
         else:
-            if not future.done():
-                future.set_result(info)
+            future.set_result(info)
 
     async def _introspect(self, token: str, digest: str) -> TokenInfo:
         """Ask the validator about a token Redis does not know; cache its answer."""

@@ -223,6 +223,28 @@ async def test_concurrent_requests_share_one_introspection(
     assert auth_server.calls == 1
 
 
+async def test_a_request_that_gives_up_does_not_fail_the_others_waiting(
+        make_gateway: GatewayFactory, auth_server: AuthServer) -> None:
+    # three look-ups of one token share one introspection; the first request's client
+    # hangs up (its wait is cancelled) before the answer: the other two still get it
+    auth_server.issue(TOKEN)
+    auth_server.delay = 0.3
+    gw = await make_gateway()
+    assert gw.gw.pipeline is not None
+    cache = gw.gw.pipeline.cache
+    first = asyncio.create_task(cache.lookup(TOKEN))
+    others = [asyncio.create_task(cache.lookup(TOKEN)) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    first.cancel()
+    answers = await asyncio.gather(*others)
+    assert [info.active for _, info in answers] == [True, True]
+    assert first.cancelled()
+    assert auth_server.calls == 1
+    assert (await gw.client.get("/2/0/x", headers={"Authorization": f"Bearer {TOKEN}"})
+            ).status == 200
+    assert auth_server.calls == 1  # cached by the flight the first request left
+
+
 async def test_bad_tokens_are_negatively_cached(make_gateway: GatewayFactory,
                                                 auth_server: AuthServer) -> None:
     gw = await make_gateway()
