@@ -190,14 +190,27 @@ class TokenCache:
     async def lookup(self, token: str) -> tuple[str, TokenInfo]:
         """Return ``(digest, info)``, ``info`` inactive when the token is past its ``exp``;
         raise :class:`IntrospectionUnavailable` to fail closed."""
+        digest, info = self.cached(token)
+        if info is None:
+            info = await self.fetch(token, digest)
+        return digest, info
+
+    def cached(self, token: str) -> tuple[str, TokenInfo | None]:
+        """The in-process layer alone (the common case, no coroutine): ``(digest, info)``,
+        ``info`` None when that layer does not know the token (then :meth:`fetch`)."""
         digest = self.digester.digest(token)
         info = self.local.get(digest, time.monotonic())
-        if info is not None:
-            self.metrics.cache_local_hit.inc()
-            if info.active and info.expired():
-                return digest, TokenInfo.inactive()
-            return digest, info
-        self.metrics.cache_local_miss.inc()
+        if info is None:
+            self.metrics.cache_local_miss.inc()
+            return digest, None
+        self.metrics.cache_local_hit.inc()
+        if info.active and info.expired():
+            return digest, TokenInfo.inactive()
+        return digest, info
+
+    async def fetch(self, token: str, digest: str) -> TokenInfo:
+        """Redis, then the validator, for a token the in-process layer does not know;
+        concurrent fetches of one token share one flight."""
         flight = self._inflight.get(digest)
         if flight is None:
             flight = _Flight(self._inflight, digest)
@@ -205,8 +218,8 @@ class TokenCache:
                 functools.partial(self._redis_answered, token, digest, flight))
         info = await flight.wait()
         if info.active and info.expired():  # an entry is never kept past exp; clocks differ
-            return digest, TokenInfo.inactive()
-        return digest, info
+            return TokenInfo.inactive()
+        return info
 
     def _redis_answered(self, token: str, digest: str, future: _Flight,
                         read: asyncio.Future[tuple[str | None, int]]) -> None:

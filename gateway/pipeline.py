@@ -146,7 +146,9 @@ class ProxyPipeline:
         # parsing an absent query string still costs a microsecond
         query = request.query if "?" in request.raw_path else _NO_QUERY
         token = extract_token(request.headers, query, max_header=self.max_auth_header)
-        digest, info = await self.cache.lookup(token.value)  # an expired token: inactive
+        digest, info = self.cache.cached(token.value)  # an expired token: inactive
+        if info is None:
+            info = await self.cache.fetch(token.value, digest)
         if not info.active:
             raise InvalidToken("The access token is invalid, expired or revoked.")
         client_id = state.client_id = info.client_id
