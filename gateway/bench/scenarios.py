@@ -461,14 +461,18 @@ async def memory(bench: Bench, report: Report) -> None:
 
 
 async def latency(bench: Bench, report: Report) -> None:
-    """Added latency where it matters: at half the bare proxy's saturation rate, open loop
-    (requests are due on a fixed schedule; latency counts from when each was due)."""
+    """Added latency where it matters: at half the bare proxy's saturation rate (its best
+    of three closed-loop runs), open loop (requests are due on a fixed schedule; latency
+    counts from when each was due)."""
     workload = Workload(SMALL, TokenPlan("cycle", count=CLIENTS))
     async with bench.gateway() as gw:
         bare_url = bench.bare.url
         await bench.warm(bare_url, workload)
         await bench.warm(gw.url, workload)
-        saturation = (await bench.load(bare_url, bench._next(bare_url, workload), 2.0)).rps
+        # the best of three 1-second closed-loop runs: on a shared machine a single run
+        # often reads low, and half of a low reading is no test at all
+        saturation = max([(await bench.load(bare_url, bench._next(bare_url, workload), 1.0)).rps
+                          for _ in range(3)])
         rate = max(100.0, saturation / 2)
         seconds = max(2.0, bench.options.duration / 2)
         runs: dict[str, list[LoadResult]] = {"bare": [], "gateway": []}
