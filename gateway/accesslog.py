@@ -14,7 +14,7 @@ import json
 import re
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 FIELDS = ("request_id", "method", "route", "client_id", "status", "decision", "duration_ms",
           "upstream_ms", "remote", "ts")
@@ -30,6 +30,18 @@ def _text_value(value: Any) -> str:
     if not text or any(c in text for c in ' ="\\') or not text.isprintable():
         return json.dumps(text)
     return text
+
+
+_K = TypeVar("_K")
+
+
+def _remember(cache: dict[_K, str], key: _K, value: str) -> str:
+    """Keep ``value`` under ``key``; values come from outside (client ids), so the cache
+    is emptied when full rather than left to grow."""
+    if len(cache) >= 10_000:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 class AccessLog:
@@ -63,19 +75,13 @@ class AccessLog:
     def _middle(self, key: tuple[str, str, str, int, str]) -> str:
         method, route, client_id, status, decision = key
         q = self._json_string
-        middle = (f'"method":{q(method)},"route":{q(route)},"client_id":{q(client_id)},'
-                  f'"status":{status:d},"decision":{q(decision)}')
-        if len(self._middles) >= 10_000:  # client ids come from outside: stay bounded
-            self._middles.clear()
-        self._middles[key] = middle
-        return middle
+        return _remember(self._middles, key, (
+            f'"method":{q(method)},"route":{q(route)},"client_id":{q(client_id)},'
+            f'"status":{status:d},"decision":{q(decision)}'))
 
     def _remote(self, remote: str | None) -> str:
-        quoted = "null" if remote is None else self._json_string(remote)
-        if len(self._remotes) >= 10_000:
-            self._remotes.clear()
-        self._remotes[remote] = quoted
-        return quoted
+        return _remember(self._remotes, remote,
+                         "null" if remote is None else self._json_string(remote))
 
     def format(self, values: tuple[Any, ...]) -> str:
         """One line from the values :meth:`record` kept."""

@@ -190,39 +190,31 @@ class GatewayMetrics:
                 self._route_children[route] = (self.request_duration.labels(route),
                                                self.upstream_duration.labels(route))
 
-    # The three methods below run on every request: the children are found in one dict
-    # look-up each and updated in place (``CounterChild.inc`` and
-    # ``HistogramChild.observe`` inlined: a call each was a tenth of the metrics' cost).
-
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)
         child = self._request_children.get(key)
         if child is None:
             m = method if method in HTTP_METHODS else "OTHER"
             child = self._request_children[key] = self.requests.labels(route, m, str(status))
-        child.value += 1
+        child.inc()
         pair = self._route_children.get(route)
         if pair is None:
             self.bind_routes([route])
             pair = self._route_children[route]
-        histogram = pair[0]
-        histogram.counts[bisect_left(histogram.bounds, seconds)] += 1
-        histogram.sum += seconds
+        pair[0].observe(seconds)
 
     def observe_upstream(self, route: str, seconds: float, status: int) -> None:
         pair = self._route_children.get(route)
         if pair is None:
             self.bind_routes([route])
             pair = self._route_children[route]
-        histogram = pair[1]
-        histogram.counts[bisect_left(histogram.bounds, seconds)] += 1
-        histogram.sum += seconds
+        pair[1].observe(seconds)
         key = (route, status // 100)
         child = self._upstream_children.get(key)
         if child is None:
             child = self._upstream_children[key] = self.upstream_responses.labels(
                 route, f"{key[1]}xx")
-        child.value += 1
+        child.inc()
 
     def decision(self, client_id: str | None, decision: str) -> None:
         key = (client_id or "unknown", decision)
@@ -233,4 +225,4 @@ class GatewayMetrics:
                 child = self._decision_children.get(key)
             if child is None:
                 child = self._decision_children[key] = self.auth_decisions.labels(*key)
-        child.value += 1
+        child.inc()

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .load import TokenPlan, Workload, run_asyncio
 from .processes import Managed, ServiceProcess, free_port
+from .scenarios import CLIENTS, SMALL, Bench
 
 WARM_UP = 300
 #: the gateway's per-second work, off for the count (see the module docstring)
@@ -78,12 +79,8 @@ async def count(proc: Managed, url: str, workdir: Path, workload: Workload,
     return _total(workdir, proc.pid) / result.requests
 
 
-async def measure(bench: object, requests: int) -> tuple[float, float]:
-    """(bare, gateway) user-space instructions per request; ``bench`` is a
-    :class:`~gateway.bench.scenarios.Bench`."""
-    from .scenarios import CLIENTS, SMALL, Bench
-
-    assert isinstance(bench, Bench)
+async def measure(bench: Bench, requests: int) -> tuple[float, float]:
+    """(bare, gateway) user-space instructions per request."""
     workload = Workload(SMALL, TokenPlan("cycle", count=CLIENTS))
     wrapper = callgrind(bench.workdir)
     bare = ServiceProcess("bare", bench.workdir, port=free_port(), name="bare-callgrind",
