@@ -5,7 +5,7 @@ Two aiohttp applications share one :class:`Gateway`:
 - the proxy app (``GATEWAY_LISTEN``): client traffic, all paths go to the pipeline;
 - the admin app (``GATEWAY_ADMIN_LISTEN``): ``/metrics``, ``/healthz``, ``/readyz``.
 
-Resources (Redis pool, upstream ``ClientSession``, background tasks) are owned by the
+Resources (Redis pool, upstream connection pool, background tasks) are owned by the
 proxy app's ``cleanup_ctx``: set up before ``yield``, torn down after.
 """
 
@@ -34,6 +34,7 @@ from .metrics import GatewayMetrics
 from .pipeline import ProxyPipeline
 from .policy import PolicyError, RoutePolicy, load_policy
 from .proxy import UpstreamForwarder
+from .upstream import UpstreamPool
 from .settings import Settings
 from .tokens import TokenDigester
 from .usage import UsageTracker
@@ -135,11 +136,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     redis = gw.redis if gw.redis is not None else store.connect(s.redis_url)
     owns_redis = gw.redis is None
     gw.redis = redis
-    connector = aiohttp.TCPConnector(limit=s.upstream_pool_size, limit_per_host=0,
-                                     ttl_dns_cache=60, enable_cleanup_closed=True)
-    upstream_session = aiohttp.ClientSession(
-        connector=connector, auto_decompress=False, trust_env=False, cookie_jar=
-        aiohttp.DummyCookieJar())
+    upstream_pool = UpstreamPool(limit=s.upstream_pool_size,
+                                 connect_timeout=s.upstream_connect_timeout)
     auth_session = aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
     try:
         try:
@@ -171,8 +169,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         usage = UsageTracker(redis, key_prefix=s.key_prefix, metrics=gw.metrics,
                              window=s.usage_window, flush_interval=s.usage_flush_interval)
         forwarder = UpstreamForwarder(
-            upstream_session, connect_timeout=s.upstream_connect_timeout,
-            upstream_timeout=s.upstream_timeout, max_body_size=s.max_body_size,
+            upstream_pool, upstream_timeout=s.upstream_timeout, max_body_size=s.max_body_size,
             trusted_proxies=s.trusted_proxies)
         gw.pipeline = ProxyPipeline(
             policy=gw.policy, cache=gw.cache, registry=gw.registry, forwarder=forwarder,
@@ -195,7 +192,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             task.cancel()
         await asyncio.gather(*gw.tasks, return_exceptions=True)
         gw.tasks.clear()
-        await upstream_session.close()
+        await upstream_pool.close()
         await auth_session.close()
         if owns_redis:
             await redis.aclose()

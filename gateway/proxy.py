@@ -23,14 +23,13 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDictProxy
-from yarl import URL
 
 from .errors import BadGateway, GatewayError, GatewayTimeout, PayloadTooLarge
 from .policy import Route, Upstream, replacement_credential
 from .tokens import PresentedToken
+from .upstream import Origin, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -49,8 +48,17 @@ def _dropped(headers: CIMultiDictProxy[str], always: frozenset[str]) -> frozense
     """``always``, plus every header the ``Connection`` header names."""
     if "Connection" not in headers:
         return always
-    names = {v.strip().lower() for value in headers.getall("Connection")
-             for v in value.split(",")}
+    return _named(always, headers.getall("Connection"))
+
+
+def _dropped_from(headers: list[tuple[str, str]], always: frozenset[str]) -> frozenset[str]:
+    """As :func:`_dropped`, for the upstream's headers (a list of pairs)."""
+    values = [v for k, v in headers if len(k) == 10 and k.lower() == "connection"]
+    return _named(always, values) if values else always
+
+
+def _named(always: frozenset[str], values: list[str]) -> frozenset[str]:
+    names = {v.strip().lower() for value in values for v in value.split(",")}
     names.discard("")
     return always | names
 
@@ -62,8 +70,8 @@ class _BodyTooLarge(Exception):
 class _CappedBody:
     """The client's body, streamed in chunks; raises once it passes ``limit`` bytes.
 
-    ``exceeded`` records it, because aiohttp reports an exception raised while it
-    writes a body as a connection error whose wrapping varies between versions.
+    ``exceeded`` records it: the upstream client reports a body that failed as a failed
+    exchange, and the forwarder answers 413 rather than 502 when this was why.
     """
 
     def __init__(self, request: web.Request, limit: int) -> None:
@@ -82,33 +90,28 @@ class _CappedBody:
 
 
 class UpstreamForwarder:
-    """Forwards allowed requests over one pooled ``ClientSession`` owned by the app."""
+    """Forwards allowed requests over the app's :class:`~gateway.upstream.UpstreamPool`."""
 
-    def __init__(self, session: aiohttp.ClientSession, *, connect_timeout: float,
-                 upstream_timeout: float, max_body_size: int, trusted_proxies: int = 0
-                 ) -> None:
-        self.session = session
+    def __init__(self, pool: UpstreamPool, *, upstream_timeout: float, max_body_size: int,
+                 trusted_proxies: int = 0) -> None:
+        self.pool = pool
         self.upstream_timeout = upstream_timeout
         self.max_body_size = max_body_size
         self.trusted_proxies = trusted_proxies
-        self._connect_timeout = connect_timeout
-        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._hosts: dict[str, str] = {}
+        self._places: dict[str, tuple[Origin, str]] = {}
 
-    def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
-        """Connect within the connect timeout; 504 when the upstream is silent for
-        ``seconds`` (aiohttp's ``sock_read``, cheaper than a deadline of our own)."""
-        timeout = self._timeouts.get(seconds)
-        if timeout is None:
-            timeout = self._timeouts[seconds] = aiohttp.ClientTimeout(
-                total=None, connect=self._connect_timeout,
-                sock_connect=self._connect_timeout, sock_read=seconds)
-        return timeout
+    def _place(self, upstream: Upstream) -> tuple[Origin, str]:
+        """Where ``upstream``'s requests go: its origin and the path prefix of its URL."""
+        place = self._places.get(upstream.url)
+        if place is None:
+            place = self._places[upstream.url] = (self.pool.origin(upstream.url),
+                                                  upstream.base_path)
+        return place
 
     def upstream_headers(self, request: web.Request, upstream: Upstream,
                          token: PresentedToken, request_id: str) -> list[tuple[str, str]]:
-        """The headers the upstream receives, in order (a list: cheaper to build than a
-        multidict, and aiohttp copies them into its own anyway)."""
+        """The headers the upstream receives, in order."""
         headers = request.headers
         extend = self.trusted_proxies > 0 and "X-Forwarded-For" in headers
         drop = _dropped(headers, _REQUEST_DROP if extend else _UNTRUSTED_DROP)
@@ -147,26 +150,23 @@ class UpstreamForwarder:
             raise PayloadTooLarge(
                 f"The request body exceeds the limit of {self.max_body_size} bytes.")
         upstream = route.upstream
-        url = URL(upstream.url + request.raw_path, encoded=True)
+        origin, target = self._place(upstream)
         headers = self.upstream_headers(request, upstream, token, request_id)
         data: _CappedBody | None = None
         if request.body_exists:
             data = _CappedBody(request, self.max_body_size)
-            if length is not None:
-                headers.append(("Content-Length", str(length)))
         started = time.perf_counter()
         limit = upstream.timeout or self.upstream_timeout
         try:
-            resp = await self.session.request(
-                request.method, url, headers=headers, data=data, allow_redirects=False,
-                timeout=self._timeout(limit), auto_decompress=False, skip_auto_headers=(
-                    "Accept-Encoding", "User-Agent", "Content-Type"))
-        except (_BodyTooLarge, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            resp = await self.pool.request(
+                request.method, origin, target + request.raw_path, headers, timeout=limit,
+                body=data, content_length=length)
+        except UpstreamError as exc:
             if data is not None and data.exceeded:
                 raise PayloadTooLarge(
                     f"The request body exceeds the limit of {self.max_body_size} bytes."
                 ) from None
-            raise self._failure(exc, time.perf_counter() - started, limit) from None
+            raise self._failure(exc, limit) from None
         observe_upstream(time.perf_counter() - started, resp.status)
         try:
             return await self._relay(request, resp, request_id)
@@ -174,35 +174,31 @@ class UpstreamForwarder:
             resp.release()
 
     @staticmethod
-    def _failure(exc: BaseException, elapsed: float, limit: float) -> GatewayError:
+    def _failure(exc: UpstreamError, limit: float) -> GatewayError:
         """The answer to an exchange that produced no upstream response."""
-        if isinstance(exc, aiohttp.ClientPayloadError):
-            return BadGateway("The upstream broke the exchange.")
-        if isinstance(exc, TimeoutError):  # aiohttp.ServerTimeoutError included
-            if elapsed >= limit * 0.99:
-                return GatewayTimeout(f"The upstream did not answer within {limit:g} seconds.")
-            return BadGateway("The upstream could not be reached in time.")
-        return BadGateway("The upstream could not be reached.")
+        if isinstance(exc, UpstreamTimeout):
+            return GatewayTimeout(f"The upstream did not answer within {limit:g} seconds.")
+        return BadGateway(str(exc))
 
-    async def _relay(self, request: web.Request, resp: aiohttp.ClientResponse,
+    async def _relay(self, request: web.Request, resp: UpstreamResponse,
                      request_id: str) -> web.StreamResponse:
-        drop = _dropped(resp.headers, _RESPONSE_DROP)
-        out = web.StreamResponse(status=resp.status, reason=resp.reason)
-        out.headers.extend([*[(k, v) for k, v in resp.headers.items() if k.lower() not in drop],
+        drop = _dropped_from(resp.headers, _RESPONSE_DROP)
+        out = web.StreamResponse(status=resp.status, reason=resp.reason or None)
+        out.headers.extend([*[(k, v) for k, v in resp.headers if k.lower() not in drop],
                             ("X-Request-Id", request_id)])
-        if resp.content_length is not None and request.method != "HEAD" \
-                and resp.status not in (204, 304):
+        head = request.method == "HEAD"
+        if resp.content_length is not None and not head and resp.status not in (204, 304):
             out.content_length = resp.content_length
-        elif request.method == "HEAD" and "Content-Length" in resp.headers:
-            out.headers["Content-Length"] = resp.headers["Content-Length"]
+        elif head and resp.content_length is not None:
+            out.headers["Content-Length"] = str(resp.content_length)
         await out.prepare(request)
-        if request.method == "HEAD" or resp.status in (204, 304):
+        if head or resp.status in (204, 304):
             await out.write_eof()
             return out
         try:
-            async for chunk in resp.content.iter_chunked(_CHUNK):
+            while chunk := await resp.read():
                 await out.write(chunk)
-        except (aiohttp.ClientError, TimeoutError):
+        except UpstreamError:
             # headers are gone already: the only honest signal left is a broken stream
             if request.transport is not None:
                 request.transport.close()
