@@ -34,9 +34,9 @@ from .metrics import GatewayMetrics
 from .pipeline import ProxyPipeline
 from .policy import PolicyError, RoutePolicy, load_policy
 from .proxy import UpstreamForwarder
-from .upstream import UpstreamPool
 from .settings import Settings
 from .tokens import TokenDigester
+from .upstream import UpstreamPool
 from .usage import UsageTracker
 from .validators.base import TokenValidator
 

@@ -159,7 +159,7 @@ class UpstreamForwarder:
         limit = upstream.timeout or self.upstream_timeout
         try:
             resp = await self.pool.request(
-                request.method, origin, target + request.raw_path, headers, timeout=limit,
+                request.method, origin, target + request.raw_path, headers, read_timeout=limit,
                 body=data, content_length=length)
         except UpstreamError as exc:
             if data is not None and data.exceeded:

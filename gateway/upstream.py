@@ -232,12 +232,13 @@ class _Connection(asyncio.Protocol):
             self.timer = None
 
     async def exchange(self, head: bytes, body: AsyncIterable[bytes] | None, chunked: bool,
-                       head_only: bool, timeout: float) -> UpstreamResponse:
-        self.head = future = self.loop.create_future()
+                       head_only: bool, read_timeout: float) -> UpstreamResponse:
+        future: asyncio.Future[UpstreamResponse] = self.loop.create_future()
+        self.head = future
         self.response = None
         self.head_only = head_only
         self.head_bytes = 0
-        self.timeout = timeout
+        self.timeout = read_timeout
         transport = self.transport
         assert transport is not None
         transport.write(head)
@@ -418,7 +419,7 @@ class UpstreamPool:
         return origin
 
     async def request(self, method: str, origin: Origin, target: str,
-                      headers: list[tuple[str, str]], *, timeout: float,
+                      headers: list[tuple[str, str]], *, read_timeout: float,
                       body: AsyncIterable[bytes] | None = None,
                       content_length: int | None = None) -> UpstreamResponse:
         """Send ``method target`` with ``headers`` (``Host`` included, ``Content-Length``
@@ -441,7 +442,7 @@ class UpstreamPool:
         conn = self._reuse(origin)
         if conn is None:
             conn = await self._connect(origin)
-        return await conn.exchange(head, body, chunked, method == "HEAD", timeout)
+        return await conn.exchange(head, body, chunked, method == "HEAD", read_timeout)
 
     def _reuse(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin.key)
