@@ -101,3 +101,9 @@ def test_bench_counts_instructions_per_request_under_callgrind() -> None:
     bare, gateway = (int(found.group(i).replace(",", "")) for i in (1, 2))
     assert bare > 0 and gateway > 0
     assert float(found.group(3)) == pytest.approx(gateway / bare, abs=0.01)
+    lean = re.search(r"gateway's upstream client ([\d,]+)k: gateway/lean bare (\d+\.\d+)",
+                     done.stdout)
+    assert lean, done.stdout
+    assert 0 < int(lean.group(1).replace(",", "")) < bare  # the lean client does less
+    assert float(lean.group(2)) == pytest.approx(
+        gateway / int(lean.group(1).replace(",", "")), abs=0.02)

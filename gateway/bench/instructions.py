@@ -4,11 +4,14 @@ Requests/s and CPU time move with whatever else the machine runs (on a shared ma
 the bare proxy alone ranged over ±25% between runs), which hides changes of a few
 percent. Valgrind's callgrind counts the instructions a process executes, which the
 rest of the machine does not change: the same code, inputs and environment give the
-same count within ~2%. This scenario runs the bare proxy and the gateway under
-callgrind in turn, sends each the same warm-up, zeroes the count, sends a fixed number
-of steady-state requests (300 tokens of 300 clients, all cached) and reads the count:
+same count within ~2%. This scenario runs the bare proxy, the lean bare proxy (the same
+forwarding through the gateway's upstream client) and the gateway under callgrind in
+turn, sends each the same warm-up, zeroes the count, sends a fixed number of
+steady-state requests (300 tokens of 300 clients, all cached) and reads the count:
 
-- user-space instructions per request of each, and their ratio. The kernel's share (the
+- user-space instructions per request of each, and the gateway's ratio to both: to the
+  bare proxy (the issue's reference) and to the lean one (what the gateway's features
+  cost, the forwarding core being the same). The kernel's share (the
   socket calls, ~20% of either proxy's CPU time, the same for both) is not counted, so
   the ratio of CPU time is closer to 1 than this one;
 - the gateway's timers are set long (client re-reads, usage writes, the in-process
@@ -79,18 +82,20 @@ async def count(proc: Managed, url: str, workdir: Path, workload: Workload,
     return _total(workdir, proc.pid) / result.requests
 
 
-async def measure(bench: Bench, requests: int) -> tuple[float, float]:
-    """(bare, gateway) user-space instructions per request."""
+async def measure(bench: Bench, requests: int) -> tuple[float, float, float]:
+    """(bare, lean bare, gateway) user-space instructions per request."""
     workload = Workload(SMALL, TokenPlan("cycle", count=CLIENTS))
     wrapper = callgrind(bench.workdir)
-    bare = ServiceProcess("bare", bench.workdir, port=free_port(), name="bare-callgrind",
-                          args=("--upstream", bench.upstream.url), wrapper=wrapper,
-                          ready_within=180)
-    try:
-        await bare.start()
-        bare_count = await count(bare, bare.url, bench.workdir, workload, requests)
-    finally:
-        bare.stop(timeout=60)
+    counts = []
+    for kind in ("bare", "bare-lean"):
+        bare = ServiceProcess(kind, bench.workdir, port=free_port(), name=f"{kind}-callgrind",
+                              args=("--upstream", bench.upstream.url), wrapper=wrapper,
+                              ready_within=180)
+        try:
+            await bare.start()
+            counts.append(await count(bare, bare.url, bench.workdir, workload, requests))
+        finally:
+            bare.stop(timeout=60)
     async with bench.gateway(wrapper=wrapper, ready_within=180, **TIMERS_OFF) as gw:
         gateway_count = await count(gw, gw.url, bench.workdir, workload, requests)
-    return bare_count, gateway_count
+    return counts[0], counts[1], gateway_count

@@ -3,6 +3,7 @@
     python -m gateway.bench.services upstream --port P
     python -m gateway.bench.services introspection --port P [--clients N]
     python -m gateway.bench.services bare --port P --upstream URL
+    python -m gateway.bench.services bare-lean --port P --upstream URL
 
 - ``upstream``: a stand-in API. ``GET`` of any path answers a small JSON object;
   ``GET /2/0/bytes/{n}`` streams ``n`` bytes; ``POST``/``PUT`` reads the body as a
@@ -14,6 +15,9 @@
   ``GET /stats`` counts the calls.
 - ``bare``: the reference bare proxy, the thinnest aiohttp reverse proxy: no auth, no
   policy, no metrics; it strips hop-by-hop headers and streams both ways.
+- ``bare-lean``: the same bare proxy forwarding through the gateway's own upstream
+  client (:mod:`gateway.upstream`) instead of aiohttp's ``ClientSession``. The gateway
+  against it is what the gateway's features cost on the same forwarding core.
 
 Each uses uvloop when it is installed, as ``oauth-gateway serve`` does, and several
 processes may share one port (``SO_REUSEPORT``).
@@ -156,6 +160,47 @@ def bare_proxy_app(upstream: str) -> web.Application:
     return app
 
 
+def lean_bare_proxy_app(upstream: str) -> web.Application:
+    """:func:`bare_proxy_app`, forwarding through :class:`gateway.upstream.UpstreamPool`."""
+    from ..upstream import UpstreamPool
+
+    pool_key = web.AppKey("pool", UpstreamPool)
+
+    async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[pool_key] = UpstreamPool(limit=256, connect_timeout=5.0)
+        yield
+        await app[pool_key].close()
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        pool = request.app[pool_key]
+        headers = [(k, v) for k, v in request.headers.items()
+                   if k.lower() not in HOP_BY_HOP and k.lower() not in ("host", "content-length")]
+        headers.append(("Host", request.host))
+        resp = await pool.request(
+            request.method, pool.origin(upstream), request.raw_path, headers, read_timeout=30.0,
+            body=request.content if request.body_exists else None,
+            content_length=request.content_length)
+        try:
+            out = web.StreamResponse(status=resp.status, reason=resp.reason or None)
+            for k, v in resp.headers:
+                if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
+                    out.headers.add(k, v)
+            if resp.content_length is not None:
+                out.content_length = resp.content_length
+            await out.prepare(request)
+            while chunk := await resp.read():
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+        finally:
+            resp.release()
+
+    app = web.Application(client_max_size=1024**3)
+    app.cleanup_ctx.append(pool_ctx)
+    app.router.add_route("*", "/{tail:.*}", forward)
+    return app
+
+
 # -- running one -------------------------------------------------------------------
 
 async def serve(app: web.Application, port: int) -> None:
@@ -184,7 +229,7 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gateway.bench.services")
-    parser.add_argument("kind", choices=("upstream", "introspection", "bare"))
+    parser.add_argument("kind", choices=("upstream", "introspection", "bare", "bare-lean"))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", default="", help="base URL the bare proxy forwards to")
     parser.add_argument("--clients", type=int, default=300)
@@ -193,8 +238,10 @@ def main(argv: list[str] | None = None) -> None:
         app = upstream_app()
     elif args.kind == "introspection":
         app = introspection_app(args.clients)
-    else:
+    elif args.kind == "bare":
         app = bare_proxy_app(args.upstream)
+    else:
+        app = lean_bare_proxy_app(args.upstream)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(serve(app, args.port))
 
