@@ -1,11 +1,11 @@
 """The upstream client: pooled keep-alive HTTP/1.1 connections that stream both ways.
 
 Every allowed request crosses this module, so it is built for that one job and no
-more: no cookies, redirects, retries, proxies, decompression or tracing. Responses
-are parsed by httptools (llhttp, the parser under uvicorn and the one aiohttp's C
-parser is built on). Measured with callgrind, one keep-alive GET through aiohttp's
-``ClientSession`` costs ~310k instructions; through this client ~32k (README,
-Performance).
+more: no cookies, redirects, proxies, decompression or tracing. Responses are parsed
+by httptools (llhttp, the parser under uvicorn and the one vendored in aiohttp's C
+parser). Measured with callgrind, a loop of keep-alive GETs costs ~310k instructions a
+request through aiohttp's ``ClientSession`` and ~32k through this client, the whole
+bare proxy ~520k (README, Performance).
 
 - A connection carries one exchange at a time and returns to its origin's pool only
   when the response was read to its end, the request body was sent whole and both
@@ -13,10 +13,14 @@ Performance).
 - ``limit`` bounds the open connections of the pool; a request waits for one within
   the connect timeout, which covers the wait, the TCP connect and the TLS handshake.
 - The read timeout is a silence timeout: it fires when the upstream sends nothing for
-  that long while we wait for it (never while we stopped reading for a slow client).
+  that long while we wait for it (never while we stopped reading for a slow client, nor
+  while we wait for the client's next chunk of a request body).
 - The request body is sent while the response is awaited, so an upstream that answers
   before reading the whole body is heard.
 - Interim (1xx) responses are skipped; an upgrade is a protocol error.
+- Nothing is retried, except what aiohttp's client retried too: an idempotent request
+  without a body whose connection closed before any byte of the answer (a pooled
+  connection the upstream closed as we sent; RFC 9112 section 9.3.1), once.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import httptools
 _HIGH_WATER = 256 * 1024  # bytes of response body buffered before reading pauses
 _LOW_WATER = 64 * 1024
 _MAX_HEAD = 64 * 1024  # bytes of status line and headers accepted from an upstream
+_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "DELETE", "CONNECT"})
 
 
@@ -50,6 +55,11 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamBroken(UpstreamError):
     """The upstream closed the connection early or sent something that is not HTTP."""
+
+
+class UpstreamDisconnected(UpstreamBroken):
+    """The connection closed before any byte of the answer: the request may be sent again
+    when that cannot do harm (a pooled connection the upstream had just closed)."""
 
 
 class Origin:
@@ -82,7 +92,9 @@ class _Connection(asyncio.Protocol):
         self.head: asyncio.Future[UpstreamResponse] | None = None
         self.response: UpstreamResponse | None = None
         self.head_only = False
-        self.head_bytes = 0
+        self.head_bytes = 0  # bytes received while no final head was complete
+        self.head_size = 0  # bytes of the current message's status line and headers
+        self.answered = False  # the final response of this exchange has begun
         self.status = 0
         self.reason = ""
         self.headers: list[tuple[str, str]] = []
@@ -93,6 +105,7 @@ class _Connection(asyncio.Protocol):
         self.heard = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.body_sent = True
+        self.awaiting_body = False  # the sender waits for the client's next chunk
         self.sender: asyncio.Task[None] | None = None
         # writing
         self.can_write = True
@@ -130,6 +143,8 @@ class _Connection(asyncio.Protocol):
         if response is not None and not response.complete and not self.framed \
                 and not self.head_only:
             response._finish()  # a body delimited by the connection's close (RFC 9112 6.3)
+        elif self.head is not None and self.head_bytes == 0:
+            self._fail(UpstreamDisconnected("The upstream closed the connection early."))
         else:
             self._fail(UpstreamBroken("The upstream closed the connection early."))
         if self.drained is not None and not self.drained.done():
@@ -147,15 +162,20 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks -------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.answered:  # a second answer to one request: the stream is out of step
+            raise UpstreamBroken("The upstream sent data nobody asked for.")
+        self.head_size = 0
         self.headers = []
         self.content_length = None
         self.framed = False
         self.reason = ""
 
     def on_status(self, status: bytes) -> None:
+        self._count_head(len(status))
         self.reason += status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
         key = name.decode("latin-1")
         text = value.decode("utf-8", "surrogateescape")
         self.headers.append((key, text))
@@ -166,7 +186,16 @@ class _Connection(asyncio.Protocol):
                 raise UpstreamBroken("The upstream sent an invalid Content-Length.") from None
             self.framed = True
         elif len(key) == 17 and key.lower() == "transfer-encoding":
-            self.framed = True
+            # chunked frames the body only as the final coding; any other final coding
+            # leaves it delimited by the connection's close (RFC 9112 6.3)
+            final = text.rsplit(",", 1)[-1].strip().lower()
+            self.framed = self.content_length is not None or final == "chunked"
+
+    def _count_head(self, size: int) -> None:
+        """Bound a head that arrived whole in one read (data_received bounds the rest)."""
+        self.head_size += size
+        if self.head_size > _MAX_HEAD:
+            raise UpstreamBroken("The upstream sent too large a header.")
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -175,13 +204,15 @@ class _Connection(asyncio.Protocol):
                 raise UpstreamBroken("The upstream switched protocols, which is not relayed.")
             return  # interim: its message completes next, and the final one follows
         self.status = status
+        self.answered = True
         self.keep_alive = self.parser.should_keep_alive()
         response = self.response = UpstreamResponse(self, status, self.reason, self.headers,
                                                     self.content_length)
         if self.head_only or status in (204, 304):
-            response._finish()
             if self.head_only:  # llhttp cannot be told the answer is to HEAD
+                # (before _finish: its _done resets head_only, and may reuse the connection)
                 self.parser = httptools.HttpResponseParser(self)
+            response._finish()
         head = self.head
         if head is not None and not head.done():
             head.set_result(response)
@@ -215,6 +246,8 @@ class _Connection(asyncio.Protocol):
         self.timer = None
         if self.response is not None and self.response.paused:
             return  # we stopped reading; resume_reading arms the timer again
+        if self.awaiting_body:
+            return  # we wait for the client's body, not the upstream; _send arms it again
         due = self.heard + self.timeout
         if self.loop.time() < due:
             self.timer = self.loop.call_at(due, self._expire)
@@ -225,6 +258,13 @@ class _Connection(asyncio.Protocol):
         if self.timer is None and not self.closed:
             self.heard = self.loop.time()
             self.timer = self.loop.call_at(self.heard + self.timeout, self._expire)
+
+    def _waited_for_client(self) -> None:
+        """The sender got the client's next chunk (or its end): the upstream's silence is
+        measured from now, as the time spent waiting for the client was not its."""
+        self.awaiting_body = False
+        self.heard = self.loop.time()
+        self._arm()
 
     def _stop_timer(self) -> None:
         if self.timer is not None:
@@ -238,6 +278,7 @@ class _Connection(asyncio.Protocol):
         self.response = None
         self.head_only = head_only
         self.head_bytes = 0
+        self.answered = False
         self.timeout = read_timeout
         transport = self.transport
         assert transport is not None
@@ -258,7 +299,9 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         try:
+            self.awaiting_body = True
             async for chunk in body:
+                self._waited_for_client()
                 if self.closed:
                     return
                 if chunked:
@@ -269,6 +312,8 @@ class _Connection(asyncio.Protocol):
                 if not self.can_write:
                     self.drained = self.loop.create_future()
                     await self.drained
+                self.awaiting_body = True
+            self._waited_for_client()
             if chunked and not self.closed:
                 transport.write(b"0\r\n\r\n")
             self.body_sent = True
@@ -276,6 +321,8 @@ class _Connection(asyncio.Protocol):
             return  # the connection is gone; the exchange reports it
         except Exception as exc:  # the client's body failed: nothing more can be sent
             self._fail(_BodyFailed(exc))
+        finally:
+            self.awaiting_body = False
 
     def _abandon(self) -> None:
         """The caller gave up on the exchange: this connection is unusable."""
@@ -298,8 +345,15 @@ class _Connection(asyncio.Protocol):
         sender = self.sender
         if sender is not None and not sender.done() and sender is not asyncio.current_task():
             sender.cancel()
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if not self.body_sent or transport.get_write_buffer_size():
+            # unsent request bytes: close() would wait for the upstream to read them, and
+            # the connection would stay open (and counted against the limit) until it did
+            transport.abort()
+        elif not transport.is_closing():
+            transport.close()
 
 
 class _BodyFailed(UpstreamError):
@@ -439,9 +493,15 @@ class UpstreamPool:
         if text.count("\n") != lines or text.count("\r") != lines:
             raise UpstreamError("A header meant for the upstream holds a line break.")
         head = text.encode("utf-8", "surrogateescape")
-        conn = self._reuse(origin)
-        if conn is None:
-            conn = await self._connect(origin)
+        conn = self._reuse(origin) or await self._connect(origin)
+        try:
+            return await conn.exchange(head, body, chunked, method == "HEAD", read_timeout)
+        except UpstreamDisconnected:
+            # a keep-alive connection the upstream closed as we sent: once more, on a
+            # fresh one, when the request is idempotent and has no body (RFC 9112 9.3.1)
+            if body is not None or method not in _IDEMPOTENT_METHODS:
+                raise
+        conn = self._reuse(origin) or await self._connect(origin)
         return await conn.exchange(head, body, chunked, method == "HEAD", read_timeout)
 
     def _reuse(self, origin: Origin) -> _Connection | None:
@@ -461,20 +521,30 @@ class UpstreamPool:
                         self._waiters.append(waiter)
                         try:
                             await waiter
-                        finally:
+                        except BaseException:
                             if waiter in self._waiters:
                                 self._waiters.remove(waiter)
+                            elif waiter.done() and not waiter.cancelled():
+                                self._wake_one()  # woken, but leaving: pass the turn on
+                            raise
                         conn = self._reuse(origin)
                         if conn is not None:
                             return conn
                 self._open += 1
+                made: list[_Connection] = []
+
+                def factory() -> _Connection:
+                    made.append(_Connection(self, origin))
+                    return made[0]
+
                 try:
                     _, conn = await self.loop.create_connection(
-                        lambda: _Connection(self, origin), origin.host, origin.port,
+                        factory, origin.host, origin.port,
                         ssl=origin.ssl, server_hostname=origin.host if origin.ssl else None)
                 except BaseException:
-                    self._open -= 1
-                    self._wake_one()
+                    if not made or made[0].transport is None:
+                        self._open -= 1  # else its connection_lost uncounts it
+                        self._wake_one()
                     raise
                 return conn
         except TimeoutError:
@@ -547,7 +617,7 @@ class UpstreamPool:
         return self._open
 
     async def close(self) -> None:
-        """Close every connection; requests in flight fail."""
+        """Close the idle connections; those in use close when their exchange ends."""
         self._closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
