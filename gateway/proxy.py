@@ -9,13 +9,16 @@
   upstream's.
 - The client's token travels in the scheme the upstream expects, or is stripped or
   replaced, per upstream policy.
-- Nothing is retried: a failed connect answers 502, an upstream silent for
-  ``upstream_timeout`` seconds (the upstream's own ``timeout`` when its policy sets
-  one) answers 504 before its headers, with JSON bodies, and breaks the stream after.
+- A failed connect answers 502, an upstream silent for ``upstream_timeout`` seconds
+  (the upstream's own ``timeout`` when its policy sets one) answers 504 before its
+  headers, with JSON bodies, and breaks the stream after. The one retry is the upstream
+  client's: an idempotent request without a body whose pooled connection closed before
+  any answer (:mod:`gateway.upstream`).
 
-Every request passes here, so per-request work is kept to what the request needs:
-the upstream's timeouts and ``Host`` are worked out once, and the header sets are
-only copied when a ``Connection`` header names more to drop.
+Every request passes here, so per-request work is kept to what the request needs: the
+upstream's origin, path prefix and ``Host`` are worked out once, the header sets are
+only copied when a ``Connection`` header names more to drop, and the upstream client
+(:mod:`gateway.upstream`) is a lean one of our own rather than aiohttp's.
 """
 
 from __future__ import annotations

@@ -126,11 +126,14 @@ class Settings:
     max_auth_header: int = field(default=8192, metadata=_doc(
         "largest `Authorization` header accepted, in bytes (400 beyond)"))
     upstream_connect_timeout: float = field(default=5.0, metadata=_doc(
-        "seconds to connect to an upstream (502 beyond)"))
+        "seconds to get an upstream connection: a free pool slot, TCP connect and TLS "
+        "handshake (502 beyond)"))
     upstream_timeout: float = field(default=60.0, metadata=_doc(
-        "seconds for the upstream's response headers (504 beyond)"))
+        "seconds an upstream may stay silent: before its response headers 504, after them "
+        "the stream is cut"))
     upstream_pool_size: int = field(default=256, metadata=_doc(
-        "pooled upstream connections per replica"))
+        "open upstream connections per replica (kept alive and reused; beyond it requests "
+        "wait for one)"))
     shutdown_timeout: float = field(default=20.0, metadata=_doc(
         "seconds in-flight requests get to finish on SIGTERM"))
     usage_window: int = field(default=3600, metadata=_doc(

@@ -171,11 +171,15 @@ class _Connection(asyncio.Protocol):
         self.reason = ""
 
     def on_status(self, status: bytes) -> None:
-        self._count_head(len(status))
+        self.head_size += len(status)
         self.reason += status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4)
+        # a head that arrived whole in one read is bounded here (data_received bounds
+        # one still arriving)
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > _MAX_HEAD:
+            raise UpstreamBroken("The upstream sent too large a header.")
         key = name.decode("latin-1")
         text = value.decode("utf-8", "surrogateescape")
         self.headers.append((key, text))
@@ -190,12 +194,6 @@ class _Connection(asyncio.Protocol):
             # leaves it delimited by the connection's close (RFC 9112 6.3)
             final = text.rsplit(",", 1)[-1].strip().lower()
             self.framed = self.content_length is not None or final == "chunked"
-
-    def _count_head(self, size: int) -> None:
-        """Bound a head that arrived whole in one read (data_received bounds the rest)."""
-        self.head_size += size
-        if self.head_size > _MAX_HEAD:
-            raise UpstreamBroken("The upstream sent too large a header.")
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
