@@ -134,6 +134,7 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamBroken("The upstream sent too large a header."))
 
     def eof_received(self) -> bool | None:
+        self.closed = True  # not to be taken from the pool in the meantime
         return None  # close the transport; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -288,10 +289,12 @@ class _Connection(asyncio.Protocol):
         try:
             return await future
         except BaseException:
-            self._abandon()
+            if self.head is future:  # else the connection already serves another exchange
+                self._abandon()
             raise
         finally:
-            self.head = None
+            if self.head is future:
+                self.head = None
 
     async def _send(self, body: AsyncIterable[bytes], chunked: bool) -> None:
         transport = self.transport

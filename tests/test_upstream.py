@@ -928,6 +928,29 @@ async def test_a_connection_closed_after_part_of_an_answer_is_not_retried(
     assert server.connections == 1
 
 
+@pytest.mark.parametrize("method", ["HEAD", "GET"])
+async def test_answers_without_a_body_under_concurrency_never_strand_a_request(
+        raw_server: RawFactory, make_pool: PoolFactory, method: str) -> None:
+    """A 204 (or an answer to HEAD) is complete with its head, so its connection is back
+    in the pool before the caller resumes: another request may take it in between, and
+    the first caller must then leave that connection alone."""
+    server = await raw_server(keep_alive(
+        lambda head: b"HTTP/1.1 204 No Content\r\n\r\n" if method == "GET"
+        else b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"))
+    pool = make_pool(limit=4)
+
+    async def client() -> int:
+        done = 0
+        for _ in range(100):
+            resp, body = await fetch(pool, server.url, "/", method)
+            assert (resp.status, body) == (200 if method == "HEAD" else 204, b"")
+            done += 1
+        return done
+
+    assert await asyncio.gather(*(client() for _ in range(16))) == [100] * 16
+    assert server.connections <= 4
+
+
 async def test_unsolicited_bytes_drop_an_idle_connection(
         raw_server: RawFactory, make_pool: PoolFactory) -> None:
     async def serve(server: RawServer, reader: asyncio.StreamReader,
