@@ -44,7 +44,6 @@ _REQUEST_DROP = HOP_BY_HOP | {"host", "authorization", "x-request-id", "content-
 _UNTRUSTED_DROP = _REQUEST_DROP | {"forwarded", "x-forwarded-for", "x-forwarded-proto",
                                    "x-forwarded-host"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-request-id"}  # the request id is ours
-_CHUNK = 64 * 1024
 
 
 def _dropped(headers: CIMultiDictProxy[str], always: frozenset[str]) -> frozenset[str]:
@@ -84,7 +83,9 @@ class _CappedBody:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         seen = 0
-        async for chunk in self.request.content.iter_chunked(_CHUNK):
+        # whatever has arrived, as it arrives (the stream's own buffer is bounded: aiohttp
+        # stops reading from the client while it is full)
+        async for chunk in self.request.content.iter_any():
             seen += len(chunk)
             if seen > self.limit:
                 self.exceeded = True
