@@ -482,3 +482,36 @@ async def test_large_upload_streams_without_buffering(
     peak = max(peak, _status_kib("VmHWM") if exact_peak else 0)
     assert counted == [64 * 1024 * 1024]
     assert peak - baseline < 30 * 1024, f"RSS grew by {(peak - baseline) // 1024} MiB"
+
+
+async def test_upstream_connections_are_kept_alive_and_reused(
+        make_gateway: GatewayFactory, auth_server: AuthServer,
+        aiohttp_server: AiohttpServer) -> None:
+    peers: list[tuple[str, int]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        peers.append(request.transport.get_extra_info("peername"))
+        await asyncio.sleep(0.05 if request.path.endswith("/slow") else 0)
+        return web.json_response({"path": request.path})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    sink = await aiohttp_server(app)
+    auth_server.issue(TOKEN)
+    gw = await make_gateway(policy_for(str(sink.make_url("")).rstrip("/")))
+    for i in range(10):
+        resp = await gw.client.get(f"/2/0/seq/{i}", headers=AUTH)
+        assert resp.status == 200
+        assert (await resp.json())["path"] == f"/2/0/seq/{i}"
+    assert len(set(peers)) == 1  # one upstream connection for ten requests in a row
+    peers.clear()
+    answers = await asyncio.gather(*(gw.client.get("/2/0/slow", headers=AUTH)
+                                     for _ in range(5)))
+    assert [r.status for r in answers] == [200] * 5
+    assert len(set(peers)) == 5  # concurrent requests each get a connection of their own
+    peers.clear()
+    for _ in range(5):
+        assert (await gw.client.head("/2/0/again", headers=AUTH)).status == 200
+        assert (await gw.client.post("/2/0/again", data=b"x" * 10, headers=AUTH)).status == 200
+    assert len(set(peers)) == 1  # the pool hands back the most recently used one
