@@ -230,6 +230,23 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
+def _url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an upstream's base URL, or None."""
+    parts = urlsplit(url)
+    if parts.query or parts.fragment:
+        return "no query or fragment"
+    if parts.username is not None or parts.password is not None:
+        return ("no user or password in the URL (the upstream's own credential goes in "
+                "with credentials: replace and replace_value_env)")
+    if not parts.hostname:
+        return "no host"
+    try:
+        parts.port  # noqa: B018 (a port that is not a number in 0-65535 raises here)
+    except ValueError:
+        return "the port is not a number from 0 to 65535"
+    return None
+
+
 def _default_scheme(url: str) -> str:
     host = (urlsplit(url).hostname or "").lower()
     return "AnaplanAuthToken" if host == "anaplan.com" or host.endswith(".anaplan.com") \
@@ -263,8 +280,9 @@ def load_policy(location: str | Path) -> RoutePolicy:
             if isinstance(spec, str):
                 spec = {"url": spec}
             url = spec["url"]
-            if urlsplit(url).query or urlsplit(url).fragment:
-                raise PolicyError(f"{file}: upstream {name!r}: key url: no query or fragment")
+            problem = _url_problem(url)
+            if problem:
+                raise PolicyError(f"{file}: upstream {name!r}: key url: {problem}")
             if spec.get("credentials") == "replace" and not spec.get("replace_value_env"):
                 raise PolicyError(
                     f"{file}: upstream {name!r}: key replace_value_env: required when "

@@ -512,6 +512,20 @@ def test_upstream_url_with_a_query_is_refused(tmp_path: Path) -> None:
     assert "upstream 'api'" in message and "key url" in message
 
 
+@pytest.mark.parametrize(("url", "says"), [
+    ("https://svc:s3cret@api.example.test", "no user or password"),
+    ("https://api.example.test:99999", "port"),
+    ("https://api.example.test:http", "port"),
+    ("https:///v2", "no host"),
+])
+def test_upstream_url_that_cannot_be_reached_as_written_is_refused(
+        tmp_path: Path, url: str, says: str) -> None:
+    file = write(tmp_path, "p.yaml", f"upstreams: {{api: '{url}'}}\n")
+    message = load_error(file)
+    assert "upstream 'api'" in message and "key url" in message and says in message
+    assert "s3cret" not in message
+
+
 def test_unknown_upstream_key_is_refused(tmp_path: Path) -> None:
     file = write(tmp_path, "p.yaml", """
 upstreams:
