@@ -171,8 +171,8 @@ class UpstreamForwarder:
                     f"The request body exceeds the limit of {self.max_body_size} bytes."
                 ) from None
             raise self._failure(exc, limit) from None
-        observe_upstream(time.perf_counter() - started, resp.status)
         try:
+            observe_upstream(time.perf_counter() - started, resp.status)
             return await self._relay(request, resp, request_id)
         finally:
             resp.release()

@@ -37,6 +37,7 @@ import httptools
 _HIGH_WATER = 256 * 1024  # bytes of response body buffered before reading pauses
 _LOW_WATER = 64 * 1024
 _MAX_HEAD = 64 * 1024  # bytes of status line and headers accepted from an upstream
+_MAX_INTERIM = 16  # 1xx responses accepted before the final one
 _IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "DELETE", "CONNECT"})
 
@@ -95,6 +96,7 @@ class _Connection(asyncio.Protocol):
         self.head_bytes = 0  # bytes received while no final head was complete
         self.head_size = 0  # bytes of the current message's status line and headers
         self.answered = False  # the final response of this exchange has begun
+        self.interim = 0  # 1xx responses of this exchange
         self.status = 0
         self.reason = ""
         self.headers: list[tuple[str, str]] = []
@@ -225,6 +227,9 @@ class _Connection(asyncio.Protocol):
         response = self.response
         if response is None:  # an interim response ended
             self.head_bytes = 0
+            self.interim += 1
+            if self.interim > _MAX_INTERIM:  # each one is activity: bounded, or endless
+                raise UpstreamBroken("The upstream sent too many interim (1xx) responses.")
             return
         if not response.complete:
             response._finish()
@@ -243,6 +248,8 @@ class _Connection(asyncio.Protocol):
 
     def _expire(self) -> None:
         self.timer = None
+        if self.response is not None and self.response.complete:
+            return  # the upstream said all; a client slow to read it is not its silence
         if self.response is not None and self.response.paused:
             return  # we stopped reading; resume_reading arms the timer again
         if self.awaiting_body:
@@ -270,14 +277,18 @@ class _Connection(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
 
-    async def exchange(self, head: bytes, body: AsyncIterable[bytes] | None, chunked: bool,
-                       head_only: bool, read_timeout: float) -> UpstreamResponse:
+    async def exchange(self, head: bytes, body: AsyncIterable[bytes] | None,
+                       length: int | None, head_only: bool, read_timeout: float
+                       ) -> UpstreamResponse:
+        """Send ``head`` and ``body`` (chunked when ``length`` is None) and wait for the
+        response's head."""
         future: asyncio.Future[UpstreamResponse] = self.loop.create_future()
         self.head = future
         self.response = None
         self.head_only = head_only
         self.head_bytes = 0
         self.answered = False
+        self.interim = 0
         self.timeout = read_timeout
         transport = self.transport
         assert transport is not None
@@ -285,7 +296,7 @@ class _Connection(asyncio.Protocol):
         self._arm()
         self.body_sent = body is None
         if body is not None:
-            self.sender = self.loop.create_task(self._send(body, chunked))
+            self.sender = self.loop.create_task(self._send(body, length))
         try:
             return await future
         except BaseException:
@@ -296,9 +307,11 @@ class _Connection(asyncio.Protocol):
             if self.head is future:
                 self.head = None
 
-    async def _send(self, body: AsyncIterable[bytes], chunked: bool) -> None:
+    async def _send(self, body: AsyncIterable[bytes], length: int | None) -> None:
         transport = self.transport
         assert transport is not None
+        chunked = length is None
+        left = length or 0  # bytes the Content-Length still announces
         try:
             self.awaiting_body = True
             async for chunk in body:
@@ -309,12 +322,19 @@ class _Connection(asyncio.Protocol):
                     if chunk:
                         transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
                 else:
+                    # bytes past the Content-Length would be read as a request of their
+                    # own by the upstream (smuggled): never sent
+                    left -= len(chunk)
+                    if left < 0:
+                        raise ValueError("The request body is longer than its Content-Length.")
                     transport.write(chunk)
                 if not self.can_write:
                     self.drained = self.loop.create_future()
                     await self.drained
                 self.awaiting_body = True
             self._waited_for_client()
+            if left:  # the upstream would take the next request's bytes for the rest
+                raise ValueError("The request body is shorter than its Content-Length.")
             if chunked and not self.closed:
                 transport.write(b"0\r\n\r\n")
             self.body_sent = True
@@ -426,7 +446,10 @@ class UpstreamResponse:
                     conn = self._conn
                     if conn.transport is not None and not conn.closed:
                         conn.transport.resume_reading()
-                        if conn.timer is None and not self.complete:
+                        if not self.complete:
+                            # the upstream's silence counts from now (a timer still
+                            # pending would count our pause as its silence)
+                            conn.heard = conn.loop.time()
                             conn._arm()
                 if self.complete:
                     self._conn._done()
@@ -479,12 +502,12 @@ class UpstreamPool:
                       content_length: int | None = None) -> UpstreamResponse:
         """Send ``method target`` with ``headers`` (``Host`` included, ``Content-Length``
         and ``Transfer-Encoding`` not) and wait for the response's head. A ``body``
-        without ``content_length`` is sent chunked. Raises :class:`UpstreamError`."""
-        chunked = False
+        without ``content_length`` is sent chunked; one with it must yield exactly that
+        many bytes, else the request fails (the upstream would take the difference from,
+        or as, another request). Raises :class:`UpstreamError`."""
         if content_length is not None:
             headers.append(("Content-Length", str(content_length)))
         elif body is not None:
-            chunked = True
             headers.append(("Transfer-Encoding", "chunked"))
         elif method not in _NO_BODY_METHODS:  # RFC 9110 8.6: a POST says it has none
             headers.append(("Content-Length", "0"))
@@ -496,20 +519,23 @@ class UpstreamPool:
         head = text.encode("utf-8", "surrogateescape")
         conn = self._reuse(origin) or await self._connect(origin)
         try:
-            return await conn.exchange(head, body, chunked, method == "HEAD", read_timeout)
+            return await conn.exchange(head, body, content_length, method == "HEAD", read_timeout)
         except UpstreamDisconnected:
             # a keep-alive connection the upstream closed as we sent: once more, on a
             # fresh one, when the request is idempotent and has no body (RFC 9112 9.3.1)
             if body is not None or method not in _IDEMPOTENT_METHODS:
                 raise
         conn = self._reuse(origin) or await self._connect(origin)
-        return await conn.exchange(head, body, chunked, method == "HEAD", read_timeout)
+        return await conn.exchange(head, body, content_length, method == "HEAD", read_timeout)
 
     def _reuse(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin.key)
         while idle:
             conn = idle.pop()
-            if not conn.closed:
+            # a transport already closing (reset by the upstream) before its
+            # connection_lost ran: a request sent there would be lost
+            if not conn.closed and conn.transport is not None \
+                    and not conn.transport.is_closing():
                 return conn
         return None
 
@@ -543,9 +569,14 @@ class UpstreamPool:
                         factory, origin.host, origin.port,
                         ssl=origin.ssl, server_hostname=origin.host if origin.ssl else None)
                 except BaseException:
-                    if not made or made[0].transport is None:
-                        self._open -= 1  # else its connection_lost uncounts it
-                        self._wake_one()
+                    # uncounted here, once: a connection already made is detached, as
+                    # its connection_lost may come later, or never (uvloop, when the
+                    # connect is cancelled after connection_made)
+                    if made:
+                        made[0].pool = _DETACHED
+                        made[0]._close()
+                    self._open -= 1
+                    self._wake_one()
                     raise
                 return conn
         except TimeoutError:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import ipaddress
+import socket
 import ssl
+import struct
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -346,6 +349,22 @@ async def test_interim_responses_are_skipped(raw_server: RawFactory, make_pool: 
         assert (resp.status, resp.reason, body) == (200, "OK", b"ok")
         assert resp.headers == [("Content-Length", "2"), ("X-Final", "1")]
     assert server.connections == 1
+
+
+async def test_endless_interim_responses_are_refused(raw_server: RawFactory,
+                                                     make_pool: PoolFactory) -> None:
+    async def serve(server: RawServer, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        if await server.next_request(reader) is not None:
+            for _ in range(1000):  # each within the read timeout: activity, never an answer
+                writer.write(b"HTTP/1.1 102 Processing\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(GUARD)
+
+    server = await raw_server(serve)
+    with pytest.raises(UpstreamBroken, match="interim"):
+        await request(make_pool(), server.url, read_timeout=0.5)
 
 
 async def test_head_response_has_no_body_and_the_connection_is_reused(
@@ -1054,3 +1073,231 @@ async def test_tls_to_an_untrusted_certificate_is_unreachable(
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
     assert peers == []
     assert pool.open_connections == 0
+
+
+# --- ownership, timers and cancellation ------------------------------------------------
+
+async def test_an_answer_read_long_after_it_arrived_keeps_its_connection(
+        raw_server: RawFactory, make_pool: PoolFactory) -> None:
+    """The upstream answered in full; a slow client then takes longer than the read
+    timeout to read it. That silence is not the upstream's fault: the connection is
+    still good for the next request."""
+    server = await raw_server(keep_alive(echo_path))
+    pool = make_pool()
+    resp = await request(pool, server.url, "/1", read_timeout=0.2)
+    await asyncio.sleep(0.4)  # the whole answer is buffered meanwhile
+    assert await read_all(resp) == b"/1"
+    resp.release()
+    assert (await fetch(pool, server.url, "/2"))[1] == b"/2"
+    assert server.connections == 1
+
+
+async def test_the_silence_after_a_paused_read_resumes_is_counted_from_the_resume(
+        raw_server: RawFactory, make_pool: PoolFactory) -> None:
+    """Reading paused for a slow client: the upstream's silence is measured from when we
+    read again, not from its last byte (we were the ones not listening)."""
+    burst = b"p" * (256 * 1024 + 1)  # reading pauses on its last byte: nothing left queued
+
+    async def serve(server: RawServer, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        await server.next_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(burst) + 4)
+                     + burst)
+        await writer.drain()
+        await asyncio.sleep(0.5)  # 0.2 s after the client reads again, well within 0.4 s
+        writer.write(b"tail")
+        await writer.drain()
+        await server.drain(reader)
+
+    server = await raw_server(serve)
+    pool = make_pool()
+    resp = await request(pool, server.url, read_timeout=0.4)
+    await asyncio.sleep(0.3)  # not reading, for less than the read timeout
+    got, error = await read_until_error(resp)
+    resp.release()
+    assert error is None
+    assert got == burst + b"tail"
+
+
+@pytest.mark.parametrize(("pieces", "length"), [
+    ([b"hello"], 10),
+    ([b"abc", b"GET /smuggled HTTP/1.1\r\nHost: upstream.test\r\n\r\n"], 3),
+], ids=["shorter", "longer"])
+async def test_a_body_not_matching_its_content_length_never_reaches_the_next_request(
+        raw_server: RawFactory, make_pool: PoolFactory, pieces: list[bytes], length: int
+        ) -> None:
+    """The upstream frames the body by the Content-Length we sent: bytes short would be
+    taken from the next request on the connection, bytes over would be a request of
+    their own (smuggled). Such a body fails its request and its connection."""
+    async def serve(server: RawServer, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        while (head := await server.next_request(reader)) is not None:
+            if path_of(head) == "/upload":  # answers at once, then reads the body
+                writer.write(answer(b"early"))
+                await writer.drain()
+                await reader.readexactly(int(header_of(head, "Content-Length") or 0))
+            else:
+                writer.write(echo_path(head))
+                await writer.drain()
+
+    server = await raw_server(serve)
+    pool = make_pool()
+    with pytest.raises(UpstreamError):
+        await fetch(pool, server.url, "/upload", "POST", body=parts(*pieces),
+                    content_length=length)
+    assert (await fetch(pool, server.url, "/next"))[1] == b"/next"
+    await asyncio.sleep(0.05)
+    assert [path_of(h) for h in server.heads] == ["/upload", "/next"]
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if name == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return asyncio.new_event_loop
+
+
+async def dribble(*chunks: bytes) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        await asyncio.sleep(0)  # a turn of the loop between chunks
+        yield chunk
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_requests_cancelled_at_every_step_leave_the_pool_count_true(loop: str) -> None:
+    """Three requests on a pool of two (so one waits for a slot) cancelled after 0, 1, 2...
+    turns of the loop: waiting for the slot, connecting, sending a body, awaiting the
+    head, reading a body whose reading paused. After each round the pool counts exactly
+    the connections really open, the limit holds, nothing is left pending, and the pool
+    still serves. On its own loop, as production runs on uvloop: there a connect cut
+    short after connection_made never reports connection_lost."""
+    limit = 2
+
+    async def scenario() -> None:
+        errors: list[dict[str, object]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: errors.append(ctx))
+        writers: set[asyncio.StreamWriter] = set()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.add(writer)
+            try:
+                while head := await reader.readuntil(b"\r\n\r\n"):
+                    await reader.readexactly(int(header_of(head, "Content-Length") or 0))
+                    writer.write(answer(BIG * 3))  # 300 KiB: the client's reading pauses
+                    await writer.drain()
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writers.discard(writer)
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        pool = UpstreamPool(limit=limit, connect_timeout=1.0)
+        origin = pool.origin(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+
+        async def one(method: str) -> bytes:
+            body = dribble(b"a" * 10, b"b" * 10) if method == "POST" else None
+            resp = await pool.request(method, origin, "/", [HOST], read_timeout=1.0,
+                                      body=body, content_length=20 if body else None)
+            got = []
+            try:
+                while chunk := await resp.read():
+                    got.append(chunk)
+                    await asyncio.sleep(0)
+            finally:
+                resp.release()
+            return b"".join(got)
+
+        for method in ("GET", "POST"):
+            for turns in range(400):
+                tasks = [asyncio.ensure_future(one(method)) for _ in range(limit + 1)]
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                    assert 0 <= pool.open_connections <= limit
+                for task in tasks:
+                    task.cancel()
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+                assert all(r == BIG * 3 or isinstance(r, asyncio.CancelledError)
+                           for r in results), results
+                assert await eventually(lambda: pool.open_connections == len(writers)), (
+                    method, turns, pool.open_connections, len(writers))
+                assert not pool._waiters
+                if all(r == BIG * 3 for r in results):
+                    break  # every step of the exchanges was cut short once
+            else:
+                raise AssertionError("the exchanges never completed")
+        assert await asyncio.wait_for(one("GET"), GUARD) == BIG * 3
+        await pool.close()
+        assert await eventually(lambda: pool.open_connections == len(writers) == 0)
+        server.close()
+        await server.wait_closed()
+        gc.collect()  # a task destroyed while pending would be reported now
+        await asyncio.sleep(0)
+        assert errors == []
+
+    with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
+        runner.run(asyncio.wait_for(scenario(), 30))
+
+
+async def test_a_pooled_connection_already_reset_is_not_handed_out(
+        make_pool: PoolFactory) -> None:
+    """The upstream resets an idle connection, and in the same turn of the loop a request
+    takes it from the pool: the transport already knows it is closing (connection_lost
+    is still to come). A POST sent there fails (never retried), though it need not have
+    been sent there at all."""
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    accepted: list[socket.socket] = []
+
+    async def serve(conn: socket.socket) -> None:
+        data = b""
+        while True:
+            while b"\r\n\r\n" not in data:
+                if not (more := await loop.sock_recv(conn, 65536)):
+                    return
+                data += more
+            head, data = data.split(b"\r\n\r\n", 1)
+            await loop.sock_sendall(conn, echo_path(head))
+            if conn is accepted[0]:
+                return  # nothing left pending on it: the test resets it
+
+    async def accept() -> None:
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            accepted.append(conn)
+            tasks.add(loop.create_task(serve(conn)))
+
+    tasks = {loop.create_task(accept())}
+    try:
+        pool = make_pool()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        assert (await fetch(pool, url, "/1"))[1] == b"/1"
+        # a peer whose bytes are handled just before the reset in the next turn: it wakes
+        # this task after the transport saw the reset, before connection_lost runs
+        woken = loop.create_future()
+
+        class Waker(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                if not woken.done():
+                    woken.set_result(None)
+
+        ours, theirs = socket.socketpair()
+        waker, _ = await loop.connect_accepted_socket(Waker, ours)
+        theirs.send(b"x")
+        accepted[0].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        accepted[0].close()  # a reset, at once
+        async with asyncio.timeout(GUARD):  # (not wait_for: the request is to start now)
+            await woken
+            resp = await pool.request("POST", pool.origin(url), "/2", [HOST], read_timeout=1.0)
+        assert (resp.status, await read_all(resp)) == (200, b"/2")
+        resp.release()
+        waker.close()
+        theirs.close()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.sleep(0)  # their pending socket operations end
+        for conn in accepted:
+            conn.close()
+        listener.close()
