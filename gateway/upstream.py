@@ -17,7 +17,7 @@ bare proxy ~520k (README, Performance).
   while we wait for the client's next chunk of a request body).
 - The request body is sent while the response is awaited, so an upstream that answers
   before reading the whole body is heard.
-- Interim (1xx) responses are skipped; an upgrade is a protocol error.
+- Interim (1xx) responses are skipped (16 at most); an upgrade is a protocol error.
 - Nothing is retried, except what aiohttp's client retried too: an idempotent request
   without a body whose connection closed before any byte of the answer (a pooled
   connection the upstream closed as we sent; RFC 9112 section 9.3.1), once.
