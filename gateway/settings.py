@@ -127,13 +127,13 @@ class Settings:
         "largest `Authorization` header accepted, in bytes (400 beyond)"))
     upstream_connect_timeout: float = field(default=5.0, metadata=_doc(
         "seconds to get an upstream connection: a free pool slot, TCP connect and TLS "
-        "handshake (502 beyond)"))
+        "handshake (502 beyond; 0: no limit)"))
     upstream_timeout: float = field(default=60.0, metadata=_doc(
         "seconds an upstream may stay silent: before its response headers 504, after them "
-        "the stream is cut"))
+        "the stream is cut (0: no limit)"))
     upstream_pool_size: int = field(default=256, metadata=_doc(
         "open upstream connections per replica (kept alive and reused; beyond it requests "
-        "wait for one)"))
+        "wait for one; 0: no limit)"))
     shutdown_timeout: float = field(default=20.0, metadata=_doc(
         "seconds in-flight requests get to finish on SIGTERM"))
     usage_window: int = field(default=3600, metadata=_doc(

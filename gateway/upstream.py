@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import sys
 from collections import deque
 from collections.abc import AsyncIterable
 from typing import Any
@@ -261,7 +262,7 @@ class _Connection(asyncio.Protocol):
         self._fail(UpstreamTimeout(f"The upstream was silent for {self.timeout:g} seconds."))
 
     def _arm(self) -> None:
-        if self.timer is None and not self.closed:
+        if self.timer is None and not self.closed and self.timeout > 0:  # 0: no timeout
             self.heard = self.loop.time()
             self.timer = self.loop.call_at(self.heard + self.timeout, self._expire)
 
@@ -471,13 +472,16 @@ class UpstreamResponse:
 
 
 class UpstreamPool:
-    """Keep-alive connections to any number of origins, ``limit`` open at most."""
+    """Keep-alive connections to any number of origins, ``limit`` open at most.
+
+    As with aiohttp's client before it, 0 means none: no ``limit``, no
+    ``connect_timeout``, and a ``read_timeout`` of 0 never fires."""
 
     def __init__(self, *, limit: int = 256, connect_timeout: float = 5.0,
                  idle_timeout: float = 15.0, ssl_context: ssl.SSLContext | None = None
                  ) -> None:
         self.loop = asyncio.get_running_loop()
-        self.limit = limit
+        self.limit = limit if limit > 0 else sys.maxsize  # 0: no limit (as aiohttp's)
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self._ssl = ssl_context
@@ -541,7 +545,7 @@ class UpstreamPool:
 
     async def _connect(self, origin: Origin) -> _Connection:
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(self.connect_timeout or None):
                 while self._open >= self.limit:
                     if not self._close_an_idle():
                         waiter = self.loop.create_future()

@@ -1301,3 +1301,22 @@ async def test_a_pooled_connection_already_reset_is_not_handed_out(
         for conn in accepted:
             conn.close()
         listener.close()
+
+
+async def test_zero_means_no_limit_as_with_aiohttps_client(
+        raw_server: RawFactory, make_pool: PoolFactory) -> None:
+    """GATEWAY_UPSTREAM_POOL_SIZE, _CONNECT_TIMEOUT and _TIMEOUT of 0 meant "none" to the
+    aiohttp client this one replaced; they still do."""
+    async def serve(server: RawServer, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        while (head := await server.next_request(reader)) is not None:
+            await asyncio.sleep(0.3)  # longer than any short timeout would allow
+            writer.write(echo_path(head))
+            await writer.drain()
+
+    server = await raw_server(serve)
+    pool = make_pool(limit=0, connect_timeout=0)
+    answers = await asyncio.gather(*(fetch(pool, server.url, f"/{i}", read_timeout=0)
+                                     for i in range(20)))
+    assert sorted(body for _, body in answers) == sorted(f"/{i}".encode() for i in range(20))
+    assert server.connections == 20  # all at once: no limit held any back
