@@ -170,7 +170,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                              window=s.usage_window, flush_interval=s.usage_flush_interval)
         forwarder = UpstreamForwarder(
             upstream_pool, upstream_timeout=s.upstream_timeout, max_body_size=s.max_body_size,
-            trusted_proxies=s.trusted_proxies)
+            trusted_proxies=s.trusted_proxies, client_body_timeout=s.client_body_timeout)
         gw.pipeline = ProxyPipeline(
             policy=gw.policy, cache=gw.cache, registry=gw.registry, forwarder=forwarder,
             metrics=gw.metrics, access_log=gw.access_log, usage=usage,

@@ -140,6 +140,13 @@ class PayloadTooLarge(GatewayError):
     error = "payload_too_large"
 
 
+class RequestTimeout(GatewayError):
+    """The client paused too long while sending its request body."""
+
+    status = 408
+    error = "request_timeout"
+
+
 class BadGateway(GatewayError):
     """The upstream could not be reached or broke the exchange."""
 

@@ -2,7 +2,8 @@
 
 - Bodies stream in both directions; nothing is buffered whole. A request body larger
   than ``max_body_size`` is refused with 413 (from ``Content-Length`` before any byte
-  is read, or mid-stream for chunked uploads).
+  is read, or mid-stream for chunked uploads); a client that pauses mid-body for more
+  than ``client_body_timeout`` seconds gets 408.
 - Hop-by-hop headers (RFC 9110 section 7.6.1), and every header the ``Connection``
   header names, are removed in both directions.
 - ``X-Forwarded-For/-Proto/-Host`` and ``X-Request-Id`` are set; ``Host`` is the
@@ -23,13 +24,14 @@ only copied when a ``Connection`` header names more to drop, and the upstream cl
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from .errors import BadGateway, GatewayError, GatewayTimeout, PayloadTooLarge
+from .errors import BadGateway, GatewayError, GatewayTimeout, PayloadTooLarge, RequestTimeout
 from .policy import Route, Upstream, replacement_credential
 from .tokens import PresentedToken
 from .upstream import Origin, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
@@ -69,23 +71,41 @@ class _BodyTooLarge(Exception):
     pass
 
 
-class _CappedBody:
-    """The client's body, streamed in chunks; raises once it passes ``limit`` bytes.
+class _BodyStalled(Exception):
+    pass
 
-    ``exceeded`` records it: the upstream client reports a body that failed as a failed
-    exchange, and the forwarder answers 413 rather than 502 when this was why.
+
+class _CappedBody:
+    """The client's body, streamed as it arrives; raises once it passes ``limit`` bytes,
+    or when the client pauses longer than ``idle`` seconds (0: no limit).
+
+    ``exceeded`` and ``stalled`` record why: the upstream client reports a body that
+    failed as a failed exchange, and the forwarder answers 413 or 408 rather than 502.
+    Without the pause limit, a client that stops mid-upload would hold an upstream
+    connection, and a place in the pool, for as long as it stayed connected.
     """
 
-    def __init__(self, request: web.Request, limit: int) -> None:
+    def __init__(self, request: web.Request, limit: int, idle: float) -> None:
         self.request = request
         self.limit = limit
+        self.idle = idle or None
         self.exceeded = False
+        self.stalled = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         seen = 0
-        # whatever has arrived, as it arrives (the stream's own buffer is bounded: aiohttp
-        # stops reading from the client while it is full)
-        async for chunk in self.request.content.iter_any():
+        content = self.request.content
+        while True:
+            # whatever has arrived, as it arrives (the stream's own buffer is bounded:
+            # aiohttp stops reading from the client while it is full)
+            try:
+                async with asyncio.timeout(self.idle):
+                    chunk = await content.readany()
+            except TimeoutError:
+                self.stalled = True
+                raise _BodyStalled from None
+            if not chunk:
+                return
             seen += len(chunk)
             if seen > self.limit:
                 self.exceeded = True
@@ -97,8 +117,9 @@ class UpstreamForwarder:
     """Forwards allowed requests over the app's :class:`~gateway.upstream.UpstreamPool`."""
 
     def __init__(self, pool: UpstreamPool, *, upstream_timeout: float, max_body_size: int,
-                 trusted_proxies: int = 0) -> None:
+                 trusted_proxies: int = 0, client_body_timeout: float = 60.0) -> None:
         self.pool = pool
+        self.client_body_timeout = client_body_timeout
         self.upstream_timeout = upstream_timeout
         self.max_body_size = max_body_size
         self.trusted_proxies = trusted_proxies
@@ -158,7 +179,7 @@ class UpstreamForwarder:
         headers = self.upstream_headers(request, upstream, token, request_id)
         data: _CappedBody | None = None
         if request.body_exists:
-            data = _CappedBody(request, self.max_body_size)
+            data = _CappedBody(request, self.max_body_size, self.client_body_timeout)
         started = time.perf_counter()
         limit = upstream.timeout or self.upstream_timeout
         try:
@@ -170,6 +191,10 @@ class UpstreamForwarder:
                 raise PayloadTooLarge(
                     f"The request body exceeds the limit of {self.max_body_size} bytes."
                 ) from None
+            if data is not None and data.stalled:
+                raise RequestTimeout(
+                    f"The request body paused for more than {self.client_body_timeout:g} "
+                    "seconds.") from None
             raise self._failure(exc, limit) from None
         try:
             observe_upstream(time.perf_counter() - started, resp.status)

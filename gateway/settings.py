@@ -134,6 +134,9 @@ class Settings:
     upstream_pool_size: int = field(default=256, metadata=_doc(
         "open upstream connections per replica (kept alive and reused; beyond it requests "
         "wait for one; 0: no limit)"))
+    client_body_timeout: float = field(default=60.0, metadata=_doc(
+        "seconds a client may pause while sending a request body (408 beyond, and the "
+        "upstream connection is let go; 0: no limit)"))
     shutdown_timeout: float = field(default=20.0, metadata=_doc(
         "seconds in-flight requests get to finish on SIGTERM"))
     usage_window: int = field(default=3600, metadata=_doc(
@@ -254,6 +257,10 @@ def _validate(s: Settings) -> None:
                  "usage_flush_interval"):
         if getattr(s, name) <= 0:
             raise SettingsError(f"{env_name(name)}: must be greater than 0")
+    for name in ("upstream_connect_timeout", "upstream_timeout", "upstream_pool_size",
+                 "client_body_timeout"):
+        if getattr(s, name) < 0:
+            raise SettingsError(f"{env_name(name)}: must be 0 (no limit) or more")
 
 
 def parse_hostport(value: str, what: str = "address") -> tuple[str, int]:

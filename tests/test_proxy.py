@@ -515,3 +515,58 @@ async def test_upstream_connections_are_kept_alive_and_reused(
         assert (await gw.client.head("/2/0/again", headers=AUTH)).status == 200
         assert (await gw.client.post("/2/0/again", data=b"x" * 10, headers=AUTH)).status == 200
     assert len(set(peers)) == 1  # the pool hands back the most recently used one
+
+
+async def test_a_client_that_stalls_mid_upload_gets_408_and_frees_the_upstream(
+        make_gateway: GatewayFactory, auth_server: AuthServer,
+        aiohttp_server: AiohttpServer) -> None:
+    ended: list[str] = []
+
+    async def sink(request: web.Request) -> web.Response:
+        try:
+            await request.read()
+        except BaseException as exc:  # the gateway let the upstream connection go
+            ended.append(type(exc).__name__)
+            raise
+        ended.append("whole")
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", sink)
+    upstream = await aiohttp_server(app)
+    auth_server.issue(TOKEN)
+    gw = await make_gateway(policy_for(str(upstream.make_url("")).rstrip("/")),
+                            client_body_timeout=0.3)
+    assert gw.client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.client.server.port)
+    started = time.monotonic()
+    writer.write(f"POST /2/0/upload HTTP/1.1\r\nHost: gw.example\r\nAuthorization: Bearer "
+                 f"{TOKEN}\r\nContent-Length: 100\r\n\r\n".encode() + b"x" * 10)
+    await writer.drain()  # ... and nothing more: the client has stalled
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+    body = await asyncio.wait_for(reader.readexactly(length), timeout=5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(body)["error"] == "request_timeout"
+    assert 0.25 < time.monotonic() - started < 3
+    for _ in range(100):  # the upstream's side of the exchange ends too
+        if ended:
+            break
+        await asyncio.sleep(0.02)
+    assert ended and ended != ["whole"]
+
+
+async def test_a_slow_but_steady_upload_is_not_cut(
+        make_gateway: GatewayFactory, auth_server: AuthServer) -> None:
+    auth_server.issue(TOKEN)
+    gw = await make_gateway(policy_for("{upstream}"), client_body_timeout=0.3)
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(5):  # 1 s in all, never a pause of 0.3 s
+            await asyncio.sleep(0.2)
+            yield b"y" * 1000
+
+    resp = await gw.client.post("/2/0/slow-upload", data=body(), headers=AUTH)
+    assert resp.status == 200
+    assert json.loads(await resp.read())["length"] == 5000
