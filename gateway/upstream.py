@@ -179,6 +179,8 @@ class _Connection(asyncio.Protocol):
         self.reason += status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.response is not None:
+            return  # a trailer field, after the body: not relayed (the head has gone)
         # a head that arrived whole in one read is bounded here (data_received bounds
         # one still arriving)
         self.head_size += len(name) + len(value) + 4

@@ -1320,3 +1320,16 @@ async def test_zero_means_no_limit_as_with_aiohttps_client(
                                      for i in range(20)))
     assert sorted(body for _, body in answers) == sorted(f"/{i}".encode() for i in range(20))
     assert server.connections == 20  # all at once: no limit held any back
+
+
+async def test_a_chunked_answer_with_trailers_arrives_whole_without_them(
+        raw_server: RawFactory, make_pool: PoolFactory) -> None:
+    server = await raw_server(keep_alive(lambda head: (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Digest\r\n\r\n"
+        b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Digest: sha-256=x\r\n\r\n")))
+    pool = make_pool()
+    for _ in range(2):  # and the connection stays in step for the next one
+        resp, body = await fetch(pool, server.url)
+        assert body == b"abcde"
+        assert ("X-Digest", "sha-256=x") not in resp.headers
+    assert server.connections == 1
