@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import NamedTuple
 
 from aiohttp import web
 from multidict import CIMultiDictProxy
@@ -65,6 +66,14 @@ def _named(always: frozenset[str], values: list[str]) -> frozenset[str]:
     names = {v.strip().lower() for value in values for v in value.split(",")}
     names.discard("")
     return always | names
+
+
+class _Place(NamedTuple):
+    """An upstream as the forwarder uses it: its origin, URL path prefix and ``Host``."""
+
+    origin: Origin
+    path: str
+    host: str
 
 
 class _BodyTooLarge(Exception):
@@ -123,20 +132,20 @@ class UpstreamForwarder:
         self.upstream_timeout = upstream_timeout
         self.max_body_size = max_body_size
         self.trusted_proxies = trusted_proxies
-        self._hosts: dict[str, str] = {}
-        self._places: dict[str, tuple[Origin, str]] = {}
+        self._places: dict[str, _Place] = {}
 
-    def _place(self, upstream: Upstream) -> tuple[Origin, str]:
-        """Where ``upstream``'s requests go: its origin and the path prefix of its URL."""
+    def _place(self, upstream: Upstream) -> _Place:
+        """Where ``upstream``'s requests go, worked out once per upstream."""
         place = self._places.get(upstream.url)
         if place is None:
-            place = self._places[upstream.url] = (self.pool.origin(upstream.url),
-                                                  upstream.base_path)
+            place = self._places[upstream.url] = _Place(
+                self.pool.origin(upstream.url), upstream.base_path, upstream.host)
         return place
 
     def upstream_headers(self, request: web.Request, upstream: Upstream,
-                         token: PresentedToken, request_id: str) -> list[tuple[str, str]]:
-        """The headers the upstream receives, in order."""
+                         token: PresentedToken, request_id: str, host: str
+                         ) -> list[tuple[str, str]]:
+        """The headers the upstream receives, in order (``host``: its ``Host``)."""
         headers = request.headers
         extend = self.trusted_proxies > 0 and "X-Forwarded-For" in headers
         drop = _dropped(headers, _REQUEST_DROP if extend else _UNTRUSTED_DROP)
@@ -154,9 +163,6 @@ class UpstreamForwarder:
         else:
             out += (("X-Forwarded-For", peer), ("X-Forwarded-Proto", request.scheme),
                     ("X-Forwarded-Host", request.host))
-        host = self._hosts.get(upstream.url)
-        if host is None:
-            host = self._hosts[upstream.url] = upstream.host
         out += (("X-Request-Id", request_id), ("Host", host))
         if upstream.credentials == "forward":
             out.append(("Authorization", f"{upstream.scheme} {token.value}"))
@@ -175,8 +181,8 @@ class UpstreamForwarder:
             raise PayloadTooLarge(
                 f"The request body exceeds the limit of {self.max_body_size} bytes.")
         upstream = route.upstream
-        origin, target = self._place(upstream)
-        headers = self.upstream_headers(request, upstream, token, request_id)
+        place = self._place(upstream)
+        headers = self.upstream_headers(request, upstream, token, request_id, place.host)
         data: _CappedBody | None = None
         if request.body_exists:
             data = _CappedBody(request, self.max_body_size, self.client_body_timeout)
@@ -184,8 +190,8 @@ class UpstreamForwarder:
         limit = upstream.timeout or self.upstream_timeout
         try:
             resp = await self.pool.request(
-                request.method, origin, target + request.raw_path, headers, read_timeout=limit,
-                body=data, content_length=length)
+                request.method, place.origin, place.path + request.raw_path, headers,
+                read_timeout=limit, body=data, content_length=length)
         except UpstreamError as exc:
             if data is not None and data.exceeded:
                 raise PayloadTooLarge(

@@ -98,7 +98,6 @@ class _Connection(asyncio.Protocol):
         self.head_size = 0  # bytes of the current message's status line and headers
         self.answered = False  # the final response of this exchange has begun
         self.interim = 0  # 1xx responses of this exchange
-        self.status = 0
         self.reason = ""
         self.headers: list[tuple[str, str]] = []
         self.content_length: int | None = None
@@ -207,7 +206,6 @@ class _Connection(asyncio.Protocol):
             if status == 101:
                 raise UpstreamBroken("The upstream switched protocols, which is not relayed.")
             return  # interim: its message completes next, and the final one follows
-        self.status = status
         self.answered = True
         self.keep_alive = self.parser.should_keep_alive()
         response = self.response = UpstreamResponse(self, status, self.reason, self.headers,
