@@ -106,7 +106,7 @@ class EventSubscriber:
                 log.exception("event subscriber failed; restarting")
             finally:
                 with contextlib.suppress(Exception):  # the connection may be gone already
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 

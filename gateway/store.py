@@ -134,7 +134,7 @@ def _sentinel(url: str) -> Redis:
     if "sentinel_password" in query:
         sentinel_kwargs["password"] = query["sentinel_password"][0]
     tls = parts.scheme.startswith("rediss")
-    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, ssl=tls)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, ssl=tls)
     username, password = _credentials(url)
     client: Redis = sentinel.master_for(service, db=db, username=username, password=password,
                                         retry=_retry(), max_connections=512, **_OPTIONS)
