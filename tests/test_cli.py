@@ -17,8 +17,8 @@ import pytest
 import yaml
 from redis.asyncio import Redis
 
-from gateway import cli
-from gateway.tokens import TokenDigester
+from gateway.cli import commands as cli
+from gateway.protocol.tokens import TokenDigester
 from tests.redis_server import RedisServer, free_port
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"

@@ -20,9 +20,9 @@ from redis.asyncio import Redis
 from yarl import URL
 
 from gateway.authserver import rfc8628
-from gateway.authserver.core import AS_SLOT
 from gateway.authserver.hashing import USER_CODE_ALPHABET
 from gateway.authserver.models import GRANT_DEVICE
+from gateway.authserver.server import AS_SLOT
 from tests.conftest import AuthGatewayFactory, AuthHarness, Upstream
 
 USER = ("alice", "correct horse battery")

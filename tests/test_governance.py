@@ -12,9 +12,9 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 from redis.asyncio import Redis
 
-from gateway import cli
-from gateway.clients import ClientRecord, ClientRegistry
-from gateway.metrics import GatewayMetrics
+from gateway.cli import commands as cli
+from gateway.observe.metrics import GatewayMetrics
+from gateway.pipeline.govern import ClientRecord, ClientRegistry
 from tests.conftest import AuthServer, GatewayFactory, Harness
 from tests.redis_server import RedisServer
 
@@ -174,7 +174,7 @@ async def test_redis_outage_and_restart(make_gateway: GatewayFactory, auth_serve
     assert gw.gw.events is not None
     await asyncio.wait_for(gw.gw.events.connected.wait(), 10)
     # after the restart, a disable published through the CLI path reaches the replica
-    from gateway.clients import ClientAdmin
+    from gateway.pipeline.govern import ClientAdmin
 
     await ClientAdmin(own_redis_client, key_prefix="gw:").set_disabled(
         "app4", True, actor="test")

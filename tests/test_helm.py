@@ -24,8 +24,8 @@ import jsonschema
 import pytest
 import yaml
 
-from gateway.policy import load_policy
-from gateway.settings import Settings, SettingsError, load_settings
+from gateway.config.policy import load_policy
+from gateway.config.settings import Settings, SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "oauth-gateway"

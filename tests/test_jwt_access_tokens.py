@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from gateway.authserver.core import AS_SLOT, AuthorizationServer
 from gateway.authserver.rfc9068 import (
     PUBLISH_AHEAD,
     RETENTION,
@@ -28,6 +27,7 @@ from gateway.authserver.rfc9068 import (
     SigningKeys,
     signing_keys_of,
 )
+from gateway.authserver.server import AS_SLOT, AuthorizationServer
 from tests.conftest import AuthGatewayFactory, AuthHarness, GatewayFactory, Upstream
 from tests.redis_server import RedisServer
 

@@ -12,8 +12,8 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from gateway.metrics import GatewayMetrics
-from gateway.usage import UsageTracker
+from gateway.observe.metrics import GatewayMetrics
+from gateway.observe.usage import UsageTracker
 from tests.conftest import AuthServer, GatewayFactory, Harness, Upstream
 
 CONTRACT_METRICS = (

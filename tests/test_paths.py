@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import InvalidRequest
-from gateway.paths import safe_path
-from gateway.policy import load_policy
+from gateway.config.policy import load_policy
+from gateway.pipeline.paths import safe_path
+from gateway.protocol.errors import InvalidRequest
 
 SHIPPED = Path(__file__).resolve().parent.parent / "policies" / "anaplan.yaml"
 

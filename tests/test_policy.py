@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.policy import (
+from gateway.config.policy import (
     HTTP_METHODS,
     PolicyError,
     RoutePolicy,

@@ -21,11 +21,11 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway import cli
 from gateway.authserver.models import GRANT_DEVICE
-from gateway.clients import ClientAdmin
-from gateway.settings import SettingsError, load_settings
-from gateway.store import connect, is_cluster
+from gateway.cli import commands as cli
+from gateway.config.settings import SettingsError, load_settings
+from gateway.pipeline.govern import ClientAdmin
+from gateway.state.connection import connect, is_cluster
 from tests.conftest import AuthGatewayFactory, AuthHarness, AuthServer, GatewayFactory, Harness
 from tests.redis_server import RedisServer, free_port, server_binary
 from tests.test_authserver_core import _grant, _refresh

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pytest_aiohttp import AiohttpServer
 
-from gateway.upstream import (
+from gateway.forward.upstream import (
     UpstreamBroken,
     UpstreamError,
     UpstreamPool,

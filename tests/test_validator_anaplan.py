@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from gateway.validators.anaplan import AnaplanValidator
-from gateway.validators.base import ValidatorUnavailable
+from gateway.authn.validators.anaplan import AnaplanValidator
+from gateway.authn.validators.base import ValidatorUnavailable
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

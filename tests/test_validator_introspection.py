@@ -15,8 +15,8 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from gateway.validators.base import ValidatorUnavailable
-from gateway.validators.introspection import IntrospectionClient
+from gateway.authn.validators.base import ValidatorUnavailable
+from gateway.authn.validators.introspection import IntrospectionClient
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

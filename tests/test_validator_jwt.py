@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from pytest_aiohttp import AiohttpServer
 
-from gateway.validators.base import ValidatorUnavailable
-from gateway.validators.jwt import JWTValidator
+from gateway.authn.validators.base import ValidatorUnavailable
+from gateway.authn.validators.jwt import JWTValidator
 
 ISSUER = "https://as.example.test"
 AUDIENCE = "https://gateway.example.test"

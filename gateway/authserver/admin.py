@@ -15,15 +15,22 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from ..clients import ClientAdmin
-from ..settings import Settings
-from ..tokens import TokenDigester
-from .core import cache_pin_ttl, tenant_defaults
-from .hashing import hash_secret
-from .issuance import TokenIssuer
-from .metrics import AuthServerMetrics
-from .models import FLOW_NAMES, GRANT_CODE, Grant, ModelError, OAuthClient, TokenPolicy
-from .storage import AuthStore
+from gateway.authserver.hashing import hash_secret
+from gateway.authserver.issuance import TokenIssuer
+from gateway.authserver.metrics import AuthServerMetrics
+from gateway.authserver.models import (
+    FLOW_NAMES,
+    GRANT_CODE,
+    Grant,
+    ModelError,
+    OAuthClient,
+    TokenPolicy,
+)
+from gateway.authserver.server import cache_pin_ttl, tenant_defaults
+from gateway.authserver.storage import AuthStore
+from gateway.config.settings import Settings
+from gateway.pipeline.govern import ClientAdmin
+from gateway.protocol.tokens import TokenDigester
 
 
 class AdminError(ValueError):

@@ -28,12 +28,11 @@ from aiohttp import web
 from multidict import MultiDictProxy, MultiMapping
 from yarl import URL
 
-from . import rfc7636
-from .core import AuthorizationServer, server_of
-from .errors import AccessDenied, InvalidGrant, InvalidRequest, OAuthError
-from .hashing import new_token
-from .models import GRANT_CODE, OAuthClient, narrow_scope
-from .pages import (
+from gateway.authserver import rfc7636
+from gateway.authserver.errors import AccessDenied, InvalidGrant, InvalidRequest, OAuthError
+from gateway.authserver.hashing import new_token
+from gateway.authserver.models import GRANT_CODE, OAuthClient, narrow_scope
+from gateway.authserver.pages import (
     check_csrf,
     csrf_field,
     current_user,
@@ -43,7 +42,8 @@ from .pages import (
     page,
     with_csrf_cookie,
 )
-from .rfc6749 import grant_handler
+from gateway.authserver.rfc6749 import grant_handler
+from gateway.authserver.server import AuthorizationServer, server_of
 
 PENDING_TTL = 600     # seconds a consent page stays answerable
 CODE_TTL = 60         # section 4.1.2: "A maximum authorization code lifetime of 10 minutes

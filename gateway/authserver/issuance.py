@@ -23,12 +23,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .. import store as gwstore
-from .errors import InvalidGrant, InvalidScope
-from .hashing import new_token
-from .metrics import AuthServerMetrics
-from .models import GRANT_REFRESH, ROTATABLE, Grant, OAuthClient
-from .storage import AuthStore
+from gateway.authserver.errors import InvalidGrant, InvalidScope
+from gateway.authserver.hashing import new_token
+from gateway.authserver.metrics import AuthServerMetrics
+from gateway.authserver.models import GRANT_REFRESH, ROTATABLE, Grant, OAuthClient
+from gateway.authserver.storage import AuthStore
+from gateway.state import connection as gwstore
 
 AccessTokenSigner = Callable[[dict[str, Any]], Awaitable[str]]
 

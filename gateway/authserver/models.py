@@ -209,7 +209,7 @@ class Grant:
 def narrow_scope(requested: str | None, allowed: tuple[str, ...]) -> str:
     """Requested scopes must be a subset of the client's (RFC 6749 section 3.3);
     none requested means all of them."""
-    from .errors import InvalidScope
+    from gateway.authserver.errors import InvalidScope
 
     wanted = (requested or "").split()
     if not wanted:

@@ -26,8 +26,8 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from .core import AuthorizationServer, server_of
-from .hashing import verify_secret
+from gateway.authserver.hashing import verify_secret
+from gateway.authserver.server import AuthorizationServer, server_of
 
 SESSION_COOKIE = "gw_session"
 CSRF_COOKIE = "gw_csrf"

@@ -15,9 +15,14 @@ from typing import Any
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from .core import AuthorizationServer, server_of
-from .errors import OAuthError, ServerError, UnauthorizedClient, UnsupportedGrantType
-from .models import GRANT_REFRESH, OAuthClient
+from gateway.authserver.errors import (
+    OAuthError,
+    ServerError,
+    UnauthorizedClient,
+    UnsupportedGrantType,
+)
+from gateway.authserver.models import GRANT_REFRESH, OAuthClient
+from gateway.authserver.server import AuthorizationServer, server_of
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +45,7 @@ def grant_handler(grant_type: str) -> Callable[[GrantHandler], GrantHandler]:
 async def refresh_grant(server: AuthorizationServer, request: web.Request,
                         client: OAuthClient, form: MultiDictProxy[str]) -> dict[str, Any]:
     """Section 6: ``refresh_token`` and an optional narrower ``scope``."""
-    from .errors import InvalidRequest
+    from gateway.authserver.errors import InvalidRequest
 
     token = form.get("refresh_token")
     if not token:

@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import re
 
-from .errors import InvalidGrant, InvalidRequest
+from gateway.authserver.errors import InvalidGrant, InvalidRequest
 
 S256 = "S256"
 SUPPORTED_METHODS = (S256,)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .core import server_of
-from .errors import InvalidClient, InvalidRequest, OAuthError
+from gateway.authserver.errors import InvalidClient, InvalidRequest, OAuthError
+from gateway.authserver.server import server_of
 
 
 async def introspection_endpoint(request: web.Request) -> web.Response:

@@ -7,8 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .core import AuthorizationServer, server_of
-from .models import GRANT_CODE, GRANT_DEVICE, GRANT_REFRESH
+from gateway.authserver.models import GRANT_CODE, GRANT_DEVICE, GRANT_REFRESH
+from gateway.authserver.server import AuthorizationServer, server_of
 
 PATHS = {
     "authorization_endpoint": "/oauth/authorize",

@@ -37,9 +37,8 @@ from typing import Any, cast
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from .authorize import SCOPE_TEXT
-from .core import AuthorizationServer, server_of
-from .errors import (
+from gateway.authserver.authorize import SCOPE_TEXT
+from gateway.authserver.errors import (
     AccessDenied,
     AuthorizationPending,
     ExpiredToken,
@@ -50,9 +49,14 @@ from .errors import (
     SlowDown,
     UnauthorizedClient,
 )
-from .hashing import USER_CODE_ALPHABET, new_token, new_user_code, normalize_user_code
-from .models import GRANT_DEVICE, OAuthClient, narrow_scope
-from .pages import (
+from gateway.authserver.hashing import (
+    USER_CODE_ALPHABET,
+    new_token,
+    new_user_code,
+    normalize_user_code,
+)
+from gateway.authserver.models import GRANT_DEVICE, OAuthClient, narrow_scope
+from gateway.authserver.pages import (
     check_csrf,
     csrf_field,
     current_user,
@@ -62,8 +66,9 @@ from .pages import (
     page,
     with_csrf_cookie,
 )
-from .rfc6749 import grant_handler, token_response
-from .storage import AuthStore
+from gateway.authserver.rfc6749 import grant_handler, token_response
+from gateway.authserver.server import AuthorizationServer, server_of
+from gateway.authserver.storage import AuthStore
 
 log = logging.getLogger(__name__)
 

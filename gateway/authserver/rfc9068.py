@@ -68,11 +68,11 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
-from .core import server_of
-from .storage import AuthStore
+from gateway.authserver.server import server_of
+from gateway.authserver.storage import AuthStore
 
 if TYPE_CHECKING:
-    from .core import AuthorizationServer
+    from gateway.authserver.server import AuthorizationServer
 
 log = logging.getLogger(__name__)
 

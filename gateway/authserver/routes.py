@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import authorize, pages, rfc8628, rfc9068, sso
-from .rfc6749 import token_endpoint
-from .rfc7009 import revocation_endpoint
-from .rfc7662 import introspection_endpoint
-from .rfc8414 import metadata_endpoint
+from gateway.authserver import authorize, pages, rfc8628, rfc9068, sso
+from gateway.authserver.rfc6749 import token_endpoint
+from gateway.authserver.rfc7009 import revocation_endpoint
+from gateway.authserver.rfc7662 import introspection_endpoint
+from gateway.authserver.rfc8414 import metadata_endpoint
 
 
 def add_routes(app: web.Application) -> None:

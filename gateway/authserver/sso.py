@@ -34,9 +34,8 @@ import jwt
 from aiohttp import web
 from yarl import URL
 
-from . import pages
-from .core import AS_SLOT, server_of
-from .oidc import (
+from gateway.authserver import pages
+from gateway.authserver.oidc import (
     OpenIDProvider,
     ProviderError,
     SSOError,
@@ -44,6 +43,7 @@ from .oidc import (
     safe_code,
     validate_id_token,
 )
+from gateway.authserver.server import AS_SLOT, server_of
 
 STATE_TTL = 600
 BROWSER_COOKIE = "gw_sso_browser"

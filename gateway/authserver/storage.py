@@ -39,9 +39,9 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from .. import store as gwstore
-from ..tokens import TokenDigester
-from .models import Grant, OAuthClient, TokenPolicy
+from gateway.authserver.models import Grant, OAuthClient, TokenPolicy
+from gateway.protocol.tokens import TokenDigester
+from gateway.state import connection as gwstore
 
 
 class AuthStore:

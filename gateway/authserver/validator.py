@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 
-from ..validators.base import TokenInfo
-from .storage import AuthStore
+from gateway.authn.validators.base import TokenInfo
+from gateway.authserver.storage import AuthStore
 
 
 class BuiltinValidator:

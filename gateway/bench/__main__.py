@@ -7,9 +7,9 @@ import asyncio
 import dataclasses
 import sys
 
-from .load import wrk_available
-from .scenarios import SCENARIOS, Options, run
-from .services import loop_factory
+from gateway.bench.load import wrk_available
+from gateway.bench.scenarios import SCENARIOS, Options, run
+from gateway.bench.services import loop_factory
 
 
 def parse_options(argv: list[str] | None = None) -> Options:

@@ -29,9 +29,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .load import TokenPlan, Workload, run_asyncio
-from .processes import Managed, ServiceProcess, free_port
-from .scenarios import CLIENTS, SMALL, Bench
+from gateway.bench.load import TokenPlan, Workload, run_asyncio
+from gateway.bench.processes import Managed, ServiceProcess, free_port
+from gateway.bench.scenarios import CLIENTS, SMALL, Bench
 
 WARM_UP = 300
 #: the gateway's per-second work, off for the count (see the module docstring)

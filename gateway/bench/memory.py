@@ -17,10 +17,10 @@ import json
 import os
 import time
 
-from ..cache import LocalCache
-from ..tokens import TokenDigester
-from ..validators.base import TokenInfo
-from .processes import rss_bytes
+from gateway.authn.cache import LocalCache
+from gateway.authn.validators.base import TokenInfo
+from gateway.bench.processes import rss_bytes
+from gateway.protocol.tokens import TokenDigester
 
 
 def measure(tokens: int, clients: int = 300) -> dict[str, float]:

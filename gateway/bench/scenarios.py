@@ -44,10 +44,16 @@ from typing import TextIO
 
 from redis.asyncio import Redis
 
-from ..tokens import TokenDigester
-from ..validators.base import TokenInfo
-from .load import LoadResult, TokenPlan, Workload, run_asyncio, run_fixed_rate, run_load
-from .processes import (
+from gateway.authn.validators.base import TokenInfo
+from gateway.bench.load import (
+    LoadResult,
+    TokenPlan,
+    Workload,
+    run_asyncio,
+    run_fixed_rate,
+    run_load,
+)
+from gateway.bench.processes import (
     GatewayProcess,
     RedisProcess,
     ServiceProcess,
@@ -58,7 +64,8 @@ from .processes import (
     rss_bytes,
     set_affinity,
 )
-from .services import SCOPES
+from gateway.bench.services import SCOPES
+from gateway.protocol.tokens import TokenDigester
 
 CLIENTS = 300
 MANY_TOKENS = 10_000
@@ -493,7 +500,7 @@ async def latency(bench: Bench, report: Report) -> None:
 
 async def instructions(bench: Bench, report: Report) -> None:
     """Instructions per request under callgrind (:mod:`gateway.bench.instructions`)."""
-    from . import instructions as counting
+    from gateway.bench import instructions as counting
 
     if not counting.available():
         report.notes.append("instructions: skipped, valgrind is not on PATH "

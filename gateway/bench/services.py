@@ -162,7 +162,7 @@ def bare_proxy_app(upstream: str) -> web.Application:
 
 def lean_bare_proxy_app(upstream: str) -> web.Application:
     """:func:`bare_proxy_app`, forwarding through :class:`gateway.upstream.UpstreamPool`."""
-    from ..upstream import UpstreamPool
+    from gateway.forward.upstream import UpstreamPool
 
     pool_key = web.AppKey("pool", UpstreamPool)
 

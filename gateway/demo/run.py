@@ -22,11 +22,11 @@ from typing import Any, TextIO
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from ..app import create_apps
-from ..embedded_redis import EmbeddedRedis, free_port
-from ..settings import Settings, load_settings, parse_hostport
-from ..store import connect
-from . import anaplan
+from gateway.config.settings import Settings, load_settings, parse_hostport
+from gateway.demo import anaplan
+from gateway.runtime.app import create_apps
+from gateway.state.connection import connect
+from gateway.state.embedded import EmbeddedRedis, free_port
 
 DEMO_USER = "demo"
 READ_SCOPES = "anaplan:read anaplan:bulk"
@@ -158,11 +158,11 @@ class Demo:
             self.runners.append(runner)
 
     async def _seed(self, settings: Settings) -> None:
-        from ..authserver.admin import AuthAdmin
-        from ..authserver.metrics import AuthServerMetrics
-        from ..metrics import GatewayMetrics
-        from ..store import digest_key
-        from ..tokens import TokenDigester
+        from gateway.authserver.admin import AuthAdmin
+        from gateway.authserver.metrics import AuthServerMetrics
+        from gateway.observe.metrics import GatewayMetrics
+        from gateway.protocol.tokens import TokenDigester
+        from gateway.state.connection import digest_key
 
         redis = connect(settings.redis_url)
         try:

@@ -19,12 +19,12 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from .. import store as gwstore
-from ..metrics import GatewayMetrics
-from ..settings import Settings
-from ..tokens import TokenDigester
-from .admin import AdminError, AuthAdmin
-from .metrics import AuthServerMetrics
+from gateway.authserver.admin import AdminError, AuthAdmin
+from gateway.authserver.metrics import AuthServerMetrics
+from gateway.config.settings import Settings
+from gateway.observe.metrics import GatewayMetrics
+from gateway.protocol.tokens import TokenDigester
+from gateway.state import connection as gwstore
 
 Printer = Callable[[argparse.Namespace, str, Any], None]
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -171,7 +171,7 @@ async def _dispatch(args: argparse.Namespace, admin: AuthAdmin, out: Printer, ac
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Entry point for every command above (``args.as_cmd`` says which)."""
-    from ..cli import _actor, _err, _out
+    from gateway.cli.commands import _actor, _err, _out
 
     async def main() -> int:
         redis: Redis = gwstore.connect(settings.redis_url)

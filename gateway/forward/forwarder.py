@@ -32,10 +32,22 @@ from typing import NamedTuple
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from .errors import BadGateway, GatewayError, GatewayTimeout, PayloadTooLarge, RequestTimeout
-from .policy import Route, Upstream, replacement_credential
-from .tokens import PresentedToken
-from .upstream import Origin, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
+from gateway.config.policy import Route, Upstream, replacement_credential
+from gateway.forward.upstream import (
+    Origin,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
+from gateway.protocol.errors import (
+    BadGateway,
+    GatewayError,
+    GatewayTimeout,
+    PayloadTooLarge,
+    RequestTimeout,
+)
+from gateway.protocol.tokens import PresentedToken
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",

@@ -34,8 +34,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from . import store
-from .metrics import MAX_CLIENT_LABELS, GatewayMetrics
+from gateway.observe.metrics import MAX_CLIENT_LABELS, GatewayMetrics
+from gateway.state import connection as store
 
 log = logging.getLogger(__name__)
 BUCKET = 60

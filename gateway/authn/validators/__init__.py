@@ -5,7 +5,7 @@
 - ``anaplan``: Anaplan's own token-validate endpoint
 """
 
-from .base import (
+from gateway.authn.validators.base import (
     TokenInfo,
     TokenValidator,
     ValidatorUnavailable,

@@ -16,13 +16,13 @@ from urllib.parse import unquote_plus
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from ..settings import Settings
-from .errors import InvalidClient, InvalidRequest
-from .hashing import verify_secret
-from .issuance import TokenIssuer
-from .metrics import AuthServerMetrics
-from .models import OAuthClient, TokenPolicy
-from .storage import AuthStore
+from gateway.authserver.errors import InvalidClient, InvalidRequest
+from gateway.authserver.hashing import verify_secret
+from gateway.authserver.issuance import TokenIssuer
+from gateway.authserver.metrics import AuthServerMetrics
+from gateway.authserver.models import OAuthClient, TokenPolicy
+from gateway.authserver.storage import AuthStore
+from gateway.config.settings import Settings
 
 
 def tenant_defaults(settings: Settings) -> TokenPolicy:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
-from .errors import InvalidRequest
+from gateway.protocol.errors import InvalidRequest
 
 # %2F (slash), %5C (backslash), %00 (NUL), %25 followed by hex (double encoding)
 _ENCODED_DANGER = re.compile(r"%(?:2f|5c|00|25[0-9a-f]{2})", re.IGNORECASE)

@@ -20,8 +20,8 @@ from typing import Any
 
 import aiohttp
 
-from .base import TokenInfo, ValidatorUnavailable
-from .retry import RetryPolicy
+from gateway.authn.validators.base import TokenInfo, ValidatorUnavailable
+from gateway.authn.validators.retry import RetryPolicy
 
 DEFAULT_URL = "https://auth.anaplan.com/token/validate"
 DEFAULT_SCOPES = frozenset({"anaplan:read", "anaplan:write"})

@@ -18,9 +18,9 @@ from urllib.parse import quote_plus
 import aiohttp
 from redis.asyncio import Redis
 
-from . import store
-from .settings import Settings
-from .tokens import TokenDigester
+from gateway.config.settings import Settings
+from gateway.protocol.tokens import TokenDigester
+from gateway.state import connection as store
 
 DEFAULT_PIN = 24 * 3600
 
@@ -51,8 +51,8 @@ async def _revoke_at_builtin_server(redis: Redis, settings: Settings, digester: 
     token ends its grant (RFC 7009 section 2.1), and so the grant's access tokens."""
     from prometheus_client import CollectorRegistry
 
-    from .authserver.admin import AuthAdmin
-    from .authserver.metrics import AuthServerMetrics
+    from gateway.authserver.admin import AuthAdmin
+    from gateway.authserver.metrics import AuthServerMetrics
 
     admin = AuthAdmin(redis, settings, digester, AuthServerMetrics(CollectorRegistry()))
     auth_store, issuer = admin.store, admin.issuer

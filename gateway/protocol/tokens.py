@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from multidict import CIMultiDictProxy, MultiDictProxy
 
-from .errors import InvalidRequest, MissingToken
+from gateway.protocol.errors import InvalidRequest, MissingToken
 
 SCHEMES = {"bearer": "Bearer", "anaplanauthtoken": "AnaplanAuthToken"}
 # RFC 6750 section 2.1 b64token

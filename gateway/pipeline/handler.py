@@ -26,10 +26,15 @@ from types import MappingProxyType
 
 from aiohttp import web
 
-from .accesslog import AccessLog
-from .cache import TokenCache
-from .clients import ClientRegistry
-from .errors import (
+from gateway.authn.cache import TokenCache
+from gateway.config.policy import Match, Route, RoutePolicy
+from gateway.forward.forwarder import UpstreamForwarder
+from gateway.observe.accesslog import AccessLog
+from gateway.observe.metrics import NO_ROUTE, GatewayMetrics
+from gateway.observe.usage import UsageTracker
+from gateway.pipeline.govern import ClientRegistry
+from gateway.pipeline.paths import safe_path
+from gateway.protocol.errors import (
     ClientDisabled,
     ClientUnknown,
     GatewayError,
@@ -40,12 +45,7 @@ from .errors import (
     error_response,
     json_error,
 )
-from .metrics import NO_ROUTE, GatewayMetrics
-from .paths import safe_path
-from .policy import Match, Route, RoutePolicy
-from .proxy import UpstreamForwarder
-from .tokens import PresentedToken, extract_token
-from .usage import UsageTracker
+from gateway.protocol.tokens import PresentedToken, extract_token
 
 log = logging.getLogger(__name__)
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .policy import HTTP_METHODS
+from gateway.config.policy import HTTP_METHODS
 
 # `_created` series double the exposition for no operational value here
 disable_created_metrics()  # type: ignore[no-untyped-call]

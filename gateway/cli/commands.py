@@ -26,13 +26,14 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from . import __version__, store
-from .authserver import commands as authserver_commands
-from .clients import ClientAdmin
-from .errors import GatewayError
-from .paths import safe_path
-from .policy import PolicyError, load_policy
-from .settings import Settings, SettingsError, load_settings
+from gateway import __version__
+from gateway.cli import authserver as authserver_commands
+from gateway.config.policy import PolicyError, load_policy
+from gateway.config.settings import Settings, SettingsError, load_settings
+from gateway.pipeline.govern import ClientAdmin
+from gateway.pipeline.paths import safe_path
+from gateway.protocol.errors import GatewayError
+from gateway.state import connection as store
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -78,7 +79,7 @@ def _with_redis(settings: Settings,
 # -- serve -----------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from .server import run
+    from gateway.runtime.server import run
 
     try:
         load_policy(settings.policies)
@@ -89,13 +90,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from .demo.run import run as run_demo
+    from gateway.demo.run import run as run_demo
 
     return run_demo()
 
 
 def cmd_login(args: argparse.Namespace, settings: Settings) -> int:
-    from .login import LoginError, device_login
+    from gateway.cli.login import LoginError, device_login
 
     issuer = args.issuer or settings.issuer
     if not issuer or not args.client_id:
@@ -112,7 +113,7 @@ def cmd_login(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
-    from .login import LoginError, current_token
+    from gateway.cli.login import LoginError, current_token
 
     issuer = args.issuer or settings.issuer
     if not issuer or not args.client_id:
@@ -231,7 +232,7 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
 # -- tokens ----------------------------------------------------------------
 
 def cmd_tokens_revoke(args: argparse.Namespace, settings: Settings) -> int:
-    from .revocation import revoke_token
+    from gateway.cli.revocation import revoke_token
 
     token = sys.stdin.readline().strip() if args.token == "-" else args.token
     if not token:

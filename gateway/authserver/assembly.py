@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from ..metrics import GatewayMetrics
-from ..policy import RoutePolicy
-from ..settings import Settings
-from ..tokens import TokenDigester
-from .core import AuthorizationServer, cache_pin_ttl, tenant_defaults
-from .issuance import TokenIssuer
-from .metrics import AuthServerMetrics
-from .storage import AuthStore
+from gateway.authserver.issuance import TokenIssuer
+from gateway.authserver.metrics import AuthServerMetrics
+from gateway.authserver.server import AuthorizationServer, cache_pin_ttl, tenant_defaults
+from gateway.authserver.storage import AuthStore
+from gateway.config.policy import RoutePolicy
+from gateway.config.settings import Settings
+from gateway.observe.metrics import GatewayMetrics
+from gateway.protocol.tokens import TokenDigester
 
 
 async def build_auth_server(settings: Settings, redis: Redis, digester: TokenDigester,
@@ -31,7 +31,7 @@ async def build_auth_server(settings: Settings, redis: Redis, digester: TokenDig
     server.extras["scopes_supported"] = sorted(
         {scope for route in policy.routes for scope in route.scopes})
     if settings.as_access_token_format == "jwt":
-        from .rfc9068 import enable_jwt_access_tokens
+        from gateway.authserver.rfc9068 import enable_jwt_access_tokens
 
         await enable_jwt_access_tokens(server)
     return server

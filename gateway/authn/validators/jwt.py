@@ -28,7 +28,7 @@ import aiohttp
 import jwt
 from jwt import PyJWK
 
-from .base import TokenInfo, ValidatorUnavailable, parse_scopes
+from gateway.authn.validators.base import TokenInfo, ValidatorUnavailable, parse_scopes
 
 log = logging.getLogger(__name__)
 

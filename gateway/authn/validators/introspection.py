@@ -17,8 +17,8 @@ from urllib.parse import quote_plus
 
 import aiohttp
 
-from .base import TokenInfo, ValidatorUnavailable, parse_scopes
-from .retry import RetryPolicy
+from gateway.authn.validators.base import TokenInfo, ValidatorUnavailable, parse_scopes
+from gateway.authn.validators.retry import RetryPolicy
 
 
 class IntrospectionClient:

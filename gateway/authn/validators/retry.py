@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from .base import ValidatorUnavailable
+from gateway.authn.validators.base import ValidatorUnavailable
 
 Send = Callable[[], AbstractAsyncContextManager[aiohttp.ClientResponse]]
 

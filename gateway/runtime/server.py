@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .app import GATEWAY, ConfigurationError, create_apps
-from .settings import Settings, parse_hostport
+from gateway.config.settings import Settings, parse_hostport
+from gateway.runtime.app import GATEWAY, ConfigurationError, create_apps
 
 log = logging.getLogger("gateway")
 _YOUNG_GENERATION = 10_000  # objects allocated between two young collections (default 700)

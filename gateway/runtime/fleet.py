@@ -27,10 +27,10 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from . import store
-from .cache import TokenCache
-from .clients import ClientRegistry
-from .metrics import GatewayMetrics
+from gateway.authn.cache import TokenCache
+from gateway.observe.metrics import GatewayMetrics
+from gateway.pipeline.govern import ClientRegistry
+from gateway.state import connection as store
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from . import store
-from .errors import ServiceUnavailable
-from .metrics import GatewayMetrics
+from gateway.observe.metrics import GatewayMetrics
+from gateway.protocol.errors import ServiceUnavailable
+from gateway.state import connection as store
 
 log = logging.getLogger(__name__)
 

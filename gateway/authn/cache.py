@@ -22,11 +22,11 @@ from collections import OrderedDict
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from . import store
-from .errors import IntrospectionUnavailable
-from .metrics import GatewayMetrics
-from .tokens import TokenDigester
-from .validators.base import TokenInfo, TokenValidator, ValidatorUnavailable
+from gateway.authn.validators.base import TokenInfo, TokenValidator, ValidatorUnavailable
+from gateway.observe.metrics import GatewayMetrics
+from gateway.protocol.errors import IntrospectionUnavailable
+from gateway.protocol.tokens import TokenDigester
+from gateway.state import connection as store
 
 log = logging.getLogger(__name__)
 

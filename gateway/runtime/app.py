@@ -24,21 +24,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from . import store
-from .accesslog import AccessLog
-from .authserver.core import AS_SLOT, ServerSlot
-from .cache import TokenCache
-from .clients import ClientRegistry
-from .events import EventSubscriber
-from .metrics import GatewayMetrics
-from .pipeline import ProxyPipeline
-from .policy import PolicyError, RoutePolicy, load_policy
-from .proxy import UpstreamForwarder
-from .settings import Settings
-from .tokens import TokenDigester
-from .upstream import UpstreamPool
-from .usage import UsageTracker
-from .validators.base import TokenValidator
+from gateway.authn.cache import TokenCache
+from gateway.authn.validators.base import TokenValidator
+from gateway.authserver.server import AS_SLOT, ServerSlot
+from gateway.config.policy import PolicyError, RoutePolicy, load_policy
+from gateway.config.settings import Settings
+from gateway.forward.forwarder import UpstreamForwarder
+from gateway.forward.upstream import UpstreamPool
+from gateway.observe.accesslog import AccessLog
+from gateway.observe.metrics import GatewayMetrics
+from gateway.observe.usage import UsageTracker
+from gateway.pipeline.govern import ClientRegistry
+from gateway.pipeline.handler import ProxyPipeline
+from gateway.protocol.tokens import TokenDigester
+from gateway.runtime.fleet import EventSubscriber
+from gateway.state import connection as store
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def build_validator(settings: Settings, session: aiohttp.ClientSession) -> Token
         if not settings.introspection_url:
             raise ConfigurationError("GATEWAY_VALIDATOR=introspection needs "
                                      "GATEWAY_INTROSPECTION_URL")
-        from .validators.introspection import IntrospectionClient
+        from gateway.authn.validators.introspection import IntrospectionClient
         return IntrospectionClient(
             session, settings.introspection_url,
             client_id=settings.introspection_client_id,
@@ -103,7 +103,7 @@ def build_validator(settings: Settings, session: aiohttp.ClientSession) -> Token
         if not settings.jwks_url or not settings.jwt_issuer:
             raise ConfigurationError("GATEWAY_VALIDATOR=jwt needs GATEWAY_JWKS_URL and "
                                      "GATEWAY_JWT_ISSUER")
-        from .validators.jwt import JWTValidator
+        from gateway.authn.validators.jwt import JWTValidator
         return JWTValidator(
             session, settings.jwks_url, issuer=settings.jwt_issuer,
             audience=settings.jwt_audience, algorithms=settings.jwt_algorithms.split(),
@@ -112,7 +112,7 @@ def build_validator(settings: Settings, session: aiohttp.ClientSession) -> Token
         if not settings.anaplan_validate_url:
             raise ConfigurationError("GATEWAY_VALIDATOR=anaplan needs "
                                      "GATEWAY_ANAPLAN_VALIDATE_URL")
-        from .validators.anaplan import AnaplanValidator
+        from gateway.authn.validators.anaplan import AnaplanValidator
         return AnaplanValidator(session, settings.anaplan_validate_url,
                                 timeout=settings.introspection_timeout,
                                 retries=settings.introspection_retries)
@@ -149,12 +149,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         digester = TokenDigester(key)
         validator = app.get(VALIDATOR)
         if s.issuer:
-            from .authserver.setup import build_auth_server
+            from gateway.authserver.assembly import build_auth_server
 
             auth_server = await build_auth_server(s, redis, digester, gw.metrics, gw.policy)
             app[AS_SLOT].server = auth_server
             if validator is None and s.resolved_validator == "builtin":
-                from .authserver.validator import BuiltinValidator
+                from gateway.authserver.validator import BuiltinValidator
 
                 validator = BuiltinValidator(auth_server.store)
         if validator is None:
@@ -260,7 +260,7 @@ def create_apps(settings: Settings, *, redis: Redis | None = None,
     proxy.cleanup_ctx.append(_resources)
     proxy[AS_SLOT] = ServerSlot()
     if settings.issuer:
-        from .authserver.routes import add_routes
+        from gateway.authserver.routes import add_routes
 
         add_routes(proxy)
     proxy.router.add_route("*", "/{tail:.*}", _proxy_handler)
