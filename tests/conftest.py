@@ -17,9 +17,10 @@ from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 from redis.asyncio import Redis
 
-from gateway.authserver.admin import AuthAdmin
+from gateway.appkeys import GATEWAY
+from gateway.authserver import AuthAdmin, DeviceFlowTiming
 from gateway.config.settings import load_settings
-from gateway.runtime.app import GATEWAY, Gateway, create_apps
+from gateway.runtime.app import Gateway, create_apps
 from tests.redis_server import RedisServer, free_port
 
 
@@ -254,10 +255,8 @@ async def make_auth_gateway(aiohttp_client: AiohttpClient, redis_server: RedisSe
     session's server, or the one ``redis_url=`` names."""
     own_clients: list[Redis] = []
 
-    async def factory(policy: str | None = None, **overrides: Any) -> AuthHarness:
-        from gateway.authserver.admin import AuthAdmin
-        from gateway.authserver.metrics import AuthServerMetrics
-        from gateway.observe.metrics import GatewayMetrics
+    async def factory(policy: str | None = None, *, device: DeviceFlowTiming | None = None,
+                      **overrides: Any) -> AuthHarness:
         from gateway.protocol.tokens import TokenDigester
         from gateway.state.connection import connect, digest_key
 
@@ -270,7 +269,7 @@ async def make_auth_gateway(aiohttp_client: AiohttpClient, redis_server: RedisSe
         values.update(overrides)
         settings = load_settings(environ={}, **values)
         stream = io.StringIO()
-        proxy, admin_app = create_apps(settings, log_stream=stream)
+        proxy, admin_app = create_apps(settings, log_stream=stream, device=device)
         client = await aiohttp_client(proxy, server_kwargs={"port": port})
         admin_client = await aiohttp_client(admin_app)
         admin_redis = redis
@@ -278,8 +277,7 @@ async def make_auth_gateway(aiohttp_client: AiohttpClient, redis_server: RedisSe
             admin_redis = connect(settings.redis_url)
             own_clients.append(admin_redis)
         key = await digest_key(admin_redis, settings.key_prefix, settings.token_digest_key)
-        auth = AuthAdmin(admin_redis, settings, TokenDigester(key),
-                         AuthServerMetrics(GatewayMetrics().registry))
+        auth = AuthAdmin(admin_redis, settings, TokenDigester(key))
         return AuthHarness(client, admin_client, proxy[GATEWAY], stream, issuer, auth)
 
     yield factory

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,16 +13,15 @@ from html.parser import HTMLParser
 from typing import Any, cast
 
 import aiohttp
-import pytest
 from multidict import CIMultiDictProxy
 from redis.asyncio import Redis
 from yarl import URL
 
-from gateway.authserver import rfc8628
+from gateway.authserver import DeviceFlowTiming, rfc8628
 from gateway.authserver.hashing import USER_CODE_ALPHABET
 from gateway.authserver.models import GRANT_DEVICE
-from gateway.authserver.server import AS_SLOT
 from tests.conftest import AuthGatewayFactory, AuthHarness, Upstream
+from tests.tools import find
 
 USER = ("alice", "correct horse battery")
 CODE_RE = re.compile(f"^[{USER_CODE_ALPHABET}]{{4}}-[{USER_CODE_ALPHABET}]{{4}}$")
@@ -173,10 +171,8 @@ async def setup(make_auth_gateway: AuthGatewayFactory, *, interval: int = 1,
                 expires_in: int = 60, scopes: str = "anaplan:read anaplan:write"
                 ) -> tuple[AuthHarness, str]:
     """A gateway whose device codes poll every ``interval`` s, a device client, a user."""
-    h = await make_auth_gateway()
-    server = h.client.app[AS_SLOT].server
-    assert server is not None
-    server.extras.update(device_interval=interval, device_expires_in=expires_in)
+    h = await make_auth_gateway(device=DeviceFlowTiming(expires_in=expires_in,
+                                                        interval=interval))
     client, secret = await h.auth.create_client(
         name="Anaplan CLI", grant="device_code", redirect_uris=[], scopes=[scopes],
         actor="test")
@@ -516,9 +512,7 @@ async def test_user_codes_use_the_consonant_alphabet(
 async def test_device_pages_in_chromium(make_auth_gateway: AuthGatewayFactory,
                                         upstream: Upstream) -> None:
     """A person in headless Chromium signs in, enters the code and approves."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed")
+    chromium = find("chromium", "chromium-browser", install="apt-get install -y chromium")
     from playwright.async_api import async_playwright
 
     h, client_id = await setup(make_auth_gateway)

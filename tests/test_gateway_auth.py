@@ -169,12 +169,12 @@ async def test_disabled_client_is_refused_and_scopes_narrowed(
     headers = {"Authorization": f"Bearer {TOKEN}"}
     assert (await gw.client.post("/2/0/x", data=b"1", headers=headers)).status == 200
     await redis.hset("gw:client:app1", mapping={"scopes": "anaplan:read"})
-    await gw.gw.registry.refresh() if gw.gw.registry else None
+    await gw.gw.running().registry.refresh()
     resp = await gw.client.post("/2/0/x", data=b"1", headers=headers)
     assert resp.status == 403
     assert (await gw.client.get("/2/0/x", headers=headers)).status == 200
     await redis.hset("gw:client:app1", "disabled", "1")
-    await gw.gw.registry.refresh() if gw.gw.registry else None
+    await gw.gw.running().registry.refresh()
     resp = await gw.client.get("/2/0/x", headers=headers)
     assert resp.status == 401
     assert 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
@@ -188,8 +188,7 @@ async def test_require_client_record(make_gateway: GatewayFactory, auth_server: 
     headers = {"Authorization": f"Bearer {TOKEN}"}
     assert (await gw.client.get("/2/0/x", headers=headers)).status == 401
     await redis.hset("gw:client:stranger", "disabled", "0")
-    assert gw.gw.registry is not None
-    await gw.gw.registry.refresh()
+    await gw.gw.running().registry.refresh()
     assert (await gw.client.get("/2/0/x", headers=headers)).status == 200
 
 
@@ -230,8 +229,7 @@ async def test_a_request_that_gives_up_does_not_fail_the_others_waiting(
     auth_server.issue(TOKEN)
     auth_server.delay = 0.3
     gw = await make_gateway()
-    assert gw.gw.pipeline is not None
-    cache = gw.gw.pipeline.cache
+    cache = gw.gw.running().pipeline.cache
     first = asyncio.create_task(cache.lookup(TOKEN))
     others = [asyncio.create_task(cache.lookup(TOKEN)) for _ in range(2)]
     await asyncio.sleep(0.1)
@@ -274,8 +272,7 @@ async def test_redis_never_holds_a_token(make_gateway: GatewayFactory, auth_serv
     gw = await make_gateway()
     await gw.client.get("/2/0/x", headers={"Authorization": f"Bearer {TOKEN}"})
     await gw.client.get("/2/0/x", headers={"Authorization": "Bearer bad-token-123"})
-    assert gw.gw.pipeline is not None
-    await gw.gw.pipeline.usage.flush()
+    await gw.gw.running().pipeline.usage.flush()
     kwargs = redis.connection_pool.connection_kwargs
     raw: Redis = Redis(host=kwargs["host"], port=kwargs["port"], db=kwargs.get("db", 0))
     dump: list[Any] = []

@@ -171,8 +171,7 @@ async def test_redis_outage_and_restart(make_gateway: GatewayFactory, auth_serve
     while (await gw.admin.get("/readyz")).status != 200:
         assert time.monotonic() < deadline, "gateway never became ready again"
         await asyncio.sleep(0.1)
-    assert gw.gw.events is not None
-    await asyncio.wait_for(gw.gw.events.connected.wait(), 10)
+    await asyncio.wait_for(gw.gw.running().events.connected.wait(), 10)
     # after the restart, a disable published through the CLI path reaches the replica
     from gateway.pipeline.govern import ClientAdmin
 

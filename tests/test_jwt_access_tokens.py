@@ -19,15 +19,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
+from gateway.appkeys import AUTH_SERVER
 from gateway.authserver.rfc9068 import (
     PUBLISH_AHEAD,
     RETENTION,
     ROTATION_PERIOD,
     SigningKey,
     SigningKeys,
-    signing_keys_of,
 )
-from gateway.authserver.server import AS_SLOT, AuthorizationServer
+from gateway.authserver.server import AuthorizationServer
 from tests.conftest import AuthGatewayFactory, AuthHarness, GatewayFactory, Upstream
 from tests.redis_server import RedisServer
 
@@ -35,13 +35,13 @@ KEYS = "gw:as:signing_keys"
 
 
 def _server(client: TestClient[web.Request, web.Application]) -> AuthorizationServer:
-    server = client.app[AS_SLOT].server if client.app is not None else None
+    server = client.app[AUTH_SERVER].server if client.app is not None else None
     assert server is not None
     return server
 
 
 def _keys(h: AuthHarness) -> SigningKeys:
-    keys = signing_keys_of(_server(h.client))
+    keys = _server(h.client).signing_keys
     assert keys is not None
     return keys
 

@@ -256,10 +256,8 @@ async def test_client_usage_window_is_fleet_wide(make_gateway: GatewayFactory,
     async def check() -> None:
         # retried: a background flush may hold counts it has taken but not yet written
         for h in (one, two):
-            assert h.gw.pipeline is not None
-            await h.gw.pipeline.usage.flush()
-        assert one.gw.pipeline is not None
-        await one.gw.pipeline.usage.report()
+            await h.gw.running().pipeline.usage.flush()
+        await one.gw.running().pipeline.usage.report()
         text = await one.metrics()
         assert 'gateway_client_window_requests{client_id="appA"} 5.0' in text
         assert 'gateway_client_window_distinct_tokens{client_id="appA"} 3.0' in text
@@ -277,9 +275,8 @@ async def test_client_usage_counts_in_redis_hold_no_token(make_gateway: GatewayF
     token = auth_server.issue("tok-usage-redis-Q", client_id="appU")
     for _ in range(2):
         assert (await get(h, "/2/0/x", token))[0] == 200
-    assert h.gw.pipeline is not None and h.gw.redis is not None
-    redis = h.gw.redis
-    usage = h.gw.pipeline.usage
+    redis = h.gw.running().redis
+    usage = h.gw.running().pipeline.usage
 
     async def check() -> None:
         await usage.flush()

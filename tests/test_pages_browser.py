@@ -24,6 +24,7 @@ from playwright.async_api import Browser, Page, async_playwright
 from pytest_aiohttp import AiohttpServer
 
 from tests.conftest import AuthGatewayFactory, AuthHarness, Upstream
+from tests.tools import missing
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -32,9 +33,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 SCREENSHOT = "/tmp/consent.png"
 USER, PASSWORD = "alice", "correct horse battery"
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(CHROMIUM),
-    reason=f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
+
+
+@pytest.fixture(autouse=True)
+def chromium() -> None:
+    if not os.path.exists(CHROMIUM):
+        missing(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
 
 
 @dataclass

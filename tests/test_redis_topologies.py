@@ -293,10 +293,8 @@ async def test_cluster_usage_window_is_fleet_wide(
         resp = await gw.client.get("/2/0/x", headers={"Authorization": f"Bearer {token}"})
         assert resp.status == 200
     for gw in (one, two):
-        assert gw.gw.pipeline is not None
-        await gw.gw.pipeline.usage.flush()
-    assert one.gw.pipeline is not None
-    await one.gw.pipeline.usage.report()
+        await gw.gw.running().pipeline.usage.flush()
+    await one.gw.running().pipeline.usage.report()
     text = await one.metrics()
     assert 'gateway_client_window_requests{client_id="appA"} 5.0' in text
     assert 'gateway_client_window_distinct_tokens{client_id="appA"} 3.0' in text

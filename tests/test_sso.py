@@ -7,7 +7,6 @@ import html
 import json
 import re
 import secrets
-import shutil
 import subprocess
 import time
 import urllib.request
@@ -23,14 +22,11 @@ from yarl import URL
 
 from tests.conftest import AuthGatewayFactory, AuthHarness
 from tests.redis_server import free_port
+from tests.tools import find
 
-NODE, NPM = shutil.which("node"), shutil.which("npm")
 OIDC_DIR = Path(__file__).parent / "oidc"
 CALLBACK = "/oauth/sso/callback"
 
-pytestmark = pytest.mark.skipif(
-    not (NODE and NPM), reason="node and npm are needed to run the test OpenID provider "
-    "(tests/oidc, npm package oidc-provider)")
 
 
 @dataclass
@@ -52,9 +48,11 @@ class OpenIDTestProvider:
 
 @pytest.fixture(scope="session")
 def oidc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDTestProvider]:
-    assert NODE and NPM
+    # Node.js runs the test OpenID provider (tests/oidc, npm package oidc-provider)
+    npm = find("npm", install="apt-get install -y nodejs npm")
+    node = find("node", install="apt-get install -y nodejs npm")
     if not (OIDC_DIR / "node_modules" / "oidc-provider").is_dir():
-        done = subprocess.run([NPM, "ci", "--prefix", str(OIDC_DIR), "--no-audit",
+        done = subprocess.run([npm, "ci", "--prefix", str(OIDC_DIR), "--no-audit",
                                "--no-fund"], timeout=300, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"npm ci --prefix tests/oidc failed:\n{done.stderr}")
@@ -65,7 +63,7 @@ def oidc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDTestProvide
         "accounts": {"alice-0001": {"preferred_username": "alice"}}}))
     port = free_port()
     log = (work / "provider.log").open("wb")
-    proc = subprocess.Popen([NODE, str(OIDC_DIR / "server.mjs"), str(port),
+    proc = subprocess.Popen([node, str(OIDC_DIR / "server.mjs"), str(port),
                              str(work / "config.json")], stdout=log, stderr=log)
     issuer = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20

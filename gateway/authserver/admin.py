@@ -13,6 +13,7 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from gateway.authserver.hashing import hash_secret
@@ -41,7 +42,9 @@ class AuthAdmin:
     """The operations behind the CLI."""
 
     def __init__(self, redis: Redis, settings: Settings, digester: TokenDigester,
-                 metrics: AuthServerMetrics) -> None:
+                 metrics: AuthServerMetrics | None = None) -> None:
+        if metrics is None:  # counted by no scrape: the CLI's process is short-lived
+            metrics = AuthServerMetrics(CollectorRegistry())
         self.settings = settings
         self.store = AuthStore(redis, key_prefix=settings.key_prefix, digester=digester,
                                defaults=tenant_defaults(settings))
@@ -168,6 +171,22 @@ class AuthAdmin:
     async def list_grants(self, *, client_id: str | None = None, username: str | None = None
                           ) -> list[Grant]:
         return await self.store.list_grants(client_id=client_id, username=username)
+
+    async def revoke_token_digest(self, digest: str, *, actor: str) -> str:
+        """End the token with this digest, if this server issued it; what happened.
+
+        A refresh token ends its grant (RFC 7009 section 2.1), and so every access
+        token of the grant; an access token ends alone.
+        """
+        refresh = await self.store.get_token("rt", digest)
+        if refresh is not None:
+            await self.issuer.revoke_grant(refresh["grant_id"], reason="revoked_by_admin",
+                                           actor=actor)
+            return "revoked (built-in server: the refresh token's grant ended)"
+        if await self.store.get_token("at", digest) is not None:
+            await self.store.delete_tokens([f"at:{digest}"])
+            return "revoked (built-in server)"
+        return "unknown to the built-in server"
 
     async def revoke_grant(self, grant_id: str, *, actor: str, reason: str = "") -> None:
         if not await self.issuer.revoke_grant(grant_id, reason=reason or "revoked_by_admin",

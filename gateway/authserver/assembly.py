@@ -1,37 +1,52 @@
-"""Building the authorization server from settings (called by the app factory)."""
+"""Building the authorization server, once, when the gateway starts."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from redis.asyncio import Redis
 
+from gateway.authserver import authorize, rfc6749, rfc8628
 from gateway.authserver.issuance import TokenIssuer
 from gateway.authserver.metrics import AuthServerMetrics
-from gateway.authserver.server import AuthorizationServer, cache_pin_ttl, tenant_defaults
+from gateway.authserver.models import GRANT_CODE, GRANT_DEVICE, GRANT_REFRESH
+from gateway.authserver.rfc9068 import jwt_signer, load_signing_keys
+from gateway.authserver.server import (
+    AuthorizationServer,
+    DeviceFlowTiming,
+    GrantTypes,
+    cache_pin_ttl,
+    tenant_defaults,
+)
 from gateway.authserver.storage import AuthStore
-from gateway.config.policy import RoutePolicy
 from gateway.config.settings import Settings
-from gateway.observe.metrics import GatewayMetrics
 from gateway.protocol.tokens import TokenDigester
 
 
+def grant_types() -> GrantTypes:
+    """The token endpoint's grants: RFC 6749 4.1 (with PKCE), RFC 8628, RFC 6749 6."""
+    grants = GrantTypes()
+    grants.register(GRANT_CODE, authorize.authorization_code_grant)
+    grants.register(GRANT_DEVICE, rfc8628.device_code_grant)
+    grants.register(GRANT_REFRESH, rfc6749.refresh_grant)
+    return grants
+
+
 async def build_auth_server(settings: Settings, redis: Redis, digester: TokenDigester,
-                            metrics: GatewayMetrics, policy: RoutePolicy
+                            metrics: AuthServerMetrics, *, scopes_supported: Iterable[str],
+                            device: DeviceFlowTiming | None = None
                             ) -> AuthorizationServer:
-    """The server, sharing the gateway's Redis, digest key and metrics registry."""
+    """The server, sharing the gateway's Redis and digest key."""
     store = AuthStore(redis, key_prefix=settings.key_prefix, digester=digester,
                       defaults=tenant_defaults(settings))
-    as_metrics = metrics.extras.get("authserver")
-    if not isinstance(as_metrics, AuthServerMetrics):
-        as_metrics = AuthServerMetrics(metrics.registry)
-        metrics.extras["authserver"] = as_metrics
-    issuer = TokenIssuer(store, issuer=settings.issuer.rstrip("/"), metrics=as_metrics,
-                         cache_pin_ttl=cache_pin_ttl(settings))
-    server = AuthorizationServer(settings=settings, store=store, issuer=issuer,
-                                 metrics=as_metrics)
-    server.extras["scopes_supported"] = sorted(
-        {scope for route in policy.routes for scope in route.scopes})
+    issuer_url = settings.issuer.rstrip("/")
+    keys = None
     if settings.as_access_token_format == "jwt":
-        from gateway.authserver.rfc9068 import enable_jwt_access_tokens
-
-        await enable_jwt_access_tokens(server)
-    return server
+        keys = await load_signing_keys(store)
+    issuer = TokenIssuer(store, issuer=issuer_url, metrics=metrics,
+                         cache_pin_ttl=cache_pin_ttl(settings),
+                         jwt_signer=jwt_signer(keys, issuer_url) if keys is not None else None)
+    return AuthorizationServer(
+        settings=settings, store=store, issuer=issuer, metrics=metrics, grants=grant_types(),
+        scopes_supported=tuple(sorted(set(scopes_supported))), device=device or DeviceFlowTiming(),
+        signing_keys=keys)

@@ -42,7 +42,6 @@ from gateway.authserver.pages import (
     page,
     with_csrf_cookie,
 )
-from gateway.authserver.rfc6749 import grant_handler
 from gateway.authserver.server import AuthorizationServer, server_of
 
 PENDING_TTL = 600     # seconds a consent page stays answerable
@@ -260,7 +259,6 @@ async def authorize_post(request: web.Request) -> web.StreamResponse:
     raise redirect_to_client(server, redirect_uri, {"code": code, "state": state or ""})
 
 
-@grant_handler(GRANT_CODE)
 async def authorization_code_grant(server: AuthorizationServer, request: web.Request,
                                    client: OAuthClient, form: MultiDictProxy[str]
                                    ) -> dict[str, Any]:

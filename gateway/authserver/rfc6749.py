@@ -1,15 +1,14 @@
 """The token endpoint (RFC 6749 section 3.2) and the refresh grant (section 6).
 
-Each grant type is handled by the module of its RFC and registered here by name:
-``authorization_code`` in ``authorize``, the device code in ``rfc8628``, and
-``refresh_token`` below. A client may use only the flow it was created for (and
-refresh).
+Each grant type is handled by the module of its RFC: ``authorization_code`` in
+``authorize``, the device code in ``rfc8628``, and ``refresh_token`` below; the assembly
+registers them on the server instance (:class:`~gateway.authserver.server.GrantTypes`).
+A client may use only the flow it was created for (and refresh).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -26,22 +25,6 @@ from gateway.authserver.server import AuthorizationServer, server_of
 
 log = logging.getLogger(__name__)
 
-GrantHandler = Callable[[AuthorizationServer, web.Request, OAuthClient, MultiDictProxy[str]],
-                        Awaitable[dict[str, Any]]]
-GRANT_HANDLERS: dict[str, GrantHandler] = {}
-
-
-def grant_handler(grant_type: str) -> Callable[[GrantHandler], GrantHandler]:
-    """Register the handler of one ``grant_type`` at the token endpoint."""
-
-    def register(func: GrantHandler) -> GrantHandler:
-        GRANT_HANDLERS[grant_type] = func
-        return func
-
-    return register
-
-
-@grant_handler(GRANT_REFRESH)
 async def refresh_grant(server: AuthorizationServer, request: web.Request,
                         client: OAuthClient, form: MultiDictProxy[str]) -> dict[str, Any]:
     """Section 6: ``refresh_token`` and an optional narrower ``scope``."""
@@ -63,7 +46,7 @@ async def token_endpoint(request: web.Request) -> web.Response:
     try:
         form = await server.read_form(request)
         grant_type = form.get("grant_type", "")
-        handler = GRANT_HANDLERS.get(grant_type)
+        handler = server.grants.get(grant_type)
         if handler is None:
             raise UnsupportedGrantType(f"Unsupported grant_type {grant_type[:60]!r}.")
         client = await server.authenticate_client(request, form)

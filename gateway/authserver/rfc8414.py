@@ -34,7 +34,7 @@ def metadata(server: AuthorizationServer) -> dict[str, Any]:
         "revocation_endpoint_auth_methods_supported": [
             "client_secret_basic", "client_secret_post", "none"],
         "authorization_response_iss_parameter_supported": True,
-        "scopes_supported": sorted(server.extras.get("scopes_supported", [])),
+        "scopes_supported": list(server.scopes_supported),
     }
 
 

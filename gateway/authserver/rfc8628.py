@@ -66,14 +66,12 @@ from gateway.authserver.pages import (
     page,
     with_csrf_cookie,
 )
-from gateway.authserver.rfc6749 import grant_handler, token_response
+from gateway.authserver.rfc6749 import token_response
 from gateway.authserver.server import AuthorizationServer, server_of
 from gateway.authserver.storage import AuthStore
 
 log = logging.getLogger(__name__)
 
-EXPIRES_IN = 600          # section 3.2 ``expires_in``; ``server.extras["device_expires_in"]``
-INTERVAL = 5              # section 3.2 ``interval``; ``server.extras["device_interval"]``
 SLOW_DOWN_STEP = 5        # section 3.5: "the interval MUST be increased by 5 seconds"
 EXPIRED_GRACE = 600       # how long an expired code still answers ``expired_token``
 ENTRY_WINDOW = 300        # user-code entry rate limits (section 5.1), per window:
@@ -146,10 +144,6 @@ class DeviceAuthorizations:
                                       self._key("device_decision", digest))
 
 
-def _setting(server: AuthorizationServer, name: str, default: int) -> int:
-    return int(server.extras.get(name, default))
-
-
 # -- section 3.1, 3.2: the device authorization endpoint ------------------------------
 
 async def device_authorization_endpoint(request: web.Request) -> web.Response:
@@ -174,8 +168,8 @@ async def start(server: AuthorizationServer, client: OAuthClient, scope: str
                 ) -> dict[str, Any]:
     """Make and store a device authorization; the section 3.2 response."""
     devices = DeviceAuthorizations(server.store)
-    expires_in = _setting(server, "device_expires_in", EXPIRES_IN)
-    interval = _setting(server, "device_interval", INTERVAL)
+    expires_in = server.device.expires_in
+    interval = server.device.interval
     user_code = new_user_code()
     for _ in range(5):  # 20^8 codes: a clash with a live one is next to impossible
         if await devices.user_code_free(normalize_user_code(user_code)):
@@ -200,7 +194,6 @@ async def start(server: AuthorizationServer, client: OAuthClient, scope: str
 
 # -- section 3.4, 3.5: polling the token endpoint --------------------------------------
 
-@grant_handler(GRANT_DEVICE)
 async def device_code_grant(server: AuthorizationServer, request: web.Request,
                             client: OAuthClient, form: MultiDictProxy[str]) -> dict[str, Any]:
     """Section 3.4: ``device_code`` (the client is authenticated by the token endpoint);

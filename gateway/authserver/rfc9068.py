@@ -55,7 +55,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import jwt
 from aiohttp import web
@@ -71,9 +71,6 @@ from redis.exceptions import WatchError
 from gateway.authserver.server import server_of
 from gateway.authserver.storage import AuthStore
 
-if TYPE_CHECKING:
-    from gateway.authserver.server import AuthorizationServer
-
 log = logging.getLogger(__name__)
 
 ROTATION_PERIOD = 30 * 24 * 3600
@@ -82,7 +79,6 @@ PUBLISH_AHEAD = 3600
 RETENTION = 24 * 3600 + 3600
 RELOAD_INTERVAL = 60.0
 JWKS_MAX_AGE = 300
-EXTRA = "signing_keys"
 # RFC 7638 section 3.2: the required members of each key type, in the thumbprint
 _REQUIRED = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n")}
 
@@ -302,25 +298,21 @@ class JWTAccessTokenSigner:
                           headers={"typ": "at+jwt", "kid": key.kid})
 
 
-def signing_keys_of(server: AuthorizationServer) -> SigningKeys | None:
-    """The server's signing keys, or None when it issues opaque tokens."""
-    keys = server.extras.get(EXTRA)
-    return keys if isinstance(keys, SigningKeys) else None
+async def load_signing_keys(store: AuthStore) -> SigningKeys:
+    """The signing keys (created on first use), complete before the first token is issued."""
+    keys = SigningKeys(store.redis, key_prefix=store.p, cipher=key_cipher(store))
+    await keys.current()
+    return keys
 
 
-async def enable_jwt_access_tokens(server: AuthorizationServer) -> None:
-    """Load (or create) the signing keys and make the issuer sign access tokens."""
-    keys = SigningKeys(server.store.redis, key_prefix=server.store.p,
-                       cipher=key_cipher(server.store))
-    await keys.current()  # the JWKS is complete before the first token is issued
-    server.extras[EXTRA] = keys
-    server.issuer.jwt_signer = JWTAccessTokenSigner(keys, issuer=server.issuer_url,
-                                                    audience=server.issuer_url)
+def jwt_signer(keys: SigningKeys, issuer_url: str) -> JWTAccessTokenSigner:
+    """The signer of access tokens for ``issuer_url`` (audience: the issuer itself)."""
+    return JWTAccessTokenSigner(keys, issuer=issuer_url, audience=issuer_url)
 
 
 async def jwks_endpoint(request: web.Request) -> web.Response:
     """RFC 7517 section 5: ``{"keys": [...]}``; empty while tokens are opaque."""
-    keys = signing_keys_of(server_of(request))
+    keys = server_of(request).signing_keys
     body = {"keys": await keys.published() if keys is not None else []}
     return web.json_response(body, headers={"Cache-Control": f"public, max-age={JWKS_MAX_AGE}"})
 

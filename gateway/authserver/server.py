@@ -1,6 +1,7 @@
 """The authorization server object: its collaborators and client authentication.
 
-Built by the app factory when ``GATEWAY_ISSUER`` is set and handed to every endpoint.
+Built once, frozen, when the gateway starts (:mod:`gateway.authserver.assembly`), and
+found by every endpoint through :func:`server_of`.
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ import asyncio
 import base64
 import binascii
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
 from aiohttp import web
 from multidict import MultiDictProxy
 
+from gateway.appkeys import AUTH_SERVER
 from gateway.authserver.errors import InvalidClient, InvalidRequest
 from gateway.authserver.hashing import verify_secret
 from gateway.authserver.issuance import TokenIssuer
@@ -23,6 +26,9 @@ from gateway.authserver.metrics import AuthServerMetrics
 from gateway.authserver.models import OAuthClient, TokenPolicy
 from gateway.authserver.storage import AuthStore
 from gateway.config.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.authserver.rfc9068 import SigningKeys
 
 
 def tenant_defaults(settings: Settings) -> TokenPolicy:
@@ -39,15 +45,49 @@ def cache_pin_ttl(settings: Settings) -> int:
     return int(max(settings.cache_max_ttl, settings.local_cache_ttl)) + 60
 
 
-@dataclass
+GrantHandler = Callable[["AuthorizationServer", web.Request, OAuthClient, MultiDictProxy[str]],
+                        Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class GrantTypes:
+    """The grant types this server's token endpoint takes, each with its handler.
+
+    Registered on the server instance by the assembly (RFC 6749 section 4 and its
+    extensions), so two servers in one process never share a table.
+    """
+
+    handlers: dict[str, GrantHandler] = field(default_factory=dict)
+
+    def register(self, grant_type: str, handler: GrantHandler) -> None:
+        self.handlers[grant_type] = handler
+
+    def get(self, grant_type: str) -> GrantHandler | None:
+        return self.handlers.get(grant_type)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFlowTiming:
+    """RFC 8628 section 3.2: how long a device code lives, and how often a device polls."""
+
+    expires_in: int = 600
+    interval: int = 5
+
+
+@dataclass(frozen=True)
 class AuthorizationServer:
-    """Everything the endpoints share."""
+    """Everything the endpoints share, built once."""
 
     settings: Settings
     store: AuthStore
     issuer: TokenIssuer
     metrics: AuthServerMetrics
-    extras: dict[str, Any] = field(default_factory=dict)
+    grants: GrantTypes
+    #: RFC 8414 ``scopes_supported``: the scopes the policies' routes ask for
+    scopes_supported: tuple[str, ...] = ()
+    device: DeviceFlowTiming = DeviceFlowTiming()
+    #: RFC 9068 signing keys when access tokens are JWTs, else None (opaque tokens)
+    signing_keys: SigningKeys | None = None
 
     @property
     def issuer_url(self) -> str:
@@ -117,18 +157,9 @@ class AuthorizationServer:
                     and await asyncio.to_thread(verify_secret, secret, client.old_secret_hash))
 
 
-class ServerSlot:
-    """Holds the server once the app has started (its store needs Redis)."""
-
-    server: AuthorizationServer | None = None
-
-
-AS_SLOT = web.AppKey("auth_server_slot", ServerSlot)
-
-
 def server_of(request: web.Request) -> AuthorizationServer:
     """The authorization server of the app handling ``request``."""
-    server = request.app[AS_SLOT].server
+    server = request.app[AUTH_SERVER].server
     if server is None:
         raise web.HTTPServiceUnavailable(text="authorization server not started")
     return server

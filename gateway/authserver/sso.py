@@ -34,6 +34,7 @@ import jwt
 from aiohttp import web
 from yarl import URL
 
+from gateway.appkeys import AUTH_SERVER, SSO_PROVIDER
 from gateway.authserver import pages
 from gateway.authserver.oidc import (
     OpenIDProvider,
@@ -43,7 +44,7 @@ from gateway.authserver.oidc import (
     safe_code,
     validate_id_token,
 )
-from gateway.authserver.server import AS_SLOT, server_of
+from gateway.authserver.server import server_of
 
 STATE_TTL = 600
 BROWSER_COOKIE = "gw_sso_browser"
@@ -61,12 +62,9 @@ _PROVIDER_ERRORS = {
 
 
 
-SSO_PROVIDER = web.AppKey("sso_provider", OpenIDProvider)
-
-
 async def _provider_ctx(app: web.Application) -> AsyncIterator[None]:
     """The HTTP client and the provider's cached metadata and keys, owned by the app."""
-    server = app[AS_SLOT].server
+    server = app[AUTH_SERVER].server
     if server is None or not server.settings.sso_issuer:
         yield
         return

@@ -19,15 +19,13 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway.authserver.admin import AdminError, AuthAdmin
-from gateway.authserver.metrics import AuthServerMetrics
+from gateway.authserver import AdminError, AuthAdmin
+from gateway.cli.terminal import EXIT_FAIL, EXIT_OK, actor, err, out, redis_failed
 from gateway.config.settings import Settings
-from gateway.observe.metrics import GatewayMetrics
 from gateway.protocol.tokens import TokenDigester
 from gateway.state import connection as gwstore
 
 Printer = Callable[[argparse.Namespace, str, Any], None]
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def _policy_args(p: argparse.ArgumentParser) -> None:
@@ -171,27 +169,23 @@ async def _dispatch(args: argparse.Namespace, admin: AuthAdmin, out: Printer, ac
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Entry point for every command above (``args.as_cmd`` says which)."""
-    from gateway.cli.commands import _actor, _err, _out
-
     async def main() -> int:
         redis: Redis = gwstore.connect(settings.redis_url)
         try:
             await redis.ping()
             key = await gwstore.digest_key(redis, settings.key_prefix,
                                            settings.token_digest_key)
-            admin = AuthAdmin(redis, settings, TokenDigester(key),
-                              AuthServerMetrics(GatewayMetrics().registry))
-            return await _dispatch(args, admin, _out, _actor(args))
+            admin = AuthAdmin(redis, settings, TokenDigester(key))
+            return await _dispatch(args, admin, out, actor(args))
         finally:
             await redis.aclose()
 
     try:
         return asyncio.run(main())
     except AdminError as exc:
-        _err(str(exc))
+        err(str(exc))
         return EXIT_FAIL
     except RedisError as exc:
-        _err(f"Redis at {settings.redis_url.split('@')[-1]} failed: {exc}")
-        return EXIT_FAIL
+        return redis_failed(settings, exc)
 
 

@@ -15,66 +15,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
-import json
-import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from gateway import __version__
 from gateway.cli import authserver as authserver_commands
+from gateway.cli.terminal import EXIT_FAIL, EXIT_OK, EXIT_USAGE, actor, err, out, with_redis
 from gateway.config.policy import PolicyError, load_policy
 from gateway.config.settings import Settings, SettingsError, load_settings
 from gateway.pipeline.govern import ClientAdmin
 from gateway.pipeline.paths import safe_path
 from gateway.protocol.errors import GatewayError
-from gateway.state import connection as store
-
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-
-
-def _out(args: argparse.Namespace, human: str, machine: Any) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(machine, indent=2, sort_keys=True))
-    else:
-        print(human)
-
-
-def _err(message: str) -> None:
-    print(f"oauth-gateway: error: {message}", file=sys.stderr)
-
-
-def _actor(args: argparse.Namespace) -> str:
-    if getattr(args, "actor", None):
-        return str(args.actor)
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
-
-
-def _with_redis(settings: Settings,
-                action: Callable[[Redis], Awaitable[int]]) -> int:
-    async def main() -> int:
-        redis = store.connect(settings.redis_url)
-        try:
-            await redis.ping()
-            return await action(redis)
-        finally:
-            await redis.aclose()
-
-    try:
-        return asyncio.run(main())
-    except RedisError as exc:
-        _err(f"Redis at {settings.redis_url.split('@')[-1]} failed: {exc}")
-        return EXIT_FAIL
-
 
 # -- serve -----------------------------------------------------------------
 
@@ -84,7 +38,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     try:
         load_policy(settings.policies)
     except PolicyError as exc:
-        _err(str(exc))
+        err(str(exc))
         return EXIT_USAGE
     return run(settings)
 
@@ -100,12 +54,12 @@ def cmd_login(args: argparse.Namespace, settings: Settings) -> int:
 
     issuer = args.issuer or settings.issuer
     if not issuer or not args.client_id:
-        _err("give --issuer (or GATEWAY_ISSUER) and --client-id")
+        err("give --issuer (or GATEWAY_ISSUER) and --client-id")
         return EXIT_USAGE
     try:
         asyncio.run(device_login(issuer, args.client_id, args.scope))
     except LoginError as exc:
-        _err(str(exc))
+        err(str(exc))
         return EXIT_FAIL
     except KeyboardInterrupt:
         return EXIT_FAIL
@@ -117,12 +71,12 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 
     issuer = args.issuer or settings.issuer
     if not issuer or not args.client_id:
-        _err("give --issuer (or GATEWAY_ISSUER) and --client-id")
+        err("give --issuer (or GATEWAY_ISSUER) and --client-id")
         return EXIT_USAGE
     try:
         print(asyncio.run(current_token(issuer, args.client_id)))
     except LoginError as exc:
-        _err(str(exc))
+        err(str(exc))
         return EXIT_FAIL
     return EXIT_OK
 
@@ -134,9 +88,9 @@ def cmd_policy_check(args: argparse.Namespace, settings: Settings) -> int:
     try:
         policy = load_policy(location)
     except PolicyError as exc:
-        _err(str(exc))
+        err(str(exc))
         return EXIT_FAIL
-    _out(args, f"OK: {len(policy.routes)} routes, {len(policy.upstreams)} upstreams in "
+    out(args, f"OK: {len(policy.routes)} routes, {len(policy.upstreams)} upstreams in "
          f"{', '.join(policy.sources)}",
          {"ok": True, "routes": len(policy.routes), "upstreams": sorted(policy.upstreams),
           "files": policy.sources})
@@ -147,20 +101,20 @@ def cmd_policy_explain(args: argparse.Namespace, settings: Settings) -> int:
     try:
         policy = load_policy(args.policies or settings.policies)
     except PolicyError as exc:
-        _err(str(exc))
+        err(str(exc))
         return EXIT_FAIL
     method = args.method.upper()
     try:
         path = safe_path(args.path)
     except GatewayError as exc:
-        _out(args, f"refused before matching: 400 {exc.error}: {exc.description}",
+        out(args, f"refused before matching: 400 {exc.error}: {exc.description}",
              {"status": 400, "error": exc.error, "error_description": exc.description})
         return EXIT_FAIL
     match = policy.match(method, path)
     route = match.route
     if route is None:
         status, error = (405, "method_not_allowed") if match.method_mismatch else (404, "no_route")
-        _out(args, f"no route matches {method} {path}: the gateway answers {status} {error}",
+        out(args, f"no route matches {method} {path}: the gateway answers {status} {error}",
              {"status": status, "error": error, "method": method, "path": path})
         return EXIT_FAIL
     target = route.upstream.url + args.path.split("#")[0]
@@ -172,7 +126,7 @@ def cmd_policy_explain(args: argparse.Namespace, settings: Settings) -> int:
         f"token:     {route.upstream.credentials}"
         + (f" as {route.upstream.scheme}" if route.upstream.credentials == "forward" else ""),
     ])
-    _out(args, human, {"route": route.name, "source": route.source, "scopes": list(route.scopes),
+    out(args, human, {"route": route.name, "source": route.source, "scopes": list(route.scopes),
                        "upstream": route.upstream.name, "url": target,
                        "methods": sorted(route.methods), "credentials": route.upstream.credentials,
                        "scheme": route.upstream.scheme})
@@ -207,26 +161,26 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
                              f"{flow:<18} "
                              f"{'disabled' if r['disabled'] else 'enabled':<9} "
                              f"{r.get('scopes', '(token)'):<30} {updated}")
-            _out(args, "\n".join(lines) if rows else "no client records", rows)
+            out(args, "\n".join(lines) if rows else "no client records", rows)
             return EXIT_OK
         if args.clients_cmd == "show":
             fields = await admin.show(args.client_id)
             if not fields:
-                _err(f"no record for client {args.client_id!r} (its tokens are governed by "
+                err(f"no record for client {args.client_id!r} (its tokens are governed by "
                      "the tokens alone)")
                 return EXIT_FAIL
             view = _record_view(args.client_id, fields)
-            _out(args, "\n".join(f"{k:<12} {v}" for k, v in view.items()), view)
+            out(args, "\n".join(f"{k:<12} {v}" for k, v in view.items()), view)
             return EXIT_OK
         disabled = args.clients_cmd == "disable"
-        fields = await admin.set_disabled(args.client_id, disabled, actor=_actor(args),
+        fields = await admin.set_disabled(args.client_id, disabled, actor=actor(args),
                                           reason=args.reason or "")
-        _out(args, f"client {args.client_id} {'disabled' if disabled else 'enabled'}; every "
+        out(args, f"client {args.client_id} {'disabled' if disabled else 'enabled'}; every "
              "gateway replica enforces it within 100 ms",
              _record_view(args.client_id, fields))
         return EXIT_OK
 
-    return _with_redis(settings, action)
+    return with_redis(settings, action)
 
 
 # -- tokens ----------------------------------------------------------------
@@ -236,12 +190,12 @@ def cmd_tokens_revoke(args: argparse.Namespace, settings: Settings) -> int:
 
     token = sys.stdin.readline().strip() if args.token == "-" else args.token
     if not token:
-        _err("no token given")
+        err("no token given")
         return EXIT_USAGE
 
     async def action(redis: Redis) -> int:
         result = await revoke_token(redis, settings, token)
-        _out(args, f"token {result.digest[:12]}… revoked: authorization server: "
+        out(args, f"token {result.digest[:12]}… revoked: authorization server: "
              f"{result.authorization_server}; caches purged on every replica; refused for "
              f"the next {result.pinned_seconds}s at least",
              {"digest_prefix": result.digest[:12],
@@ -250,7 +204,7 @@ def cmd_tokens_revoke(args: argparse.Namespace, settings: Settings) -> int:
         failed = result.authorization_server.startswith(("failed", "unreachable"))
         return EXIT_FAIL if failed else EXIT_OK
 
-    return _with_redis(settings, action)
+    return with_redis(settings, action)
 
 
 # -- audit -----------------------------------------------------------------
@@ -267,10 +221,10 @@ def cmd_audit_tail(args: argparse.Namespace, settings: Settings) -> int:
                 if at.isdigit() else "?"
             rest = " ".join(f"{k}={v}" for k, v in row.items() if k not in ("id", "at", "action"))
             lines.append(f"{when} {row.get('action', '?'):<18} {rest}")
-        _out(args, "\n".join(lines) or "the audit stream is empty", rows)
+        out(args, "\n".join(lines) or "the audit stream is empty", rows)
         return EXIT_OK
 
-    return _with_redis(settings, action)
+    return with_redis(settings, action)
 
 
 # -- parser ----------------------------------------------------------------
@@ -350,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(getattr(args, "config", None))
     except SettingsError as exc:
-        _err(str(exc))
+        err(str(exc))
         return EXIT_USAGE
     code: int = args.func(args, settings)
     return code

@@ -18,6 +18,7 @@ from urllib.parse import quote_plus
 import aiohttp
 from redis.asyncio import Redis
 
+from gateway.authserver import AuthAdmin
 from gateway.config.settings import Settings
 from gateway.protocol.tokens import TokenDigester
 from gateway.state import connection as store
@@ -45,28 +46,6 @@ class RevocationResult:
     pinned_seconds: int
 
 
-async def _revoke_at_builtin_server(redis: Redis, settings: Settings, digester: TokenDigester,
-                                    digest: str) -> str:
-    """The built-in server shares this Redis: end the token there directly. A refresh
-    token ends its grant (RFC 7009 section 2.1), and so the grant's access tokens."""
-    from prometheus_client import CollectorRegistry
-
-    from gateway.authserver.admin import AuthAdmin
-    from gateway.authserver.metrics import AuthServerMetrics
-
-    admin = AuthAdmin(redis, settings, digester, AuthServerMetrics(CollectorRegistry()))
-    auth_store, issuer = admin.store, admin.issuer
-    refresh = await auth_store.get_token("rt", digest)
-    if refresh is not None:
-        await issuer.revoke_grant(refresh["grant_id"], reason="revoked_by_admin",
-                                  actor="oauth-gateway tokens revoke")
-        return "revoked (built-in server: the refresh token's grant ended)"
-    if await auth_store.get_token("at", digest) is not None:
-        await auth_store.delete_tokens([f"at:{digest}"])
-        return "revoked (built-in server)"
-    return "unknown to the built-in server"
-
-
 async def revoke_token(redis: Redis, settings: Settings, token: str) -> RevocationResult:
     """Revoke ``token`` at the authorization server (if configured) and purge every cache."""
     at_server = "not configured"
@@ -89,7 +68,8 @@ async def revoke_token(redis: Redis, settings: Settings, token: str) -> Revocati
     digester = TokenDigester(key)
     digest = digester.digest(token)
     if settings.issuer and not settings.revocation_url:
-        at_server = await _revoke_at_builtin_server(redis, settings, digester, digest)
+        at_server = await AuthAdmin(redis, settings, digester).revoke_token_digest(
+            digest, actor="oauth-gateway tokens revoke")
     exp = _jwt_exp(token)
     pin = max(settings.cache_max_ttl,
               int(exp - time.time()) + 60 if exp is not None else DEFAULT_PIN)

@@ -158,17 +158,14 @@ class Demo:
             self.runners.append(runner)
 
     async def _seed(self, settings: Settings) -> None:
-        from gateway.authserver.admin import AuthAdmin
-        from gateway.authserver.metrics import AuthServerMetrics
-        from gateway.observe.metrics import GatewayMetrics
+        from gateway.authserver import AuthAdmin
         from gateway.protocol.tokens import TokenDigester
         from gateway.state.connection import digest_key
 
         redis = connect(settings.redis_url)
         try:
             key = await digest_key(redis, settings.key_prefix, settings.token_digest_key)
-            admin = AuthAdmin(redis, settings, TokenDigester(key),
-                              AuthServerMetrics(GatewayMetrics().registry))
+            admin = AuthAdmin(redis, settings, TokenDigester(key))
             password = secrets.token_urlsafe(9)
             await admin.add_user(DEMO_USER, password, actor="demo")
             device, _ = await admin.create_client(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -176,7 +175,6 @@ class GatewayMetrics:
         self.introspection_outcome = {o: self.introspections.labels(o)
                                       for o in ("active", "inactive", "error")}
         #: families other parts register once in this registry (e.g. the built-in server)
-        self.extras: dict[str, Any] = {}
         self._route_children: dict[str, tuple[HistogramChild, HistogramChild]] = {}
         self._request_children: dict[tuple[str, str, int], CounterChild] = {}
         self._decision_children: dict[tuple[str, str], CounterChild] = {}

@@ -15,8 +15,9 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any, TextIO
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TextIO
 
 import aiohttp
 from aiohttp import web
@@ -24,9 +25,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gateway.appkeys import GATEWAY
 from gateway.authn.cache import TokenCache
 from gateway.authn.validators.base import TokenValidator
-from gateway.authserver.server import AS_SLOT, ServerSlot
+from gateway.authserver import BuiltinServer, DeviceFlowTiming
 from gateway.config.policy import PolicyError, RoutePolicy, load_policy
 from gateway.config.settings import Settings
 from gateway.forward.forwarder import UpstreamForwarder
@@ -47,23 +49,47 @@ class ConfigurationError(RuntimeError):
     """The gateway cannot start with these settings; the message says why."""
 
 
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What a started gateway runs on: built once, when Redis answers, by the proxy app's
+    lifespan, and dropped when it stops."""
+
+    redis: Redis
+    cache: TokenCache
+    registry: ClientRegistry
+    usage: UsageTracker
+    pipeline: ProxyPipeline
+    events: EventSubscriber
+
+
 class Gateway:
-    """Everything one gateway process holds. Built by :func:`create_apps`."""
+    """Everything one gateway process holds. Built by :func:`create_apps`.
+
+    What needs no connection is built with it; what needs Redis is :attr:`services`,
+    present while the proxy app runs (:meth:`running`).
+    """
 
     def __init__(self, settings: Settings, policy: RoutePolicy, metrics: GatewayMetrics,
-                 access_log: AccessLog) -> None:
+                 access_log: AccessLog, *, authserver: BuiltinServer | None = None,
+                 redis: Redis | None = None, validator: TokenValidator | None = None) -> None:
         self.settings = settings
         self.policy = policy
         self.metrics = metrics
         self.access_log = access_log
-        self.redis: Redis | None = None
-        self.pipeline: ProxyPipeline | None = None
-        self.cache: TokenCache | None = None
-        self.registry: ClientRegistry | None = None
-        self.events: EventSubscriber | None = None
-        self.tasks: list[asyncio.Task[Any]] = []
+        #: the built-in authorization server, when ``GATEWAY_ISSUER`` is set
+        self.authserver = authserver
+        #: a Redis client or a validator handed in (tests, embedding), else built from settings
+        self.given_redis = redis
+        self.given_validator = validator
+        self.services: Services | None = None
         #: set on SIGTERM: /readyz answers 503 so load balancers stop sending
         self.draining = False
+
+    def running(self) -> Services:
+        """The started gateway's services; raises if the proxy app has not started."""
+        if self.services is None:
+            raise RuntimeError("the gateway has not started")
+        return self.services
 
     def reload_policy(self) -> bool:
         """Re-read the policies (SIGHUP). A bad file keeps the old policy in force."""
@@ -75,18 +101,16 @@ class Gateway:
             return False
         self.policy = policy
         self.metrics.bind_routes(policy.route_names)
-        if self.pipeline is not None:
-            self.pipeline.policy = policy
+        if self.services is not None:
+            self.services.pipeline.policy = policy
         self.metrics.policy_reloads.labels("ok").inc()
         log.info("policy reloaded: %d routes from %s", len(policy.routes),
                  ", ".join(policy.sources))
         return True
 
 
-GATEWAY = web.AppKey("gateway", Gateway)
-
-
-def build_validator(settings: Settings, session: aiohttp.ClientSession) -> TokenValidator:
+def build_validator(settings: Settings, session: aiohttp.ClientSession,
+                    builtin: BuiltinServer | None = None) -> TokenValidator:
     """The validator ``GATEWAY_VALIDATOR`` names (or ``auto`` resolves to)."""
     kind = settings.resolved_validator
     if kind == "introspection":
@@ -116,6 +140,8 @@ def build_validator(settings: Settings, session: aiohttp.ClientSession) -> Token
         return AnaplanValidator(session, settings.anaplan_validate_url,
                                 timeout=settings.introspection_timeout,
                                 retries=settings.introspection_retries)
+    if kind == "builtin" and builtin is not None:
+        return builtin.validator()
     if kind == "builtin":
         raise ConfigurationError("GATEWAY_VALIDATOR=builtin needs GATEWAY_ISSUER (the built-in "
                                  "authorization server)")
@@ -126,19 +152,15 @@ def build_validator(settings: Settings, session: aiohttp.ClientSession) -> Token
         "GATEWAY_ANAPLAN_VALIDATE_URL (Anaplan token-validate).")
 
 
-def _spawn(gw: Gateway, coro: Coroutine[Any, Any, None], name: str) -> None:
-    gw.tasks.append(asyncio.create_task(coro, name=name))
-
-
 async def _resources(app: web.Application) -> AsyncIterator[None]:
+    """The proxy app's lifespan: Redis, the upstream pool, the services, background tasks."""
     gw = app[GATEWAY]
     s = gw.settings
-    redis = gw.redis if gw.redis is not None else store.connect(s.redis_url)
-    owns_redis = gw.redis is None
-    gw.redis = redis
+    redis = gw.given_redis if gw.given_redis is not None else store.connect(s.redis_url)
     upstream_pool = UpstreamPool(limit=s.upstream_pool_size,
                                  connect_timeout=s.upstream_connect_timeout)
     auth_session = aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
+    tasks: list[asyncio.Task[None]] = []
     try:
         try:
             await store.wait_for_redis(redis, within=30.0)
@@ -147,65 +169,53 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             raise ConfigurationError(f"Redis at GATEWAY_REDIS_URL cannot be reached: {exc}"
                                      ) from None
         digester = TokenDigester(key)
-        validator = app.get(VALIDATOR)
-        if s.issuer:
-            from gateway.authserver.assembly import build_auth_server
-
-            auth_server = await build_auth_server(s, redis, digester, gw.metrics, gw.policy)
-            app[AS_SLOT].server = auth_server
-            if validator is None and s.resolved_validator == "builtin":
-                from gateway.authserver.validator import BuiltinValidator
-
-                validator = BuiltinValidator(auth_server.store)
-        if validator is None:
-            validator = build_validator(s, auth_session)
-        gw.cache = TokenCache(
+        if gw.authserver is not None:
+            await gw.authserver.start(redis, digester)
+        validator = gw.given_validator or build_validator(s, auth_session, gw.authserver)
+        cache = TokenCache(
             redis=redis, validator=validator, digester=digester, metrics=gw.metrics,
             key_prefix=s.key_prefix, local_ttl=s.local_cache_ttl,
             local_size=s.local_cache_size, max_ttl=s.cache_max_ttl,
             negative_ttl=s.negative_cache_ttl)
-        gw.registry = ClientRegistry(redis, key_prefix=s.key_prefix, metrics=gw.metrics,
-                                     refresh_interval=s.client_refresh_interval)
+        registry = ClientRegistry(redis, key_prefix=s.key_prefix, metrics=gw.metrics,
+                                  refresh_interval=s.client_refresh_interval)
         usage = UsageTracker(redis, key_prefix=s.key_prefix, metrics=gw.metrics,
                              window=s.usage_window, flush_interval=s.usage_flush_interval)
         forwarder = UpstreamForwarder(
             upstream_pool, upstream_timeout=s.upstream_timeout, max_body_size=s.max_body_size,
             trusted_proxies=s.trusted_proxies, client_body_timeout=s.client_body_timeout)
-        gw.pipeline = ProxyPipeline(
-            policy=gw.policy, cache=gw.cache, registry=gw.registry, forwarder=forwarder,
+        pipeline = ProxyPipeline(
+            policy=gw.policy, cache=cache, registry=registry, forwarder=forwarder,
             metrics=gw.metrics, access_log=gw.access_log, usage=usage,
             require_client_record=s.require_client_record, max_auth_header=s.max_auth_header)
-        gw.events = EventSubscriber(redis, key_prefix=s.key_prefix, registry=gw.registry,
-                                    cache=gw.cache, metrics=gw.metrics,
-                                    keyspace=s.keyspace_notifications)
-        _spawn(gw, gw.events.run(), "events")
-        _spawn(gw, gw.registry.run_refresher(), "client-refresh")
-        _spawn(gw, usage.run(), "usage")
-        _spawn(gw, gw.access_log.run(), "access-log")
+        events = EventSubscriber(redis, key_prefix=s.key_prefix, registry=registry,
+                                 cache=cache, metrics=gw.metrics,
+                                 keyspace=s.keyspace_notifications)
+        gw.services = Services(redis=redis, cache=cache, registry=registry, usage=usage,
+                               pipeline=pipeline, events=events)
+        for coro, name in ((events.run(), "events"), (registry.run_refresher(), "client-refresh"),
+                           (usage.run(), "usage"), (gw.access_log.run(), "access-log")):
+            tasks.append(asyncio.create_task(coro, name=name))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(gw.events.connected.wait(), timeout=2.0)
+            await asyncio.wait_for(events.connected.wait(), timeout=2.0)
         yield
         with contextlib.suppress(RedisError):
             await usage.flush()
     finally:
-        for task in gw.tasks:
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*gw.tasks, return_exceptions=True)
-        gw.tasks.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        gw.services = None
+        if gw.authserver is not None:
+            await gw.authserver.stop()
         await upstream_pool.close()
         await auth_session.close()
-        if owns_redis:
+        if gw.given_redis is None:
             await redis.aclose()
-            gw.redis = None
-
-
-VALIDATOR = web.AppKey("validator", TokenValidator)
 
 
 async def _proxy_handler(request: web.Request) -> web.StreamResponse:
-    pipeline = request.app[GATEWAY].pipeline
-    assert pipeline is not None
-    return await pipeline.handle(request)
+    return await request.app[GATEWAY].running().pipeline.handle(request)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -221,14 +231,15 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     checks: dict[str, str] = {"policies": f"{len(gw.policy.routes)} routes"}
-    ready = gw.pipeline is not None and not gw.draining
+    services = gw.services
+    ready = services is not None and not gw.draining
     if gw.draining:
         checks["lifecycle"] = "draining"
-    if gw.redis is None:
+    if services is None:
         checks["redis"], ready = "not connected", False
     else:
         try:
-            await asyncio.wait_for(gw.redis.ping(), timeout=1.0)
+            await asyncio.wait_for(services.redis.ping(), timeout=1.0)
             checks["redis"] = "ok"
         except (RedisError, OSError, TimeoutError) as exc:
             checks["redis"], ready = f"unreachable ({type(exc).__name__})", False
@@ -240,29 +251,32 @@ async def _readyz(request: web.Request) -> web.Response:
 
 def create_apps(settings: Settings, *, redis: Redis | None = None,
                 validator: TokenValidator | None = None,
-                log_stream: TextIO | None = None) -> tuple[web.Application, web.Application]:
+                log_stream: TextIO | None = None,
+                device: DeviceFlowTiming | None = None,
+                ) -> tuple[web.Application, web.Application]:
     """Build the proxy app and the admin app. Raises :class:`PolicyError` on bad policies.
 
     ``redis`` and ``validator`` may be passed in (tests, embedding); otherwise they are
-    built from ``settings`` when the proxy app starts.
+    built from ``settings`` when the proxy app starts. ``device`` sets the built-in
+    server's device-code lifetime and polling interval (RFC 8628 section 3.2).
     """
     policy = load_policy(settings.policies)
     metrics = GatewayMetrics()
     metrics.bind_routes(policy.route_names)
     access_log = AccessLog(fmt=settings.log_format, stream=log_stream or sys.stdout,
                            enabled=settings.access_log)
-    gw = Gateway(settings, policy, metrics, access_log)
-    gw.redis = redis
+    authserver = None
+    if settings.issuer:
+        authserver = BuiltinServer(
+            settings, registry=metrics.registry, device=device,
+            scopes_supported={scope for route in policy.routes for scope in route.scopes})
+    gw = Gateway(settings, policy, metrics, access_log, authserver=authserver, redis=redis,
+                 validator=validator)
     proxy = web.Application(client_max_size=settings.max_body_size)
     proxy[GATEWAY] = gw
-    if validator is not None:
-        proxy[VALIDATOR] = validator
     proxy.cleanup_ctx.append(_resources)
-    proxy[AS_SLOT] = ServerSlot()
-    if settings.issuer:
-        from gateway.authserver.routes import add_routes
-
-        add_routes(proxy)
+    if authserver is not None:
+        authserver.install(proxy)
     proxy.router.add_route("*", "/{tail:.*}", _proxy_handler)
     admin = web.Application()
     admin[GATEWAY] = gw

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from gateway.appkeys import GATEWAY
 from gateway.config.settings import Settings, parse_hostport
-from gateway.runtime.app import GATEWAY, ConfigurationError, create_apps
+from gateway.runtime.app import ConfigurationError, create_apps
 
 log = logging.getLogger("gateway")
 _YOUNG_GENERATION = 10_000  # objects allocated between two young collections (default 700)

@@ -1,0 +1,70 @@
+"""What every command shares: exit codes, printing for people or machines, the actor, Redis.
+
+Both command modules (:mod:`gateway.cli.commands` and :mod:`gateway.cli.authserver`) use
+these; neither imports the other's internals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway.config.settings import Settings
+from gateway.state import connection as store
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def out(args: argparse.Namespace, human: str, machine: Any) -> None:
+    """Print ``machine`` as JSON under ``--json``, else the ``human`` text."""
+    if getattr(args, "json", False):
+        print(json.dumps(machine, indent=2, sort_keys=True))
+    else:
+        print(human)
+
+
+def err(message: str) -> None:
+    """One error line on standard error, named for the command."""
+    print(f"oauth-gateway: error: {message}", file=sys.stderr)
+
+
+def actor(args: argparse.Namespace) -> str:
+    """Who acts, for the audit stream: ``--actor``, else ``user@host``."""
+    if getattr(args, "actor", None):
+        return str(args.actor)
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def redis_failed(settings: Settings, exc: RedisError) -> int:
+    """Report a Redis failure without the URL's credentials; the exit code."""
+    err(f"Redis at {settings.redis_url.split('@')[-1]} failed: {exc}")
+    return EXIT_FAIL
+
+
+def with_redis(settings: Settings, action: Callable[[Redis], Awaitable[int]]) -> int:
+    """Run ``action`` with a connected client for ``GATEWAY_REDIS_URL``; its exit code."""
+    async def main() -> int:
+        redis = store.connect(settings.redis_url)
+        try:
+            await redis.ping()
+            return await action(redis)
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(main())
+    except RedisError as exc:
+        return redis_failed(settings, exc)
