@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,22 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of the test's own, to stop and restart (the session's stays up)."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def own_redis_client(own_redis: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(own_redis.url, decode_responses=True)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture
@@ -177,8 +194,24 @@ routes:
 """
 
 
+class _Polling:
+    client: TestClient[web.Request, web.Application]
+
+    async def until_status(self, status: int, limit: float, headers: Mapping[str, str],
+                           path: str = "/2/0/x") -> float:
+        """Poll ``GET path`` until the gateway answers ``status``; the seconds it took."""
+        started = time.perf_counter()
+        while time.perf_counter() - started < limit:
+            resp = await self.client.get(path, headers=headers)
+            await resp.read()
+            if resp.status == status:
+                return time.perf_counter() - started
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"status {status} not seen within {limit}s")
+
+
 @dataclass
-class Harness:
+class Harness(_Polling):
     """A running gateway: its proxy and admin test clients, and what it logged."""
 
     client: TestClient[web.Request, web.Application]
@@ -226,7 +259,7 @@ async def make_gateway(aiohttp_client: AiohttpClient, redis_server: RedisServer,
 
 
 @dataclass
-class AuthHarness:
+class AuthHarness(_Polling):
     """A gateway with the built-in authorization server, and an admin to drive it."""
 
     client: TestClient[web.Request, web.Application]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -15,23 +14,11 @@ from redis.asyncio import Redis
 from gateway.cli import commands as cli
 from gateway.observe.metrics import GatewayMetrics
 from gateway.pipeline.govern import ClientRecord, ClientRegistry
-from tests.conftest import AuthServer, GatewayFactory, Harness
+from tests.conftest import AuthServer, GatewayFactory
 from tests.redis_server import RedisServer
 
 TOKEN = "tok-governed-0123456789"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
-
-
-async def _until_status(gw: Harness, status: int, limit: float) -> float:
-    """Poll the gateway until it answers ``status``; return the seconds it took."""
-    started = time.perf_counter()
-    while time.perf_counter() - started < limit:
-        resp = await gw.client.get("/2/0/x", headers=HEADERS)
-        await resp.read()
-        if resp.status == status:
-            return time.perf_counter() - started
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"status {status} not seen within {limit}s")
 
 
 async def test_cli_disable_reaches_every_replica_within_100ms(
@@ -49,7 +36,7 @@ async def test_cli_disable_reaches_every_replica_within_100ms(
                                               "leaked secret", "--actor", "alice"])
     assert code == 0
     cli_done = time.perf_counter() - started
-    delays = await asyncio.gather(*[_until_status(gw, 401, 1.0) for gw in replicas])
+    delays = await asyncio.gather(*[gw.until_status(401, 1.0, HEADERS) for gw in replicas])
     assert max(delays) < 0.1, delays
     assert "disabled" in capsys.readouterr().out
     record = await redis.hgetall("gw:client:app1")
@@ -63,7 +50,7 @@ async def test_cli_disable_reaches_every_replica_within_100ms(
     assert 'gateway_client_record_invalidations_total{source="event"}' in metrics
     code = await asyncio.to_thread(cli.main, ["clients", "enable", "app1"])
     assert code == 0
-    await asyncio.gather(*[_until_status(gw, 200, 1.0) for gw in replicas])
+    await asyncio.gather(*[gw.until_status(200, 1.0, HEADERS) for gw in replicas])
 
 
 @pytest.mark.parametrize("keyspace", [True, False], ids=["keyspace-events", "polling-only"])
@@ -78,12 +65,12 @@ async def test_redis_cli_hset_reaches_replicas_within_1s(
         assert (await gw.client.get("/2/0/x", headers=HEADERS)).status == 200
     # what security staff type: HSET gw:client:app2 disabled 1 (no event published)
     await redis.hset("gw:client:app2", "disabled", "1")
-    delays = await asyncio.gather(*[_until_status(gw, 401, 2.0) for gw in replicas])
+    delays = await asyncio.gather(*[gw.until_status(401, 2.0, HEADERS) for gw in replicas])
     assert max(delays) < 1.0, delays
     if keyspace:
         assert max(delays) < 0.1, delays
     await redis.hset("gw:client:app2", "disabled", "0")
-    await asyncio.gather(*[_until_status(gw, 200, 2.0) for gw in replicas])
+    await asyncio.gather(*[gw.until_status(200, 2.0, HEADERS) for gw in replicas])
     await redis.config_set("notify-keyspace-events", "")
 
 
@@ -97,7 +84,7 @@ async def test_tokens_revoke_refuses_a_cached_token_everywhere(
     monkeypatch.setenv("GATEWAY_REDIS_URL", replicas[0].gw.settings.redis_url)
     # the token stays active at this authorization server: only the caches know
     assert await asyncio.to_thread(cli.main, ["tokens", "revoke", TOKEN]) == 0
-    delays = await asyncio.gather(*[_until_status(gw, 401, 1.0) for gw in replicas])
+    delays = await asyncio.gather(*[gw.until_status(401, 1.0, HEADERS) for gw in replicas])
     assert max(delays) < 0.1
     calls = auth_server.calls
     for gw in replicas:
@@ -132,21 +119,6 @@ async def test_tokens_revoke_calls_the_revocation_endpoint(
     assert TOKEN not in auth_server.tokens
 
 
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def own_redis_client(own_redis: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(own_redis.url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
 async def test_redis_outage_and_restart(make_gateway: GatewayFactory, auth_server: AuthServer,
                                         own_redis: RedisServer, own_redis_client: Redis) -> None:
     auth_server.issue(TOKEN, client_id="app4")
@@ -177,7 +149,7 @@ async def test_redis_outage_and_restart(make_gateway: GatewayFactory, auth_serve
 
     await ClientAdmin(own_redis_client, key_prefix="gw:").set_disabled(
         "app4", True, actor="test")
-    await _until_status(gw, 401, 1.5)
+    await gw.until_status(401, 1.5, HEADERS)
     metrics = await gw.metrics()
     assert 'gateway_redis_errors_total{operation="token_cache_get"}' in metrics
 

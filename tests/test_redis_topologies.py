@@ -26,7 +26,7 @@ from gateway.cli import commands as cli
 from gateway.config.settings import SettingsError, load_settings
 from gateway.pipeline.govern import ClientAdmin
 from gateway.state.connection import connect, is_cluster
-from tests.conftest import AuthGatewayFactory, AuthHarness, AuthServer, GatewayFactory, Harness
+from tests.conftest import AuthGatewayFactory, AuthServer, GatewayFactory
 from tests.redis_server import RedisServer, free_port, server_binary
 from tests.test_authserver_core import _grant, _refresh
 from tests.test_jwt_access_tokens import _grant as _jwt_grant
@@ -183,18 +183,6 @@ TOKEN = "tok-cluster-0123456789"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 
 
-async def _until_status(gw: Harness | AuthHarness, status: int, limit: float,
-                        headers: dict[str, str] = HEADERS) -> float:
-    started = time.perf_counter()
-    while time.perf_counter() - started < limit:
-        resp = await gw.client.get("/2/0/x", headers=headers)
-        await resp.read()
-        if resp.status == status:
-            return time.perf_counter() - started
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"status {status} not seen within {limit}s")
-
-
 def test_settings_accept_cluster_urls() -> None:
     for url in ("redis+cluster://10.0.0.1:6379,10.0.0.2:6379", "rediss+cluster://:pw@n1:6380"):
         assert load_settings(environ={"GATEWAY_REDIS_URL": url}).redis_url == url
@@ -259,13 +247,13 @@ async def test_cluster_cli_disable_reaches_two_replicas_within_100ms(
     code = await asyncio.to_thread(cli.main, ["clients", "disable", "app1", "--reason",
                                               "leaked secret", "--actor", "alice"])
     assert code == 0
-    delays = await asyncio.gather(*[_until_status(gw, 401, 1.0) for gw in replicas])
+    delays = await asyncio.gather(*[gw.until_status(401, 1.0, HEADERS) for gw in replicas])
     assert max(delays) < 0.1, delays
     assert (await cluster_redis.hgetall("gw:client:app1"))["reason"] == "leaked secret"
     entries: Any = await cluster_redis.xrange("gw:audit")
     assert entries[-1][1]["action"] == "client.disabled"
     assert await asyncio.to_thread(cli.main, ["clients", "enable", "app1"]) == 0
-    await asyncio.gather(*[_until_status(gw, 200, 1.0) for gw in replicas])
+    await asyncio.gather(*[gw.until_status(200, 1.0, HEADERS) for gw in replicas])
 
 
 async def test_cluster_redis_cli_hset_reaches_replicas_within_1s(
@@ -276,7 +264,7 @@ async def test_cluster_redis_cli_hset_reaches_replicas_within_1s(
     for gw in replicas:
         assert (await gw.client.get("/2/0/x", headers=HEADERS)).status == 200
     await cluster_redis.hset("gw:client:app2", "disabled", "1")  # no event published
-    delays = await asyncio.gather(*[_until_status(gw, 401, 2.0) for gw in replicas])
+    delays = await asyncio.gather(*[gw.until_status(401, 2.0, HEADERS) for gw in replicas])
     assert max(delays) < 1.0, delays
     for port in cluster.ports:  # no CONFIG SET on a cluster: polling did it
         with _node(port) as node:
@@ -313,7 +301,7 @@ async def test_cluster_tokens_revoke_refuses_a_cached_token_everywhere(
         assert (await gw.client.get("/2/0/x", headers=HEADERS)).status == 200
     monkeypatch.setenv("GATEWAY_REDIS_URL", cluster.url)
     assert await asyncio.to_thread(cli.main, ["tokens", "revoke", TOKEN]) == 0
-    delays = await asyncio.gather(*[_until_status(gw, 401, 1.0) for gw in replicas])
+    delays = await asyncio.gather(*[gw.until_status(401, 1.0, HEADERS) for gw in replicas])
     assert max(delays) < 0.1, delays
     assert auth_server.calls == 1  # pinned as revoked in the cluster: not re-validated
     entries: Any = await cluster_redis.xrange("gw:audit")
