@@ -13,10 +13,12 @@ import re
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote_plus
 
 import aiohttp
 import jwt
+
+from gateway.authn.jwks import KeySet, KeySetUnavailable
+from gateway.protocol.clientauth import client_secret_basic
 
 
 class SSOError(Exception):
@@ -63,10 +65,13 @@ class OpenIDProvider:
         self.issuer = issuer
         self._meta: ProviderMetadata | None = None
         self._meta_at = 0.0
-        self._keys: dict[str, dict[str, Any]] = {}
-        self._keys_at = float("-inf")
         self._meta_lock = asyncio.Lock()
-        self._keys_lock = asyncio.Lock()
+        self._keys = KeySet(session, self._jwks_uri, algorithms=sorted(ASYMMETRIC_ALGS),
+                            min_refetch=JWKS_MIN_REFETCH, max_age=JWKS_TTL,
+                            fetch_timeout=HTTP_TIMEOUT.total or 5.0)
+
+    async def _jwks_uri(self) -> str:
+        return (await self.metadata()).jwks_uri
 
     async def _get_json(self, url: str, what: str) -> dict[str, Any]:
         try:
@@ -118,25 +123,17 @@ class OpenIDProvider:
     async def signing_key(self, kid: str, alg: str) -> jwt.PyJWK:
         """The provider's key ``kid`` for ``alg``; refetches the JWKS when ``kid`` is new
         (key rotation), at most every ``JWKS_MIN_REFETCH`` seconds."""
-        async with self._keys_lock:
-            age = time.monotonic() - self._keys_at
-            if age > JWKS_TTL or (kid not in self._keys and age > JWKS_MIN_REFETCH):
-                doc = await self._get_json((await self.metadata()).jwks_uri, "keys (JWKS)")
-                keys = doc.get("keys")
-                if not isinstance(keys, list):
-                    raise ProviderError("The identity provider's JWKS holds no keys.")
-                self._keys = {str(k.get("kid", "")): k for k in keys if isinstance(k, dict)
-                              and k.get("use", "sig") == "sig"}
-                self._keys_at = time.monotonic()
-            jwk = self._keys.get(kid)
-            if jwk is None and not kid and len(self._keys) == 1:
-                jwk = next(iter(self._keys.values()))
-        if jwk is None:
-            raise jwt.InvalidKeyError("The ID token is signed with a key the identity "
-                                      "provider does not publish.")
-        if jwk.get("alg", alg) != alg:
+        try:
+            key = await self._keys.key(kid or None, alg)
+        except KeySetUnavailable as exc:
+            raise ProviderError(f"Your company's identity provider could not be reached "
+                                f"(keys: {exc}). Try again later.") from None
+        if key is not None:
+            return key
+        if self._keys.knows(kid or None):
             raise jwt.InvalidAlgorithmError("The ID token's algorithm does not match its key.")
-        return jwt.PyJWK(jwk, algorithm=alg)
+        raise jwt.InvalidKeyError("The ID token is signed with a key the identity "
+                                  "provider does not publish.")
 
     async def redeem_code(self, code: str, *, client_id: str, client_secret: str,
                           redirect_uri: str, code_verifier: str) -> dict[str, Any]:
@@ -145,7 +142,7 @@ class OpenIDProvider:
         meta = await self.metadata()
         data = {"grant_type": "authorization_code", "code": code,
                 "redirect_uri": redirect_uri, "code_verifier": code_verifier}
-        basic = aiohttp.encode_basic_auth(quote_plus(client_id), quote_plus(client_secret))
+        basic = client_secret_basic(client_id, client_secret)
         try:
             async with self.session.post(meta.token_endpoint, data=data, timeout=HTTP_TIMEOUT,
                                          headers={"Accept": "application/json",

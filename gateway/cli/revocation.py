@@ -13,13 +13,13 @@ import base64
 import json
 import time
 from dataclasses import dataclass
-from urllib.parse import quote_plus
 
 import aiohttp
 from redis.asyncio import Redis
 
 from gateway.authserver import AuthAdmin
 from gateway.config.settings import Settings
+from gateway.protocol.clientauth import client_secret_basic
 from gateway.protocol.tokens import TokenDigester
 from gateway.state import connection as store
 
@@ -52,9 +52,8 @@ async def revoke_token(redis: Redis, settings: Settings, token: str) -> Revocati
     if settings.revocation_url:
         headers = {}
         if settings.introspection_client_id:
-            pair = (f"{quote_plus(settings.introspection_client_id)}:"
-                    f"{quote_plus(settings.introspection_client_secret)}").encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+            headers["Authorization"] = client_secret_basic(
+                settings.introspection_client_id, settings.introspection_client_secret)
         try:
             async with aiohttp.ClientSession(trust_env=False) as session, session.post(
                     settings.revocation_url, data={"token": token}, headers=headers,

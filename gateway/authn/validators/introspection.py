@@ -10,15 +10,14 @@ and every failure ends in :class:`ValidatorUnavailable`, never in "inactive".
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any
-from urllib.parse import quote_plus
 
 import aiohttp
 
 from gateway.authn.validators.base import TokenInfo, ValidatorUnavailable, parse_scopes
 from gateway.authn.validators.retry import RetryPolicy
+from gateway.protocol.clientauth import client_secret_basic
 
 
 class IntrospectionClient:
@@ -31,11 +30,9 @@ class IntrospectionClient:
                  backoff: float = 0.1) -> None:
         self._session = session
         self._url = url
-        # RFC 6749 section 2.3.1: both parts form-urlencoded before base64
         self._headers = {"Accept": "application/json"}
         if client_id:
-            pair = f"{quote_plus(client_id)}:{quote_plus(client_secret)}".encode()
-            self._headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+            self._headers["Authorization"] = client_secret_basic(client_id, client_secret)
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 1.0))
         self._retry = RetryPolicy(retries, backoff)
 
