@@ -1,6 +1,6 @@
 """Route policies: ``policies/*.yaml`` loaded, validated against a schema, compiled.
 
-Format (CONTRACT.md fixes the minimum)::
+Format (the keys docs/COMPATIBILITY.md promises to keep accepting)::
 
     upstreams:
       api: https://api.anaplan.com          # name -> base URL, or a mapping (below)

@@ -1,20 +1,21 @@
 """One structured line per request, written off the request path.
 
 The request path only appends the line's values to a list; a background task formats
-the lines and writes them in one batch every 100 ms (a synchronous write per request
-costs ~10% of throughput, and ``json.dumps`` per request another ~4%, see
-docs/PERFORMANCE.md). The line never holds a token nor the Authorization header: only
+the lines and writes them in one batch every 100 ms: a synchronous write, or a
+``json.dumps``, per request costs a measurable share of throughput (docs/PERFORMANCE.md).
+The line never holds a token nor the Authorization header: only
 what :meth:`AccessLog.record` is given.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import sys
 import time
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO
 
 FIELDS = ("request_id", "method", "route", "client_id", "status", "decision", "duration_ms",
           "upstream_ms", "remote", "ts")
@@ -32,16 +33,23 @@ def _text_value(value: Any) -> str:
     return text
 
 
-_K = TypeVar("_K")
+def _json_string(value: str) -> str:
+    return f'"{value}"' if _PLAIN.fullmatch(value) else _encode_json(value)
 
 
-def _remember(cache: dict[_K, str], key: _K, value: str) -> str:
-    """Keep ``value`` under ``key``; values come from outside (client ids), so the cache
-    is emptied when full rather than left to grow."""
-    if len(cache) >= 10_000:
-        cache.clear()
-    cache[key] = value
-    return value
+# The part of a JSON line that recurs (method, route, client, status, decision), and
+# remote addresses, each quoted and joined once: most lines differ only in their id,
+# their timings and their time. Bounded: the values come from outside (client ids).
+@functools.lru_cache(maxsize=10_000)
+def _middle(method: str, route: str, client_id: str, status: int, decision: str) -> str:
+    q = _json_string
+    return (f'"method":{q(method)},"route":{q(route)},"client_id":{q(client_id)},'
+            f'"status":{status:d},"decision":{q(decision)}')
+
+
+@functools.lru_cache(maxsize=10_000)
+def _remote(remote: str | None) -> str:
+    return "null" if remote is None else _json_string(remote)
 
 
 class AccessLog:
@@ -54,11 +62,6 @@ class AccessLog:
         self.interval = interval
         self.enabled = enabled
         self._buffer: list[tuple[Any, ...]] = []
-        # the part of a JSON line that recurs (method, route, client, status, decision),
-        # and remote addresses, each quoted and joined once: most lines differ only in
-        # their id, their timings and their time
-        self._middles: dict[tuple[str, str, str, int, str], str] = {}
-        self._remotes: dict[str | None, str] = {}
 
     def record(self, request_id: str, method: str, route: str, client_id: str, status: int,
                decision: str, seconds: float, upstream_seconds: float, remote: str | None
@@ -68,29 +71,13 @@ class AccessLog:
             self._buffer.append((request_id, method, route, client_id, status, decision,
                                  seconds, upstream_seconds, remote, time.time()))
 
-    @staticmethod
-    def _json_string(value: str) -> str:
-        return f'"{value}"' if _PLAIN.fullmatch(value) else _encode_json(value)
-
-    def _middle(self, key: tuple[str, str, str, int, str]) -> str:
-        method, route, client_id, status, decision = key
-        q = self._json_string
-        return _remember(self._middles, key, (
-            f'"method":{q(method)},"route":{q(route)},"client_id":{q(client_id)},'
-            f'"status":{status:d},"decision":{q(decision)}'))
-
-    def _remote(self, remote: str | None) -> str:
-        return _remember(self._remotes, remote,
-                         "null" if remote is None else self._json_string(remote))
-
     def format(self, values: tuple[Any, ...]) -> str:
         """One line from the values :meth:`record` kept."""
         (request_id, method, route, client_id, status, decision, seconds, upstream, remote,
          ts) = values
         if self.fmt == "json":
-            key = (method, route, client_id, status, decision)
-            middle = self._middles.get(key) or self._middle(key)
-            quoted_remote = self._remotes.get(remote) or self._remote(remote)
+            middle = _middle(method, route, client_id, status, decision)
+            quoted_remote = _remote(remote)
             rid = f'"{request_id}"' if _PLAIN.fullmatch(request_id) else _encode_json(request_id)
             return (f'{{"request_id":{rid},{middle},"duration_ms":{seconds * 1000:.3f},'
                     f'"upstream_ms":{upstream * 1000:.3f},"remote":{quoted_remote},'

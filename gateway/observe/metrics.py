@@ -1,10 +1,11 @@
-"""Prometheus metrics, one ``CollectorRegistry`` per app (CONTRACT.md fixes the names).
+"""Prometheus metrics, one ``CollectorRegistry`` per app (the names are part of the
+stable interface, docs/COMPATIBILITY.md).
 
-Label children are bound once and kept (``prometheus_client``'s ``.labels()`` lookup
-is the largest per-request cost, see PERF_NOTES.md). The families updated on every
-request are :class:`LoopCounter` / :class:`LoopHistogram`: plain numbers without
-``prometheus_client``'s per-update lock, which cost a third of the pipeline's own work
-(docs/PERFORMANCE.md). Every label value is bounded: routes come from the policy,
+Label children are bound once and kept: ``prometheus_client``'s ``.labels()`` lookup
+per request is costly. The families updated on every request are
+:class:`LoopCounter` / :class:`LoopHistogram`: plain numbers without
+``prometheus_client``'s per-update lock (docs/PERFORMANCE.md has what each costs).
+Every label value is bounded: routes come from the policy,
 methods from a fixed list, statuses are integers, and client ids are capped
 (:data:`MAX_CLIENT_LABELS`, then ``other``). No label ever carries a token or a raw path.
 """

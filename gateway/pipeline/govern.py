@@ -45,9 +45,8 @@ _READ_CHUNK = 1000  # records per script call, so that Redis is never held for l
 # KEYS: client record hashes. Returns, flattened, for each one in KEYS order: whether
 # it exists (1 or 0), its `disabled` and its `scopes` field (nil when absent):
 # {exists1, disabled1, scopes1, exists2, ...}. One command with just the fields the
-# gateway enforces, rather than one HGETALL per record: redis-py spends tens of
-# microseconds of CPU per command and a few per value it parses, which at 300 clients
-# polled twice a second made the poll 3% of a core.
+# gateway enforces, rather than one HGETALL per record: redis-py's CPU cost is per
+# command and per value parsed, and the poll runs twice a second for every client.
 _READ_RECORDS = """
 local out = {}
 for i, key in ipairs(KEYS) do

@@ -15,6 +15,7 @@ and the access log only record values that are formatted later.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import re
@@ -79,24 +80,20 @@ class RouteCache:
 
     Both depend on the method, the path and the policy alone, so a busy path is checked
     and matched once per policy, not on every request. Refused paths are not kept.
-    Bounded: emptied when full (paths with ids in them are many).
+    Bounded, least recently used first out (paths with ids in them are many).
     """
 
     def __init__(self, policy: RoutePolicy, maxsize: int = 4096) -> None:
         self.policy = policy
-        self.maxsize = maxsize
-        self._matches: dict[tuple[str, str], Match] = {}
+        # a refusal is an exception, which lru_cache does not keep
+        self._lookup = functools.lru_cache(maxsize=maxsize)(self._match)
+
+    def _match(self, method: str, path: str) -> Match:
+        return self.policy.match(method, safe_path(path))
 
     def match(self, method: str, raw_path: str) -> Match:
         """The policy's match for the request; raises 400 for a dangerous path."""
-        key = (method, raw_path.partition("?")[0])
-        found = self._matches.get(key)
-        if found is None:
-            found = self.policy.match(method, safe_path(key[1]))
-            if len(self._matches) >= self.maxsize:
-                self._matches.clear()
-            self._matches[key] = found
-        return found
+        return self._lookup(method, raw_path.partition("?")[0])
 
 
 @dataclass(slots=True)

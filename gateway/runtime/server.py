@@ -110,10 +110,10 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None,
                           shutdown_timeout=settings.shutdown_timeout,
                           reuse_port=worker.count > 1 or None).start()
         # What start-up built lives as long as the process: keep it out of the garbage
-        # collector's full passes, which otherwise walk it all (~40 ms a pass). And let
-        # the young generation grow past the objects of the requests in flight, which
-        # alone passed the default threshold (700) every ~30 requests: ~4% of a busy
-        # gateway's CPU went to collections that found nothing (docs/PERFORMANCE.md).
+        # collector's full passes, which otherwise walk it all. And let the young
+        # generation grow past the objects of the requests in flight, which alone pass
+        # the default threshold (700) every few dozen requests: collections that find
+        # nothing (docs/PERFORMANCE.md has what they cost).
         gc.collect()
         gc.freeze()
         gc.set_threshold(_YOUNG_GENERATION, *gc.get_threshold()[1:])
