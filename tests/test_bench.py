@@ -1,6 +1,7 @@
-"""``python -m gateway.bench`` in its smallest form: it runs and prints its table.
+"""``python -m bench`` in its smallest form: it runs and prints its table.
 
-Timings are the benchmark's business, not the test's: nothing here asserts a figure.
+The benchmark is not installed: it runs from the repository root, as here. Timings are
+the benchmark's business, not the test's: nothing here asserts a figure.
 """
 
 from __future__ import annotations
@@ -9,20 +10,23 @@ import asyncio
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from gateway.bench import instructions
-from gateway.bench.load import TokenPlan, Workload, parse_wrk, run_fixed_rate, wrk_script
+from bench import instructions
+from bench.load import TokenPlan, Workload, parse_wrk, run_fixed_rate, wrk_script
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bench_prints_the_table_with_a_ratio() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "gateway.bench", "--duration", "1", "--connections", "4",
+        [sys.executable, "-m", "bench", "--duration", "1", "--connections", "4",
          "--scenarios", "steady", "--generator", "asyncio"],
-        capture_output=True, text=True, timeout=120, check=False)
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "| scenario | bare req/s |" in out and "gateway/bare req/s" in out
@@ -91,9 +95,9 @@ async def test_open_loop_latency_counts_a_stall_from_when_requests_were_due(
 @pytest.mark.skipif(not instructions.available(), reason="valgrind is not installed")
 def test_bench_counts_instructions_per_request_under_callgrind() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "gateway.bench", "--scenarios", "instructions",
+        [sys.executable, "-m", "bench", "--scenarios", "instructions",
          "--instruction-requests", "100", "--generator", "asyncio"],
-        capture_output=True, text=True, timeout=600, check=False)
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     found = re.search(r"bare ([\d,]+)k, gateway ([\d,]+)k a request: "
                       r"\*\*gateway/bare (\d+\.\d+)\*\*", done.stdout)

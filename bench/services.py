@@ -1,9 +1,9 @@
 """The servers the benchmark puts around the gateway, each run in a process of its own:
 
-    python -m gateway.bench.services upstream --port P
-    python -m gateway.bench.services introspection --port P [--clients N]
-    python -m gateway.bench.services bare --port P --upstream URL
-    python -m gateway.bench.services bare-lean --port P --upstream URL
+    python -m bench.services upstream --port P
+    python -m bench.services introspection --port P [--clients N]
+    python -m bench.services bare --port P --upstream URL
+    python -m bench.services bare-lean --port P --upstream URL
 
 - ``upstream``: a stand-in API. ``GET`` of any path answers a small JSON object;
   ``GET /2/0/bytes/{n}`` streams ``n`` bytes; ``POST``/``PUT`` reads the body as a
@@ -16,7 +16,7 @@
 - ``bare``: the reference bare proxy, the thinnest aiohttp reverse proxy: no auth, no
   policy, no metrics; it strips hop-by-hop headers and streams both ways.
 - ``bare-lean``: the same bare proxy forwarding through the gateway's own upstream
-  client (:mod:`gateway.upstream`) instead of aiohttp's ``ClientSession``. The gateway
+  client (:mod:`gateway.forward.upstream`) instead of aiohttp's ``ClientSession``. The gateway
   against it is what the gateway's features cost on the same forwarding core.
 
 Each uses uvloop when it is installed, as ``oauth-gateway serve`` does, and several
@@ -161,7 +161,7 @@ def bare_proxy_app(upstream: str) -> web.Application:
 
 
 def lean_bare_proxy_app(upstream: str) -> web.Application:
-    """:func:`bare_proxy_app`, forwarding through :class:`gateway.upstream.UpstreamPool`."""
+    """:func:`bare_proxy_app`, forwarding through :class:`gateway.forward.upstream.UpstreamPool`."""
     from gateway.forward.upstream import UpstreamPool
 
     pool_key = web.AppKey("pool", UpstreamPool)
@@ -228,7 +228,7 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gateway.bench.services")
+    parser = argparse.ArgumentParser(prog="python -m bench.services")
     parser.add_argument("kind", choices=("upstream", "introspection", "bare", "bare-lean"))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", default="", help="base URL the bare proxy forwards to")

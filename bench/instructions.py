@@ -29,9 +29,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from gateway.bench.load import TokenPlan, Workload, run_asyncio
-from gateway.bench.processes import Managed, ServiceProcess, free_port
-from gateway.bench.scenarios import CLIENTS, SMALL, Bench
+from bench.harness import CLIENTS, SMALL, Bench, Report
+from bench.load import TokenPlan, Workload, run_asyncio
+from bench.processes import Managed, ServiceProcess
+from gateway.state.embedded import free_port
 
 WARM_UP = 300
 #: the gateway's per-second work, off for the count (see the module docstring)
@@ -99,3 +100,19 @@ async def measure(bench: Bench, requests: int) -> tuple[float, float, float]:
     async with bench.gateway(wrapper=wrapper, ready_within=180, **TIMERS_OFF) as gw:
         gateway_count = await count(gw, gw.url, bench.workdir, workload, requests)
     return counts[0], counts[1], gateway_count
+
+
+async def scenario(bench: Bench, report: Report) -> None:
+    """The ``instructions`` scenario: :func:`measure`, as a note under the table."""
+    if not available():
+        report.notes.append("instructions: skipped, valgrind is not on PATH "
+                            "(Debian: apt-get install valgrind)")
+        return
+    requests = bench.options.instruction_requests
+    bare, lean, gateway = await measure(bench, requests)
+    report.notes.append(
+        f"instructions (callgrind, user space, {requests:,} steady requests each, "
+        f"the gateway's timers off): bare {bare / 1000:,.0f}k, gateway {gateway / 1000:,.0f}k "
+        f"a request: **gateway/bare {gateway / bare:.3f}**; the bare proxy on the "
+        f"gateway's upstream client {lean / 1000:,.0f}k: gateway/lean bare "
+        f"{gateway / lean:.3f} (what auth, policy, metrics, logs and headers add)")

@@ -1,9 +1,9 @@
 """RSS growth of the in-process token layer holding 100,000 tokens.
 
-    python -m gateway.bench.memory [--tokens 100000]
+    python -m bench.memory [--tokens 100000]
 
 Run in a fresh process (so nothing else in it grows meanwhile): fills a
-:class:`~gateway.cache.LocalCache` the way a Redis hit does (the cached JSON parsed by
+:class:`~gateway.authn.cache.LocalCache` the way a Redis hit does (the cached JSON parsed by
 :meth:`TokenInfo.from_json`, keyed by the token's keyed digest), with 300 clients and
 two scopes per token, and prints one JSON object: tokens, RSS before and after, growth
 in bytes and per token.
@@ -17,9 +17,9 @@ import json
 import os
 import time
 
+from bench.processes import rss_bytes
 from gateway.authn.cache import LocalCache
 from gateway.authn.validators.base import TokenInfo
-from gateway.bench.processes import rss_bytes
 from gateway.protocol.tokens import TokenDigester
 
 
@@ -44,7 +44,7 @@ def measure(tokens: int, clients: int = 300) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gateway.bench.memory")
+    parser = argparse.ArgumentParser(prog="python -m bench.memory")
     parser.add_argument("--tokens", type=int, default=100_000)
     print(json.dumps(measure(parser.parse_args(argv).tokens)))
 

@@ -1,4 +1,4 @@
-"""``python -m gateway.bench``: see :mod:`gateway.bench`."""
+"""``python -m bench``: see :mod:`bench`."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ import asyncio
 import dataclasses
 import sys
 
-from gateway.bench.load import wrk_available
-from gateway.bench.scenarios import SCENARIOS, Options, run
-from gateway.bench.services import loop_factory
+from bench.harness import Options
+from bench.load import wrk_available
+from bench.scenarios import SCENARIOS, run
+from bench.services import loop_factory
 
 
 def parse_options(argv: list[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
-        prog="python -m gateway.bench",
+        prog="python -m bench",
         description="Load the reference bare proxy and the gateway back to back, per "
                     "scenario, and print requests/s, p50, p99 and their ratio.")
     parser.add_argument("--duration", type=float, default=None,

@@ -1,10 +1,10 @@
 """How fast a client disable reaches every replica, by mechanism.
 
-    python -m benchmarks.propagation [--replicas 3] [--trials 40]
+    python -m bench.propagation [--replicas 3] [--trials 40]
 
-Starts a real Redis (as the tests do) and N client registries with their event
-subscribers (what each gateway replica runs), then times, per trial, from the write
-to the moment every replica's mirror shows the change:
+Starts a real Redis (:mod:`gateway.state.embedded`, as the tests do) and N client
+registries with their event subscribers (what each gateway replica runs), then times,
+per trial, from the write to the moment every replica's mirror shows the change:
 
 - ``cli``: ``oauth-gateway clients disable`` (HSET + PUBLISH on ``gw:events``);
 - ``redis-cli, keyspace``: a plain HSET, keyspace notifications on;
@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from gateway.observe.metrics import GatewayMetrics
 from gateway.pipeline.govern import ClientAdmin, ClientRegistry
 from gateway.runtime.fleet import EventSubscriber
-from tests.redis_server import RedisServer
+from gateway.state.embedded import EmbeddedRedis
 
 
 async def _replicas(url: str, n: int, keyspace: bool
@@ -62,7 +62,7 @@ async def _trial(admin: Redis, registries: list[ClientRegistry], how: str, cid: 
 
 
 async def main(replicas: int, trials: int) -> None:
-    server = RedisServer()
+    server = EmbeddedRedis()
     server.start()
     try:
         admin = Redis.from_url(server.url, decode_responses=True)
@@ -89,9 +89,15 @@ async def main(replicas: int, trials: int) -> None:
         server.stop()
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def cli(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.propagation",
+        description="How fast a client disable reaches every replica, by mechanism.")
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--trials", type=int, default=40)
-    ns = parser.parse_args()
+    ns = parser.parse_args(argv)
     asyncio.run(main(ns.replicas, ns.trials))
+
+
+if __name__ == "__main__":
+    cli()

