@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from bench import instructions
 from bench.load import TokenPlan, Workload, parse_wrk, run_fixed_rate, wrk_script
+from tests.tools import find
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,8 +92,8 @@ async def test_open_loop_latency_counts_a_stall_from_when_requests_were_due(
     assert result.p50_ms < 50
 
 
-@pytest.mark.skipif(not instructions.available(), reason="valgrind is not installed")
 def test_bench_counts_instructions_per_request_under_callgrind() -> None:
+    find("valgrind", install="apt-get install -y valgrind")
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--scenarios", "instructions",
          "--instruction-requests", "100", "--generator", "asyncio"],
