@@ -94,11 +94,10 @@ class _Cluster(RedisCluster):
     keyed on :class:`RedisError`, as for one server that is down.
     """
 
-    async def initialize(self, additional_startup_nodes_info: list[tuple[str, int]] | None
-                         = None, last_failed_node_name: str | None = None) -> RedisCluster:
+    async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
+        # the arguments differ between redis-py versions: passed on as they come
         try:
-            return await super().initialize(additional_startup_nodes_info,
-                                            last_failed_node_name)
+            return await super().initialize(*args, **kwargs)
         except RedisClusterException as exc:
             raise RedisConnectionError(str(exc)) from exc
 
