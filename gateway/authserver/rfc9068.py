@@ -70,6 +70,7 @@ from redis.exceptions import WatchError
 
 from gateway.authserver.server import server_of
 from gateway.authserver.storage import AuthStore
+from gateway.state.keys import Keys
 
 if TYPE_CHECKING:
     from gateway.authserver.server import AuthorizationServer
@@ -146,7 +147,7 @@ class SigningKeys:
                  rotation_period: int = ROTATION_PERIOD, publish_ahead: int = PUBLISH_AHEAD,
                  retention: int = RETENTION, reload_interval: float = RELOAD_INTERVAL) -> None:
         self.redis = redis
-        self.key = f"{key_prefix}as:signing_keys"
+        self.key = Keys(key_prefix).as_signing_keys
         self.cipher = cipher
         self.alg = alg
         self.clock = clock
@@ -310,7 +311,7 @@ def signing_keys_of(server: AuthorizationServer) -> SigningKeys | None:
 
 async def enable_jwt_access_tokens(server: AuthorizationServer) -> None:
     """Load (or create) the signing keys and make the issuer sign access tokens."""
-    keys = SigningKeys(server.store.redis, key_prefix=server.store.p,
+    keys = SigningKeys(server.store.redis, key_prefix=server.store.keys.prefix,
                        cipher=key_cipher(server.store))
     await keys.current()  # the JWKS is complete before the first token is issued
     server.extras[EXTRA] = keys

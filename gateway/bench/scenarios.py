@@ -66,11 +66,13 @@ from gateway.bench.processes import (
 )
 from gateway.bench.services import SCOPES
 from gateway.protocol.tokens import TokenDigester
+from gateway.state.keys import Keys
 
 CLIENTS = 300
 MANY_TOKENS = 10_000
 MANY_TOKENS_LOCAL_SIZE = 1_000
 DIGEST_KEY = "bench-digest-key-0123456789abcdef"
+KEYS = Keys("gw:")  # the benchmarked gateway runs with the default GATEWAY_KEY_PREFIX
 SMALL = "/2/0/workspaces"
 ROUND = 1.0  # seconds of one load run; a row alternates bare and gateway runs
 POLICY = """\
@@ -251,7 +253,7 @@ class Bench:
         await self.redis.flushall()
         async with self.redis.pipeline(transaction=False) as pipe:
             for n in range(CLIENTS):
-                pipe.hset(f"gw:client:client{n}", mapping={"disabled": "0", "scopes": SCOPES})
+                pipe.hset(KEYS.client(f"client{n}"), mapping={"disabled": "0", "scopes": SCOPES})
             await pipe.execute()
         gw = GatewayProcess(self.workdir, self.gateway_settings(**overrides),
                             cpus=self.proxy_cpus, wrapper=wrapper, ready_within=ready_within)
@@ -351,7 +353,7 @@ async def many_tokens(bench: Bench, report: Report) -> None:
                 info = TokenInfo(active=True, client_id=f"client{n % CLIENTS}",
                                  scopes=frozenset(SCOPES.split()), exp=time.time() + 3600,
                                  sub=f"user{n}")
-                pipe.set(f"gw:token:{digester.digest(plan.token(n))}", info.to_json(),
+                pipe.set(KEYS.token(digester.digest(plan.token(n))), info.to_json(),
                          px=300_000)
             await pipe.execute()
         report.rows.append(await bench.pair("many-tokens", gw, Workload(SMALL, plan)))

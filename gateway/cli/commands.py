@@ -34,6 +34,7 @@ from gateway.pipeline.govern import ClientAdmin
 from gateway.pipeline.paths import safe_path
 from gateway.protocol.errors import GatewayError
 from gateway.state import connection as store
+from gateway.state.keys import Keys
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -59,12 +60,16 @@ def _actor(args: argparse.Namespace) -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def _with_redis(settings: Settings,
-                action: Callable[[Redis], Awaitable[int]]) -> int:
+def _with_redis(settings: Settings, action: Callable[[Redis], Awaitable[int]], *,
+                writes: bool = False) -> int:
+    """Run ``action`` with a client of the configured Redis; a command that ``writes``
+    first records the schema version (:func:`gateway.state.connection.claim_schema`)."""
     async def main() -> int:
         redis = store.connect(settings.redis_url)
         try:
             await redis.ping()
+            if writes:
+                await store.claim_schema(redis, Keys(settings.key_prefix))
             return await action(redis)
         finally:
             await redis.aclose()
@@ -226,7 +231,7 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
              _record_view(args.client_id, fields))
         return EXIT_OK
 
-    return _with_redis(settings, action)
+    return _with_redis(settings, action, writes=args.clients_cmd in ("disable", "enable"))
 
 
 # -- tokens ----------------------------------------------------------------
@@ -250,7 +255,7 @@ def cmd_tokens_revoke(args: argparse.Namespace, settings: Settings) -> int:
         failed = result.authorization_server.startswith(("failed", "unreachable"))
         return EXIT_FAIL if failed else EXIT_OK
 
-    return _with_redis(settings, action)
+    return _with_redis(settings, action, writes=True)
 
 
 # -- audit -----------------------------------------------------------------
@@ -258,7 +263,7 @@ def cmd_tokens_revoke(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_audit_tail(args: argparse.Namespace, settings: Settings) -> int:
     async def action(redis: Redis) -> int:
         entries = cast(list[tuple[str, dict[str, str]]], await redis.xrevrange(
-            f"{settings.key_prefix}audit", count=args.n))
+            Keys(settings.key_prefix).audit, count=args.n))
         rows: list[dict[str, str]] = [{"id": eid, **fields} for eid, fields in reversed(entries)]
         lines = []
         for row in rows:
