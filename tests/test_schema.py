@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import io
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +163,17 @@ async def test_the_prefix_applies_to_every_key(
     assert names[:4] == ["acme:audit", "acme:client:app-p", "acme:meta:digest_key",
                          "acme:meta:schema"]
     assert len(names) == 5 and names[4].startswith("acme:token:")
+
+
+async def test_the_built_in_server_commands_record_the_version(
+        redis: Redis, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_ISSUER", "http://127.0.0.1:9")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a-long-password\n"))
+    await oauth_gateway(capsys, "users", "add", "ann", "--actor", "t")
+    assert sorted(await redis.hgetall("gw:as:user:ann")) == [
+        "created_at", "password_hash", "sub"]
+    assert await redis.get("gw:meta:schema") == str(SCHEMA_VERSION)
 
 
 async def test_read_only_commands_write_nothing(

@@ -1,4 +1,5 @@
-"""The Redis connection and the fleet-wide secrets kept there.
+"""The Redis connection and the fleet-wide values kept there (the token-digest key, the
+schema version).
 
 The client is built once per process by the app factory and handed to every
 component (redis-py style: collaborators are passed in). Retries are bounded and

@@ -74,8 +74,8 @@ Redis: ``usage_key(ARGV[1], 'req', cid, bucket)`` where ``ARGV[1]`` is
 @dataclass(frozen=True, slots=True)
 class Keys:
     """The names of every key and channel under one prefix (``Keys("gw:").client("abc")``
-    is ``gw:client:abc``). Each member's docstring says the type, what it holds, who
-    writes it and how long it lives."""
+    is ``gw:client:abc``). Each member's docstring says the type, what it holds and how
+    long it lives."""
 
     prefix: str = "gw:"
 
