@@ -31,6 +31,7 @@ from bench.processes import (
 )
 from bench.services import SCOPES
 from gateway.state.embedded import EmbeddedRedis, free_port
+from gateway.state.keys import Keys
 
 CLIENTS = 300
 DIGEST_KEY = "bench-digest-key-0123456789abcdef"
@@ -218,7 +219,8 @@ class Bench:
         await self.redis.flushall()
         async with self.redis.pipeline(transaction=False) as pipe:
             for n in range(CLIENTS):
-                pipe.hset(f"gw:client:client{n}", mapping={"disabled": "0", "scopes": SCOPES})
+                pipe.hset(Keys("gw:").client(f"client{n}"),
+                          mapping={"disabled": "0", "scopes": SCOPES})
             await pipe.execute()
         gw = GatewayProcess(self.workdir, self.gateway_settings(**overrides),
                             cpus=self.proxy_cpus, wrapper=wrapper, ready_within=ready_within)

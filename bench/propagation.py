@@ -24,6 +24,7 @@ from gateway.observe.metrics import GatewayMetrics
 from gateway.pipeline.govern import ClientAdmin, ClientRegistry
 from gateway.runtime.fleet import EventSubscriber
 from gateway.state.embedded import EmbeddedRedis
+from gateway.state.keys import Keys
 
 
 async def _replicas(url: str, n: int, keyspace: bool
@@ -46,14 +47,15 @@ async def _replicas(url: str, n: int, keyspace: bool
 async def _trial(admin: Redis, registries: list[ClientRegistry], how: str, cid: str,
                  disabled: bool) -> float:
     # start from the opposite state, mirrored by every replica
-    await admin.hset(f"gw:client:{cid}", "disabled", "0" if disabled else "1")
+    key = Keys("gw:").client(cid)  # what an operator types: HSET gw:client:{cid} ...
+    await admin.hset(key, "disabled", "0" if disabled else "1")
     for r in registries:
         await r.refresh([cid])
     started = time.perf_counter()
     if how == "cli":
         await ClientAdmin(admin, key_prefix="gw:").set_disabled(cid, disabled, actor="bench")
     else:
-        await admin.hset(f"gw:client:{cid}", "disabled", "1" if disabled else "0")
+        await admin.hset(key, "disabled", "1" if disabled else "0")
     while True:
         states = [r.cached(cid) for r in registries]
         if all(s is not None and s.disabled == disabled for s in states):

@@ -47,7 +47,9 @@ from bench.services import SCOPES
 from gateway.authn.validators.base import TokenInfo
 from gateway.protocol.tokens import TokenDigester
 from gateway.state.embedded import free_port
+from gateway.state.keys import Keys
 
+KEYS = Keys("gw:")  # the benchmarked gateway runs with the default GATEWAY_KEY_PREFIX
 MANY_TOKENS = 10_000
 MANY_TOKENS_LOCAL_SIZE = 1_000
 
@@ -89,7 +91,7 @@ async def many_tokens(bench: Bench, report: Report) -> None:
                 info = TokenInfo(active=True, client_id=f"client{n % CLIENTS}",
                                  scopes=frozenset(SCOPES.split()), exp=time.time() + 3600,
                                  sub=f"user{n}")
-                pipe.set(f"gw:token:{digester.digest(plan.token(n))}", info.to_json(),
+                pipe.set(KEYS.token(digester.digest(plan.token(n))), info.to_json(),
                          px=300_000)
             await pipe.execute()
         report.rows.append(await bench.pair("many-tokens", gw, Workload(SMALL, plan)))

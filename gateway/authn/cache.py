@@ -27,6 +27,8 @@ from gateway.observe.metrics import GatewayMetrics
 from gateway.protocol.errors import IntrospectionUnavailable
 from gateway.protocol.tokens import TokenDigester
 from gateway.state import connection as store
+from gateway.state import events
+from gateway.state.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +178,7 @@ class TokenCache:
         self.digester = digester
         self.metrics = metrics
         self.local = LocalCache(local_size)
-        self._prefix = key_prefix + "token:"
+        self.keys = Keys(key_prefix)
         self._local_ttl = local_ttl
         self._max_ttl = max_ttl
         self._negative_ttl = negative_ttl
@@ -185,7 +187,7 @@ class TokenCache:
         self._reads = EntryReader(redis)
 
     def key(self, digest: str) -> str:
-        return self._prefix + digest
+        return self.keys.token(digest)
 
     async def lookup(self, token: str) -> tuple[str, TokenInfo]:
         """Return ``(digest, info)``, ``info`` inactive when the token is past its ``exp``;
@@ -308,7 +310,6 @@ class TokenCache:
         as inactive in Redis for that many seconds so no replica re-validates it."""
         self.local.discard(digest)
         if revoked_for:
-            await self.redis.set(self.key(digest), '{"active":false,"revoked":true}',
-                                 px=max(1, int(revoked_for * 1000)))
+            await events.pin_revoked(self.redis, self.keys, digest, revoked_for)
         else:
             await self.redis.delete(self.key(digest))

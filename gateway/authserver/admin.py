@@ -32,6 +32,7 @@ from gateway.authserver.storage import AuthStore
 from gateway.config.settings import Settings
 from gateway.pipeline.govern import ClientAdmin
 from gateway.protocol.tokens import TokenDigester
+from gateway.state.keys import Keys
 
 
 class AdminError(ValueError):
@@ -184,7 +185,7 @@ class AuthAdmin:
                                            actor=actor)
             return "revoked (built-in server: the refresh token's grant ended)"
         if await self.store.get_token("at", digest) is not None:
-            await self.store.delete_tokens([f"at:{digest}"])
+            await self.store.delete_tokens([Keys.grant_token_member("at", digest)])
             return "revoked (built-in server)"
         return "unknown to the built-in server"
 

@@ -153,7 +153,7 @@ def check_request(client: OAuthClient, query: MultiMapping[str]) -> tuple[str, s
 
 
 def _pending_key(server: AuthorizationServer, request_id: str) -> str:
-    return f"{server.store.p}as:authz:{server.store.digest(request_id)}"
+    return server.store.keys.as_authz(server.store.digest(request_id))
 
 
 def _login_redirect(request: web.Request) -> web.HTTPSeeOther:

@@ -17,7 +17,6 @@ Either way a grant ends at ``grant_max_lifetime`` after its creation, or after
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -28,7 +27,8 @@ from gateway.authserver.hashing import new_token
 from gateway.authserver.metrics import AuthServerMetrics
 from gateway.authserver.models import GRANT_REFRESH, ROTATABLE, Grant, OAuthClient
 from gateway.authserver.storage import AuthStore
-from gateway.state import connection as gwstore
+from gateway.state import events
+from gateway.state.keys import Keys
 
 AccessTokenSigner = Callable[[dict[str, Any]], Awaitable[str]]
 
@@ -132,7 +132,9 @@ class TokenIssuer:
         await self.store.mark_grant_revoked(grant_id, reason)
         members = await self.store.grant_tokens(grant_id)
         await self.store.delete_tokens(members)
-        await self._purge_gateway_cache([m[3:] for m in members if m.startswith("at:")])
+        await self._purge_gateway_cache([
+            digest for kind, digest in map(Keys.parse_grant_token_member, members)
+            if kind == "at"])
         self.metrics.grants_revoked.labels(reason).inc()
         await self.store.audit("grant.revoked", grant_id=grant_id, client_id=grant.client_id,
                                user=grant.username, reason=reason, actor=actor)
@@ -141,15 +143,13 @@ class TokenIssuer:
     async def _purge_gateway_cache(self, digests: list[str]) -> None:
         if not digests:
             return
-        p = self.store.p
+        keys = self.store.keys
         redis = self.store.redis
         async with redis.pipeline(transaction=False) as pipe:
             for digest in digests:
-                pipe.set(f"{p}token:{digest}", '{"active":false,"revoked":true}',
-                         ex=self.cache_pin_ttl)
-            await gwstore.execute_and_publish(
-                redis, pipe, f"{p}events",
-                [json.dumps({"type": "token_revoked", "digest": d}) for d in digests])
+                events.pin_revoked(pipe, keys, digest, self.cache_pin_ttl)
+            await events.execute_and_publish(redis, pipe, keys,
+                                             [events.TokenRevoked(d) for d in digests])
 
     async def revoke_token(self, client: OAuthClient, token: str, hint: str | None) -> None:
         """RFC 7009 section 2.1. A refresh token ends its grant (and so the grant's access
@@ -166,7 +166,7 @@ class TokenIssuer:
                 await self.revoke_grant(record["grant_id"], reason="revoked_by_client",
                                         actor=client.client_id)
             else:
-                await self.store.delete_tokens([f"at:{digest}"])
+                await self.store.delete_tokens([Keys.grant_token_member("at", digest)])
                 await self._purge_gateway_cache([digest])
             return
 

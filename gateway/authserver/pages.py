@@ -119,7 +119,7 @@ async def current_user(request: web.Request) -> dict[str, Any] | None:
         return None
     server = server_of(request)
     raw = await server.store.redis.get(
-        f"{server.store.p}as:session:{server.store.digest(token)}")
+        server.store.keys.as_session(server.store.digest(token)))
     return json.loads(raw) if raw else None
 
 
@@ -128,7 +128,7 @@ async def start_session(request: web.Request, response: web.StreamResponse, *, u
     server = server_of(request)
     token = secrets.token_urlsafe(32)
     data = {"username": username, "sub": sub, "auth_time": int(time.time()), "method": method}
-    await server.store.redis.set(f"{server.store.p}as:session:{server.store.digest(token)}",
+    await server.store.redis.set(server.store.keys.as_session(server.store.digest(token)),
                                  json.dumps(data), ex=SESSION_TTL)
     response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="Lax",
                         secure=_secure(server), path="/", max_age=SESSION_TTL)
@@ -214,7 +214,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     token = request.cookies.get(SESSION_COOKIE)
     if token:
         await server.store.redis.delete(
-            f"{server.store.p}as:session:{server.store.digest(token)}")
+            server.store.keys.as_session(server.store.digest(token)))
     response = page("Signed out", "<h1>Signed out</h1><p>You can close this window.</p>")
     response.del_cookie(SESSION_COOKIE, path="/")
     return response

@@ -104,9 +104,6 @@ class DeviceAuthorizations:
     def __init__(self, store: AuthStore) -> None:
         self.store = store
 
-    def _key(self, kind: str, digest: str) -> str:
-        return f"{self.store.p}as:{kind}:{digest}"
-
     async def user_code_free(self, code: str) -> bool:
         return await self.store.device_for_user_code(code) is None
 
@@ -114,20 +111,20 @@ class DeviceAuthorizations:
                         ) -> tuple[bool, int]:
         """Record a poll; (too soon, the interval in force)."""
         script = self.store.redis.register_script(_POLL_SCRIPT)
-        fast, current = await script(keys=[self._key("device_poll", digest)],
+        fast, current = await script(keys=[self.store.keys.as_device_poll(digest)],
                                      args=[repr(now), interval, SLOW_DOWN_STEP, max(1, ttl)])
         return bool(fast), int(current)
 
     async def first_expiry(self, digest: str, ttl: int) -> bool:
         """True the first time an expired code is polled (counted once)."""
-        key = self._key("device_poll", digest)
+        key = self.store.keys.as_device_poll(digest)
         first = bool(await self.store.redis.hsetnx(key, "expired", "1"))
         await self.store.redis.expire(key, max(1, ttl))
         return first
 
     async def decide(self, digest: str, record: dict[str, Any], ttl: int) -> bool:
         """Store the user's decision; False when one was already made."""
-        if not await self.store.redis.set(self._key("device_decision", digest), "1",
+        if not await self.store.redis.set(self.store.keys.as_device_decision(digest), "1",
                                           nx=True, ex=max(1, ttl)):
             return False
         await self.store.save_device(digest, record, ttl)
@@ -135,13 +132,13 @@ class DeviceAuthorizations:
 
     async def take(self, digest: str) -> dict[str, Any] | None:
         """Remove the record and return it: single use (section 3.5, tokens once)."""
-        raw = await self.store.redis.getdel(self._key("device", digest))
+        raw = await self.store.redis.getdel(self.store.keys.as_device(digest))
         return cast(dict[str, Any], json.loads(raw)) if raw else None
 
     async def forget(self, digest: str, record: dict[str, Any]) -> None:
         await self.store.delete_device(digest, record.get("user_code_key"))
-        await self.store.redis.delete(self._key("device_poll", digest),
-                                      self._key("device_decision", digest))
+        await self.store.redis.delete(self.store.keys.as_device_poll(digest),
+                                      self.store.keys.as_device_decision(digest))
 
 
 # -- section 3.1, 3.2: the device authorization endpoint ------------------------------

@@ -70,6 +70,7 @@ from redis.exceptions import WatchError
 
 from gateway.authserver.server import server_of
 from gateway.authserver.storage import AuthStore
+from gateway.state.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class SigningKeys:
                  rotation_period: int = ROTATION_PERIOD, publish_ahead: int = PUBLISH_AHEAD,
                  retention: int = RETENTION, reload_interval: float = RELOAD_INTERVAL) -> None:
         self.redis = redis
-        self.key = f"{key_prefix}as:signing_keys"
+        self.key = Keys(key_prefix).as_signing_keys
         self.cipher = cipher
         self.alg = alg
         self.clock = clock
@@ -300,7 +301,7 @@ class JWTAccessTokenSigner:
 
 async def load_signing_keys(store: AuthStore) -> SigningKeys:
     """The signing keys (created on first use), complete before the first token is issued."""
-    keys = SigningKeys(store.redis, key_prefix=store.p, cipher=key_cipher(store))
+    keys = SigningKeys(store.redis, key_prefix=store.keys.prefix, cipher=key_cipher(store))
     await keys.current()
     return keys
 

@@ -100,7 +100,7 @@ async def _refuse(request: web.Request, err: SSOError) -> web.Response:
 
 def _state_key(request: web.Request, state: str) -> str:
     store = server_of(request).store
-    return f"{store.p}as:sso_state:{store.digest(state)}"
+    return store.keys.as_sso_state(store.digest(state))
 
 
 async def sso_start(request: web.Request) -> web.StreamResponse:
@@ -230,7 +230,7 @@ async def _local_user(request: web.Request, issuer: str, claims: dict[str, Any]
     username = await store.sso_username(issuer, sso_sub)
     if username is None:
         username = username_from(claims, server.settings.sso_username_claim)
-    user_key = f"{store.p}as:user:{username}"
+    user_key = store.keys.as_user(username)
     # HSETNX on ``sub``: only one login can create the record, and never over an
     # existing (local or other) account, which would be an account takeover
     if await store.redis.hsetnx(user_key, "sub", "u_" + uuid.uuid4().hex):

@@ -1,33 +1,12 @@
 """The authorization server's state in Redis (all keys under ``GATEWAY_KEY_PREFIX``).
 
-| key | type | what |
-|---|---|---|
-| ``client:{id}`` | hash | the client (shared with the gateway's governance) |
-| ``as:clients`` | set | ids of clients this server manages |
-| ``as:user:{username}`` | hash | ``sub``; ``password_hash`` (local), ``sso``/``sso_sub`` (SSO) |
-| ``as:sso:{issuer}|{sub}`` | string | username mapped to an SSO subject |
-| ``as:sso_state:{digest}`` | string | an SSO login in progress (nonce, PKCE verifier), 600 s |
-| ``as:session:{digest}`` | string | a browser session (user, auth time, method), 8 h |
-| ``as:authz:{digest}`` | string | a pending consent request (JSON), 600 s |
-| ``as:signing_keys`` | hash | RFC 9068 signing keys (private keys AES-GCM encrypted) |
-| ``as:grant:{id}`` | hash | one grant (user + client + device) |
-| ``as:grants`` / ``as:client_grants:{id}`` / ``as:user_grants:{name}`` | set | grant indexes |
-| ``as:grant_tokens:{id}`` | set | ``at:{digest}`` / ``rt:{digest}`` issued under a grant |
-| ``as:at:{digest}`` | string | access token record (JSON), TTL = its lifetime |
-| ``as:rt:{digest}`` | string | refresh token record (JSON), TTL = its lifetime |
-| ``as:rt_spent:{digest}`` | string | set once a rotatable refresh token is used (reuse detection) |
-| ``as:code:{digest}`` | string | authorization code (JSON), 60 s, redeemed with GETDEL |
-| ``as:code_used:{digest}`` | string | grant id issued by a redeemed code (replay detection) |
-| ``as:device:{digest}`` | string | device authorization (JSON) |
-| ``as:user_code:{code}`` | string | device code digest for a user code |
-| ``as:device_poll:{digest}`` | hash | last poll time and current interval (``slow_down``) |
-| ``as:device_decision:{digest}`` | string | the user's approve/deny, set once |
-| ``as:rate:{key}:{window}`` | string | rate-limit counters (logins, user codes, SSO starts) |
-| ``audit`` | stream | every administrative and security event |
+Its keys are under ``as:``, but for the client records, which it shares with the gateway's
+governance (``client:{id}``), and the audit stream; :class:`gateway.state.keys.Keys`
+names and describes every one of them.
 
 Tokens, codes and device codes appear only as keyed digests. Writes that span keys are
 MULTI/EXEC transactions on one server and plain pipelines on Redis Cluster, where keys of
-different hash slots cannot share a transaction (:func:`gateway.store.pipeline`).
+different hash slots cannot share a transaction (:func:`gateway.state.connection.pipeline`).
 """
 
 from __future__ import annotations
@@ -42,6 +21,8 @@ from redis.asyncio import Redis
 from gateway.authserver.models import Grant, OAuthClient, TokenPolicy
 from gateway.protocol.tokens import TokenDigester
 from gateway.state import connection as gwstore
+from gateway.state import events
+from gateway.state.keys import Keys
 
 
 class AuthStore:
@@ -50,7 +31,7 @@ class AuthStore:
     def __init__(self, redis: Redis, *, key_prefix: str, digester: TokenDigester,
                  defaults: TokenPolicy) -> None:
         self.redis = redis
-        self.p = key_prefix
+        self.keys = Keys(key_prefix)
         self.digester = digester
         self.defaults = defaults
 
@@ -61,18 +42,12 @@ class AuthStore:
 
     async def audit(self, action: str, **fields: str) -> None:
         """Append to the audit stream (who, when, what; never a secret)."""
-        entry = {"action": action, "at": str(int(time.time())),
-                 **{k: v for k, v in fields.items() if v is not None}}
-        await self.redis.xadd(f"{self.p}audit", cast(dict[Any, Any], entry), maxlen=100_000,
-                              approximate=True)
-
-    async def publish(self, event: dict[str, str]) -> None:
-        await self.redis.publish(f"{self.p}events", json.dumps(event))
+        await events.append_audit(self.redis, self.keys, events.audit_entry(action, **fields))
 
     # -- clients -------------------------------------------------------------
 
     def client_key(self, client_id: str) -> str:
-        return f"{self.p}client:{client_id}"
+        return self.keys.client(client_id)
 
     async def get_client(self, client_id: str) -> OAuthClient | None:
         data = cast(dict[str, str], await self.redis.hgetall(self.client_key(client_id)))
@@ -83,69 +58,67 @@ class AuthStore:
         mapping: dict[Any, Any] = {**client.to_fields(), **(extra or {})}
         async with gwstore.pipeline(self.redis) as pipe:
             pipe.hset(self.client_key(client.client_id), mapping=mapping)
-            pipe.sadd(f"{self.p}as:clients", client.client_id)
-            await gwstore.execute_and_publish(
-                self.redis, pipe, f"{self.p}events",
-                [json.dumps({"type": "client", "client_id": client.client_id})])
+            pipe.sadd(self.keys.as_clients, client.client_id)
+            await events.execute_and_publish(self.redis, pipe, self.keys,
+                                             [events.ClientChanged(client.client_id)])
 
     async def delete_client(self, client_id: str) -> None:
         async with gwstore.pipeline(self.redis) as pipe:
             pipe.delete(self.client_key(client_id))
-            pipe.srem(f"{self.p}as:clients", client_id)
-            await gwstore.execute_and_publish(
-                self.redis, pipe, f"{self.p}events",
-                [json.dumps({"type": "client", "client_id": client_id})])
+            pipe.srem(self.keys.as_clients, client_id)
+            await events.execute_and_publish(self.redis, pipe, self.keys,
+                                             [events.ClientChanged(client_id)])
 
     async def list_clients(self) -> list[OAuthClient]:
-        ids = sorted(cast(set[str], await self.redis.smembers(f"{self.p}as:clients")))
+        ids = sorted(cast(set[str], await self.redis.smembers(self.keys.as_clients)))
         clients = [await self.get_client(cid) for cid in ids]
         return [c for c in clients if c is not None]
 
     # -- users ---------------------------------------------------------------
 
     async def save_user(self, username: str, fields: dict[str, str]) -> None:
-        await self.redis.hset(f"{self.p}as:user:{username}",
+        await self.redis.hset(self.keys.as_user(username),
                               mapping=cast(dict[Any, Any], fields))
 
     async def get_user(self, username: str) -> dict[str, str]:
-        return cast(dict[str, str], await self.redis.hgetall(f"{self.p}as:user:{username}"))
+        return cast(dict[str, str], await self.redis.hgetall(self.keys.as_user(username)))
 
     async def sso_username(self, issuer: str, sub: str) -> str | None:
-        value = await self.redis.get(f"{self.p}as:sso:{issuer}|{sub}")
+        value = await self.redis.get(self.keys.as_sso(issuer, sub))
         return str(value) if value is not None else None
 
     async def map_sso(self, issuer: str, sub: str, username: str) -> None:
-        await self.redis.set(f"{self.p}as:sso:{issuer}|{sub}", username)
+        await self.redis.set(self.keys.as_sso(issuer, sub), username)
 
     # -- grants --------------------------------------------------------------
 
     async def save_grant(self, grant: Grant) -> None:
         async with gwstore.pipeline(self.redis) as pipe:
-            pipe.hset(f"{self.p}as:grant:{grant.grant_id}",
+            pipe.hset(self.keys.as_grant(grant.grant_id),
                       mapping=cast(dict[Any, Any], grant.to_fields()))
-            pipe.sadd(f"{self.p}as:grants", grant.grant_id)
-            pipe.sadd(f"{self.p}as:client_grants:{grant.client_id}", grant.grant_id)
-            pipe.sadd(f"{self.p}as:user_grants:{grant.username}", grant.grant_id)
+            pipe.sadd(self.keys.as_grants, grant.grant_id)
+            pipe.sadd(self.keys.as_client_grants(grant.client_id), grant.grant_id)
+            pipe.sadd(self.keys.as_user_grants(grant.username), grant.grant_id)
             await pipe.execute()
 
     async def get_grant(self, grant_id: str) -> Grant | None:
-        data = cast(dict[str, str], await self.redis.hgetall(f"{self.p}as:grant:{grant_id}"))
+        data = cast(dict[str, str], await self.redis.hgetall(self.keys.as_grant(grant_id)))
         return Grant.from_fields(data)
 
     async def touch_grant(self, grant_id: str) -> None:
-        await self.redis.hset(f"{self.p}as:grant:{grant_id}", "last_used_at",
+        await self.redis.hset(self.keys.as_grant(grant_id), "last_used_at",
                               str(int(time.time())))
 
     async def list_grants(self, *, client_id: str | None = None, username: str | None = None
                           ) -> list[Grant]:
         if client_id:
             ids = cast(set[str], await self.redis.smembers(
-                f"{self.p}as:client_grants:{client_id}"))
+                self.keys.as_client_grants(client_id)))
         elif username:
             ids = cast(set[str], await self.redis.smembers(
-                f"{self.p}as:user_grants:{username}"))
+                self.keys.as_user_grants(username)))
         else:
-            ids = cast(set[str], await self.redis.smembers(f"{self.p}as:grants"))
+            ids = cast(set[str], await self.redis.smembers(self.keys.as_grants))
         grants = [await self.get_grant(gid) for gid in sorted(ids)]
         out = [g for g in grants if g is not None]
         if username:
@@ -153,11 +126,11 @@ class AuthStore:
         return sorted(out, key=lambda g: g.created_at)
 
     async def mark_grant_revoked(self, grant_id: str, reason: str) -> None:
-        await self.redis.hset(f"{self.p}as:grant:{grant_id}",
+        await self.redis.hset(self.keys.as_grant(grant_id),
                               mapping={"revoked": "1", "revoked_reason": reason})
 
     async def grant_tokens(self, grant_id: str) -> set[str]:
-        return cast(set[str], await self.redis.smembers(f"{self.p}as:grant_tokens:{grant_id}"))
+        return cast(set[str], await self.redis.smembers(self.keys.as_grant_tokens(grant_id)))
 
     # -- tokens --------------------------------------------------------------
 
@@ -168,39 +141,40 @@ class AuthStore:
         Raises when either write fails, so a token whose record is not indexed under its
         grant (and so would survive the grant's revocation) is never handed out."""
         async with gwstore.pipeline(self.redis) as pipe:
-            pipe.set(f"{self.p}as:{kind}:{digest}", json.dumps(record), ex=max(1, ttl))
-            pipe.sadd(f"{self.p}as:grant_tokens:{record['grant_id']}", f"{kind}:{digest}")
+            pipe.set(self.keys.as_token(kind, digest), json.dumps(record), ex=max(1, ttl))
+            pipe.sadd(self.keys.as_grant_tokens(record["grant_id"]),
+                      Keys.grant_token_member(kind, digest))
             await pipe.execute()
 
     async def get_token(self, kind: str, digest: str) -> dict[str, Any] | None:
-        raw = await self.redis.get(f"{self.p}as:{kind}:{digest}")
+        raw = await self.redis.get(self.keys.as_token(kind, digest))
         return cast(dict[str, Any], json.loads(raw)) if raw else None
 
     async def delete_tokens(self, members: Iterable[str]) -> None:
-        keys = [f"{self.p}as:{m}" for m in members]
+        keys = [self.keys.as_token_of_member(m) for m in members]
         if keys:  # a multi-key DEL: in a cluster, redis-py sends one per hash slot
             await self.redis.delete(*keys)
 
     async def spend_refresh(self, digest: str, ttl: int) -> bool:
         """Mark a rotatable refresh token used; False if it was already (a replay)."""
-        return bool(await self.redis.set(f"{self.p}as:rt_spent:{digest}", "1", nx=True,
+        return bool(await self.redis.set(self.keys.as_rt_spent(digest), "1", nx=True,
                                          ex=max(1, ttl)))
 
     # -- authorization codes ---------------------------------------------------
 
     async def save_code(self, digest: str, record: dict[str, Any], ttl: int) -> None:
-        await self.redis.set(f"{self.p}as:code:{digest}", json.dumps(record), ex=ttl)
+        await self.redis.set(self.keys.as_code(digest), json.dumps(record), ex=ttl)
 
     async def take_code(self, digest: str) -> dict[str, Any] | None:
         """Single use: GETDEL, so two concurrent redemptions cannot both succeed."""
-        raw = await self.redis.getdel(f"{self.p}as:code:{digest}")
+        raw = await self.redis.getdel(self.keys.as_code(digest))
         return cast(dict[str, Any], json.loads(raw)) if raw else None
 
     async def remember_code_use(self, digest: str, grant_id: str, ttl: int) -> None:
-        await self.redis.set(f"{self.p}as:code_used:{digest}", grant_id, ex=ttl)
+        await self.redis.set(self.keys.as_code_used(digest), grant_id, ex=ttl)
 
     async def code_used_by(self, digest: str) -> str | None:
-        value = await self.redis.get(f"{self.p}as:code_used:{digest}")
+        value = await self.redis.get(self.keys.as_code_used(digest))
         return str(value) if value is not None else None
 
     # -- device authorizations -------------------------------------------------
@@ -208,32 +182,32 @@ class AuthStore:
     async def save_device(self, digest: str, record: dict[str, Any], ttl: int,
                           user_code: str | None = None) -> None:
         async with gwstore.pipeline(self.redis) as pipe:
-            pipe.set(f"{self.p}as:device:{digest}", json.dumps(record), ex=max(1, ttl))
+            pipe.set(self.keys.as_device(digest), json.dumps(record), ex=max(1, ttl))
             if user_code:
-                pipe.set(f"{self.p}as:user_code:{user_code}", digest, ex=max(1, ttl))
+                pipe.set(self.keys.as_user_code(user_code), digest, ex=max(1, ttl))
             await pipe.execute()
 
     async def get_device(self, digest: str) -> tuple[dict[str, Any] | None, int]:
         """The device record and its remaining seconds."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(f"{self.p}as:device:{digest}")
-            pipe.ttl(f"{self.p}as:device:{digest}")
+            pipe.get(self.keys.as_device(digest))
+            pipe.ttl(self.keys.as_device(digest))
             raw, ttl = await pipe.execute()
         return (json.loads(raw) if raw else None), int(ttl)
 
     async def device_for_user_code(self, user_code: str) -> str | None:
-        value = await self.redis.get(f"{self.p}as:user_code:{user_code}")
+        value = await self.redis.get(self.keys.as_user_code(user_code))
         return str(value) if value is not None else None
 
     async def delete_device(self, digest: str, user_code: str | None) -> None:
-        keys = [f"{self.p}as:device:{digest}"]
+        keys = [self.keys.as_device(digest)]
         if user_code:
-            keys.append(f"{self.p}as:user_code:{user_code}")
+            keys.append(self.keys.as_user_code(user_code))
         await self.redis.delete(*keys)
 
     async def hit(self, key: str, window: int) -> int:
         """Count an event in a fixed window (rate limits); returns the count so far."""
-        full = f"{self.p}as:rate:{key}:{int(time.time()) // window}"
+        full = self.keys.as_rate(key, int(time.time()) // window)
         async with self.redis.pipeline(transaction=True) as pipe:  # one key: fine in a cluster
             pipe.incr(full)
             pipe.expire(full, window * 2)

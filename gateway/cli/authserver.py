@@ -24,6 +24,7 @@ from gateway.cli.terminal import EXIT_FAIL, EXIT_OK, actor, err, out, redis_fail
 from gateway.config.settings import Settings
 from gateway.protocol.tokens import TokenDigester
 from gateway.state import connection as gwstore
+from gateway.state.keys import Keys
 
 Printer = Callable[[argparse.Namespace, str, Any], None]
 
@@ -173,6 +174,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         redis: Redis = gwstore.connect(settings.redis_url)
         try:
             await redis.ping()
+            if args.as_cmd != "grants-list":  # every other command writes
+                await gwstore.claim_schema(redis, Keys(settings.key_prefix))
             key = await gwstore.digest_key(redis, settings.key_prefix,
                                            settings.token_digest_key)
             admin = AuthAdmin(redis, settings, TokenDigester(key))

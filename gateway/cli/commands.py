@@ -29,6 +29,7 @@ from gateway.config.settings import Settings, SettingsError, load_settings
 from gateway.pipeline.govern import ClientAdmin
 from gateway.pipeline.paths import safe_path
 from gateway.protocol.errors import GatewayError
+from gateway.state.keys import Keys
 
 # -- serve -----------------------------------------------------------------
 
@@ -180,7 +181,7 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
              _record_view(args.client_id, fields))
         return EXIT_OK
 
-    return with_redis(settings, action)
+    return with_redis(settings, action, writes=args.clients_cmd in ("disable", "enable"))
 
 
 # -- tokens ----------------------------------------------------------------
@@ -204,7 +205,7 @@ def cmd_tokens_revoke(args: argparse.Namespace, settings: Settings) -> int:
         failed = result.authorization_server.startswith(("failed", "unreachable"))
         return EXIT_FAIL if failed else EXIT_OK
 
-    return with_redis(settings, action)
+    return with_redis(settings, action, writes=True)
 
 
 # -- audit -----------------------------------------------------------------
@@ -212,7 +213,7 @@ def cmd_tokens_revoke(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_audit_tail(args: argparse.Namespace, settings: Settings) -> int:
     async def action(redis: Redis) -> int:
         entries = cast(list[tuple[str, dict[str, str]]], await redis.xrevrange(
-            f"{settings.key_prefix}audit", count=args.n))
+            Keys(settings.key_prefix).audit, count=args.n))
         rows: list[dict[str, str]] = [{"id": eid, **fields} for eid, fields in reversed(entries)]
         lines = []
         for row in rows:

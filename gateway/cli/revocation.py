@@ -22,6 +22,8 @@ from gateway.config.settings import Settings
 from gateway.protocol.clientauth import client_secret_basic
 from gateway.protocol.tokens import TokenDigester
 from gateway.state import connection as store
+from gateway.state import events
+from gateway.state.keys import Keys
 
 DEFAULT_PIN = 24 * 3600
 
@@ -72,13 +74,10 @@ async def revoke_token(redis: Redis, settings: Settings, token: str) -> Revocati
     exp = _jwt_exp(token)
     pin = max(settings.cache_max_ttl,
               int(exp - time.time()) + 60 if exp is not None else DEFAULT_PIN)
+    keys = Keys(settings.key_prefix)
     async with store.pipeline(redis) as pipe:
-        pipe.set(f"{settings.key_prefix}token:{digest}", '{"active":false,"revoked":true}',
-                 ex=max(1, pin))
-        pipe.xadd(f"{settings.key_prefix}audit", {
-            "action": "token.revoked", "token_digest": digest[:12], "at": str(int(time.time())),
-            "authorization_server": at_server}, maxlen=100_000, approximate=True)
-        await store.execute_and_publish(
-            redis, pipe, f"{settings.key_prefix}events",
-            [json.dumps({"type": "token_revoked", "digest": digest})])
+        events.pin_revoked(pipe, keys, digest, max(1, pin))
+        events.append_audit(pipe, keys, events.token_revoked_entry(
+            digest, authorization_server=at_server))
+        await events.execute_and_publish(redis, pipe, keys, [events.TokenRevoked(digest)])
     return RevocationResult(digest, at_server, pin)

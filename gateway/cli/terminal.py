@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from gateway.config.settings import Settings
 from gateway.state import connection as store
+from gateway.state.keys import Keys
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -54,12 +55,17 @@ def redis_failed(settings: Settings, exc: RedisError) -> int:
     return EXIT_FAIL
 
 
-def with_redis(settings: Settings, action: Callable[[Redis], Awaitable[int]]) -> int:
-    """Run ``action`` with a connected client for ``GATEWAY_REDIS_URL``; its exit code."""
+def with_redis(settings: Settings, action: Callable[[Redis], Awaitable[int]], *,
+               writes: bool = False) -> int:
+    """Run ``action`` with a connected client for ``GATEWAY_REDIS_URL``; its exit code.
+    A command that ``writes`` first records the schema version
+    (:func:`gateway.state.connection.claim_schema`)."""
     async def main() -> int:
         redis = store.connect(settings.redis_url)
         try:
             await redis.ping()
+            if writes:
+                await store.claim_schema(redis, Keys(settings.key_prefix))
             return await action(redis)
         finally:
             await redis.aclose()

@@ -1,7 +1,7 @@
 """Token usage per client, fleet-wide: requests and distinct tokens over a recent window.
 
 Each replica counts in memory and, every second, adds its counts to Redis in one
-pipeline, in per-minute buckets:
+pipeline, in per-minute buckets (named by :class:`~gateway.state.keys.Keys`):
 
 - ``{prefix}usage:req:{{client_id}}:{minute}``: INCRBY of requests;
 - ``{prefix}usage:tok:{{client_id}}:{minute}``: a HyperLogLog of token *digests*
@@ -36,6 +36,7 @@ from redis.exceptions import RedisError
 
 from gateway.observe.metrics import MAX_CLIENT_LABELS, GatewayMetrics
 from gateway.state import connection as store
+from gateway.state.keys import USAGE_KEY_LUA, Keys
 
 log = logging.getLogger(__name__)
 BUCKET = 60
@@ -43,20 +44,22 @@ _FLUSH_CLIENTS = 64  # clients per script call (or pipeline, on a cluster) in a 
 _DIGESTS_PER_ARG = 1000  # Lua's unpack() has a stack of ~8,000 values
 _REPORT_CLIENTS = 8  # clients summed per script call in a report
 
-# ARGV[1]: the key prefix up to the kind (``gw:usage:``), ARGV[2]: the minute bucket,
-# ARGV[3]: seconds the buckets live, ARGV[4]: now, ARGV[5]: the oldest last use kept in
-# the client set; then pairs: a client id, and "requests digest digest ..." (at most
-# _DIGESTS_PER_ARG digests; a client with more comes back in another pair, 0 requests).
-# Returns 1. A few dozen clients per command, two values each, instead of four commands
-# a client: redis-py spends tens of microseconds of CPU per command and about one per
-# value it sends, and a flush covers every active client every second. The script
-# names its keys itself, which a single server allows; a cluster gets plain commands.
-_ADD_USAGE = """
+# KEYS[1]: the client set (``gw:usage:clients``). ARGV[1]: the usage key prefix
+# (``gw:usage:``), ARGV[2]: the minute bucket, ARGV[3]: seconds the buckets live,
+# ARGV[4]: now, ARGV[5]: the oldest last use kept in the client set; then pairs: a client
+# id, and "requests digest digest ..." (at most _DIGESTS_PER_ARG digests; a client with
+# more comes back in another pair, 0 requests). Returns 1. A few dozen clients per
+# command, two values each, instead of four commands a client: redis-py spends tens of
+# microseconds of CPU per command and about one per value it sends, and a flush covers
+# every active client every second. The script names the buckets itself (with
+# ``usage_key``, from :mod:`gateway.state.keys`), which a single server allows; a
+# cluster gets plain commands.
+_ADD_USAGE = USAGE_KEY_LUA + """
 local prefix, bucket, ttl, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 for c = 6, #ARGV, 2 do
   local cid = ARGV[c]
-  local rkey = prefix .. 'req:{' .. cid .. '}:' .. bucket
-  local tkey = prefix .. 'tok:{' .. cid .. '}:' .. bucket
+  local rkey = usage_key(prefix, 'req', cid, bucket)
+  local tkey = usage_key(prefix, 'tok', cid, bucket)
   local fields = {}
   for word in string.gmatch(ARGV[c + 1], '%S+') do
     fields[#fields + 1] = word
@@ -67,27 +70,27 @@ for c = 6, #ARGV, 2 do
     redis.call('PFADD', tkey, unpack(fields, 2))
   end
   redis.call('EXPIRE', tkey, ttl)
-  redis.call('ZADD', prefix .. 'clients', now, cid)
+  redis.call('ZADD', KEYS[1], now, cid)
 end
-redis.call('ZREMRANGEBYSCORE', prefix .. 'clients', 0, ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[5])
 return 1
 """
 
-# ARGV[1]: the key prefix up to the kind (``gw:usage:``), ARGV[2]: the window's first
+# ARGV[1]: the usage key prefix (``gw:usage:``), ARGV[2]: the window's first
 # minute bucket, ARGV[3]: its number of buckets, ARGV[4...]: client ids. Returns, for
 # each client in order, {requests over the window, distinct tokens over the window},
 # flattened. The script names its keys itself (60 counters and 60 HyperLogLogs a
 # client, which packing and sending from Python cost more than the rest of the
 # report); a single server allows that, a cluster does not, and gets plain commands.
-_SUM_WINDOWS = """
+_SUM_WINDOWS = USAGE_KEY_LUA + """
 local prefix, first, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local out = {}
 for c = 4, #ARGV do
   local cid = ARGV[c]
   local total, hlls = 0, {}
   for b = first, first + n - 1 do
-    total = total + (tonumber(redis.call('GET', prefix .. 'req:{' .. cid .. '}:' .. b)) or 0)
-    hlls[#hlls + 1] = prefix .. 'tok:{' .. cid .. '}:' .. b
+    total = total + (tonumber(redis.call('GET', usage_key(prefix, 'req', cid, b))) or 0)
+    hlls[#hlls + 1] = usage_key(prefix, 'tok', cid, b)
   end
   out[#out + 1] = total
   out[#out + 1] = redis.call('PFCOUNT', unpack(hlls))
@@ -104,7 +107,7 @@ class UsageTracker:
                  window: int = 3600, flush_interval: float = 1.0,
                  report_interval: float = 15.0) -> None:
         self.redis = redis
-        self.prefix = key_prefix
+        self.keys = Keys(key_prefix)
         self.metrics = metrics
         self.window = window
         self.flush_interval = flush_interval
@@ -117,7 +120,7 @@ class UsageTracker:
 
     def key(self, kind: str, client_id: str, bucket: int) -> str:
         """The ``req`` or ``tok`` bucket of a client; ``{client_id}`` is the hash tag."""
-        return f"{self.prefix}usage:{kind}:{{{client_id}}}:{bucket}"
+        return self.keys.usage(kind, client_id, bucket)
 
     def record(self, client_id: str, digest: str) -> None:
         """Hot path: two dict operations, no I/O."""
@@ -150,7 +153,7 @@ class UsageTracker:
     async def _flush_scripts(self, requests: dict[str, int], digests: dict[str, set[str]],
                              bucket: int, ttl: int, now: float) -> None:
         """One script call per few dozen clients (one server or Sentinel)."""
-        head: list[str | int | float] = [f"{self.prefix}usage:", bucket, ttl, now,
+        head: list[str | int | float] = [self.keys.usage_prefix, bucket, ttl, now,
                                          now - self.window]
         args: list[str | int | float] = []
         for client_id, count in requests.items():
@@ -159,10 +162,10 @@ class UsageTracker:
             for start in range(_DIGESTS_PER_ARG, len(seen), _DIGESTS_PER_ARG):
                 args += (client_id, " ".join(["0", *seen[start:start + _DIGESTS_PER_ARG]]))
             if len(args) >= 2 * _FLUSH_CLIENTS:
-                await self._add_usage(args=head + args)
+                await self._add_usage(keys=[self.keys.usage_clients], args=head + args)
                 args = []
         if args:
-            await self._add_usage(args=head + args)
+            await self._add_usage(keys=[self.keys.usage_clients], args=head + args)
 
     async def _flush_commands(self, requests: dict[str, int], digests: dict[str, set[str]],
                               bucket: int, ttl: int, now: float) -> None:
@@ -180,15 +183,15 @@ class UsageTracker:
                     pipe.expire(tkey, ttl)
                 await pipe.execute()
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(f"{self.prefix}usage:clients", dict.fromkeys(requests, now))
-            pipe.zremrangebyscore(f"{self.prefix}usage:clients", 0, now - self.window)
+            pipe.zadd(self.keys.usage_clients, dict.fromkeys(requests, now))
+            pipe.zremrangebyscore(self.keys.usage_clients, 0, now - self.window)
             await pipe.execute()
 
     async def window_counts(self) -> dict[str, tuple[int, int]]:
         """``client_id -> (requests, distinct tokens)`` over the window, fleet-wide."""
         now = time.time()
         clients: list[str] = list(await self.redis.zrangebyscore(  # type: ignore[arg-type]
-            f"{self.prefix}usage:clients", now - self.window, "+inf",
+            self.keys.usage_clients, now - self.window, "+inf",
             start=0, num=MAX_CLIENT_LABELS))
         last = int(now) // BUCKET
         buckets = range(last - self.window // BUCKET + 1, last + 1)
@@ -210,7 +213,7 @@ class UsageTracker:
             # report, and one call for every client would hold Redis for milliseconds
             for start in range(0, len(clients), _REPORT_CLIENTS):
                 sums = await self._sum_windows(args=[
-                    f"{self.prefix}usage:", buckets[0], len(buckets),
+                    self.keys.usage_prefix, buckets[0], len(buckets),
                     *clients[start:start + _REPORT_CLIENTS]])
                 for i in range(0, len(sums), 2):
                     results += [[sums[i]], sums[i + 1]]

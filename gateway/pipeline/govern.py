@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ from redis.exceptions import RedisError
 from gateway.observe.metrics import GatewayMetrics
 from gateway.protocol.errors import ServiceUnavailable
 from gateway.state import connection as store
+from gateway.state import events
+from gateway.state.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class ClientRegistry:
     def __init__(self, redis: Redis, *, key_prefix: str, metrics: GatewayMetrics,
                  refresh_interval: float = 0.5) -> None:
         self.redis = redis
-        self.prefix = key_prefix
+        self.keys = Keys(key_prefix)
         self.metrics = metrics
         self.refresh_interval = refresh_interval
         self._records: dict[str, ClientRecord] = {}
@@ -106,7 +107,7 @@ class ClientRegistry:
         self._read_records = redis.register_script(_READ_RECORDS)
 
     def key(self, client_id: str) -> str:
-        return f"{self.prefix}client:{client_id}"
+        return self.keys.client(client_id)
 
     def cached(self, client_id: str) -> ClientRecord | None:
         """The mirrored record, if this replica holds one (the hot path: no I/O)."""
@@ -206,25 +207,22 @@ class ClientAdmin:
 
     def __init__(self, redis: Redis, *, key_prefix: str) -> None:
         self.redis = redis
-        self.prefix = key_prefix
+        self.keys = Keys(key_prefix)
 
     def key(self, client_id: str) -> str:
-        return f"{self.prefix}client:{client_id}"
+        return self.keys.client(client_id)
 
     async def set_disabled(self, client_id: str, disabled: bool, *, actor: str,
                            reason: str = "") -> dict[str, str]:
         now = str(int(time.time()))
         fields = {"disabled": "1" if disabled else "0", "updated_at": now,
                   "updated_by": actor, "reason": reason}
-        action = "client.disabled" if disabled else "client.enabled"
         async with store.pipeline(self.redis) as pipe:
             pipe.hset(self.key(client_id), mapping=cast(dict[Any, Any], fields))
-            pipe.xadd(f"{self.prefix}audit", {"action": action, "client_id": client_id,
-                                              "actor": actor, "reason": reason, "at": now},
-                      maxlen=100_000, approximate=True)
-            await store.execute_and_publish(
-                self.redis, pipe, f"{self.prefix}events",
-                [json.dumps({"type": "client", "client_id": client_id})])
+            events.append_audit(pipe, self.keys, events.client_status_entry(
+                client_id, disabled=disabled, actor=actor, reason=reason, at=now))
+            await events.execute_and_publish(self.redis, pipe, self.keys,
+                                             [events.ClientChanged(client_id)])
         return fields
 
     async def show(self, client_id: str) -> dict[str, str]:
@@ -233,9 +231,8 @@ class ClientAdmin:
     async def list(self) -> list[tuple[str, dict[str, str]]]:
         """Every client record, by id (in a cluster, SCAN walks every primary)."""
         ids = []
-        match = f"{self.prefix}client:*"
-        async for key in self.redis.scan_iter(match=match, count=500):
-            ids.append(key[len(self.prefix) + len("client:"):])
+        async for key in self.redis.scan_iter(match=self.keys.client_pattern, count=500):
+            ids.append(self.keys.client_id_of(key))
         ids.sort()
         if not ids:
             return []

@@ -41,6 +41,7 @@ from gateway.pipeline.handler import ProxyPipeline
 from gateway.protocol.tokens import TokenDigester
 from gateway.runtime.fleet import EventSubscriber
 from gateway.state import connection as store
+from gateway.state.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     try:
         try:
             await store.wait_for_redis(redis, within=30.0)
+            await store.claim_schema(redis, Keys(s.key_prefix))
             key = await store.digest_key(redis, s.key_prefix, s.token_digest_key)
         except RedisError as exc:
             raise ConfigurationError(f"Redis at GATEWAY_REDIS_URL cannot be reached: {exc}"

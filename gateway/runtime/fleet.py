@@ -1,6 +1,7 @@
 """The fleet's nervous system: one Redis pub/sub subscriber per replica.
 
-Channel ``{prefix}events`` carries JSON messages published by operator commands:
+Channel ``{prefix}events`` carries JSON messages published by operator commands, built
+and parsed by :mod:`gateway.state.events` (a type this release does not know is ignored):
 
 - ``{"type": "client", "client_id": ...}``: a client record changed; re-read it.
 - ``{"type": "token_revoked", "digest": ...}``: drop that token from the local layer.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from typing import Any
 
@@ -31,6 +31,8 @@ from gateway.authn.cache import TokenCache
 from gateway.observe.metrics import GatewayMetrics
 from gateway.pipeline.govern import ClientRegistry
 from gateway.state import connection as store
+from gateway.state import events
+from gateway.state.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +59,16 @@ class EventSubscriber:
                  cache: TokenCache | None, metrics: GatewayMetrics,
                  keyspace: bool = True) -> None:
         self.redis = redis
-        self.prefix = key_prefix
+        self.keys = Keys(key_prefix)
         self.registry = registry
         self.cache = cache
         self.metrics = metrics
         cluster = store.is_cluster(redis)
         self.keyspace = keyspace and not cluster  # node-local in a cluster (module docstring)
-        self.channel = f"{key_prefix}events"
+        self.channel = self.keys.events
         db = 0 if cluster else redis.connection_pool.connection_kwargs.get("db", 0)
-        self.keyspace_pattern = f"__keyspace@{db}__:{key_prefix}client:*"
-        self._keyspace_prefix = f"__keyspace@{db}__:{key_prefix}client:"
+        self.keyspace_pattern = self.keys.client_notifications(db)
+        self._keyspace_prefix = self.keys.client_notification_prefix(db)
         self.connected = asyncio.Event()
 
     async def run(self) -> None:
@@ -119,19 +121,12 @@ class EventSubscriber:
             return
         if channel != self.channel:
             return
-        try:
-            event = json.loads(message.get("data") or "")
-        except ValueError:
-            return
-        if not isinstance(event, dict):
-            return
-        kind = event.get("type")
-        if kind == "client" and isinstance(event.get("client_id"), str):
+        event = events.parse(message.get("data"))
+        if isinstance(event, events.ClientChanged):
             self.metrics.client_disable_events.labels("event").inc()
-            await self._reread(event["client_id"])
-        elif (kind == "token_revoked" and isinstance(event.get("digest"), str)
-              and self.cache is not None):
-            self.cache.local.discard(event["digest"])
+            await self._reread(event.client_id)
+        elif isinstance(event, events.TokenRevoked) and self.cache is not None:
+            self.cache.local.discard(event.digest)
 
     async def _reread(self, client_id: str) -> None:
         try:

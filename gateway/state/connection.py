@@ -1,4 +1,5 @@
-"""The Redis connection and the fleet-wide secrets kept there.
+"""The Redis connection and the fleet-wide values kept there (the token-digest key, the
+schema version).
 
 The client is built once per process by the app factory and handed to every
 component (redis-py style: collaborators are passed in). Retries are bounded and
@@ -16,6 +17,7 @@ and a cluster pipeline carries no PUBLISH (:func:`pipeline`,
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import Sequence
 from typing import Any, cast
@@ -30,6 +32,10 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.state.keys import SCHEMA_VERSION, Keys
+
+log = logging.getLogger(__name__)
 
 _OPTIONS: dict[str, Any] = {
     "decode_responses": True,
@@ -186,12 +192,36 @@ async def digest_key(redis: Redis, prefix: str, configured: str) -> bytes:
             return bytes.fromhex(configured)
         except ValueError:
             return configured.encode()
-    key = f"{prefix}meta:digest_key"
+    key = Keys(prefix).digest_key
     await redis.set(key, secrets.token_hex(32), nx=True)
     value = await redis.get(key)
     if not value:
         raise RedisError(f"{key} could not be read back")
     return bytes.fromhex(str(value))
+
+
+async def claim_schema(redis: Redis, keys: Keys) -> int | None:
+    """Record :data:`~gateway.state.keys.SCHEMA_VERSION` in ``keys.schema`` unless a
+    version is there already (SET NX), and return the version found (None: unreadable).
+
+    An older version is left as is. A newer one means a later release has changed the
+    layout in a way this one may misread: a warning is logged, and the process goes on
+    (refusing would turn a rollback during an upgrade into an outage)."""
+    await redis.set(keys.schema, str(SCHEMA_VERSION), nx=True)
+    raw = await redis.get(keys.schema)
+    try:
+        found = int(str(raw))
+    except ValueError:
+        log.warning("%s holds %r, not a schema version; this release writes version %d",
+                    keys.schema, raw, SCHEMA_VERSION)
+        return None
+    if found > SCHEMA_VERSION:
+        log.warning(
+            "%s is %d but this release of oauth-gateway knows schema version %d only: a "
+            "newer release has changed the Redis layout, and this process may misread what "
+            "it wrote. Run the release the rest of the fleet runs.",
+            keys.schema, found, SCHEMA_VERSION)
+    return found
 
 
 async def wait_for_redis(redis: Redis, within: float) -> None:
