@@ -1,7 +1,7 @@
 """Client governance: per-client records in Redis, mirrored in every replica.
 
-``{prefix}client:{client_id}`` is a hash. CONTRACT.md fixes ``disabled`` (``"1"``
-disables) and ``scopes`` (space-separated; narrows the token's scopes). The gateway
+``{prefix}client:{client_id}`` is a hash. ``disabled`` (``"1"`` disables) and ``scopes``
+(space-separated; narrows the token's scopes) are stable (docs/COMPATIBILITY.md). The gateway
 adds who/when/why of each change: ``updated_at``, ``updated_by``, ``reason``.
 
 How a change reaches every replica (measured in tests/test_governance.py):
