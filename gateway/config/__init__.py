@@ -1,0 +1,3 @@
+"""What the operator configures: settings (one description each) and policy files.
+Imports nothing of the gateway.
+"""
