@@ -151,46 +151,51 @@ class TokenIssuer:
             await events.execute_and_publish(redis, pipe, keys,
                                              [events.TokenRevoked(d) for d in digests])
 
+    async def _find(self, token: str, hint: str | None
+                    ) -> tuple[str, str, dict[str, Any]] | None:
+        """``(kind, digest, record)`` of a token this server issued, or None. The kind the
+        ``token_type_hint`` names is looked up first (RFC 7009 2.1, RFC 7662 2.1)."""
+        digest = self.store.digest(token)
+        for kind in ("rt", "at") if hint == "refresh_token" else ("at", "rt"):
+            record = await self.store.get_token(kind, digest)
+            if record is not None:
+                return kind, digest, record
+        return None
+
     async def revoke_token(self, client: OAuthClient, token: str, hint: str | None) -> None:
         """RFC 7009 section 2.1. A refresh token ends its grant (and so the grant's access
         tokens); an access token ends alone. Unknown tokens are no error (section 2.2)."""
-        digest = self.store.digest(token)
-        kinds = ["rt", "at"] if hint == "refresh_token" else ["at", "rt"]
-        for kind in kinds:
-            record = await self.store.get_token(kind, digest)
-            if record is None:
-                continue
-            if record["client_id"] != client.client_id:
-                return  # section 2.1: not this client's token; say nothing
-            if kind == "rt":
-                await self.revoke_grant(record["grant_id"], reason="revoked_by_client",
-                                        actor=client.client_id)
-            else:
-                await self.store.delete_tokens([Keys.grant_token_member("at", digest)])
-                await self._purge_gateway_cache([digest])
+        found = await self._find(token, hint)
+        if found is None:
             return
+        kind, digest, record = found
+        if record["client_id"] != client.client_id:
+            return  # section 2.1: not this client's token; say nothing
+        if kind == "rt":
+            await self.revoke_grant(record["grant_id"], reason="revoked_by_client",
+                                    actor=client.client_id)
+        else:
+            await self.store.delete_tokens([Keys.grant_token_member("at", digest)])
+            await self._purge_gateway_cache([digest])
 
     async def introspect(self, token: str, *, hint: str | None = None) -> dict[str, Any]:
         """RFC 7662 section 2.2; ``{"active": false}`` and nothing more when not active."""
-        digest = self.store.digest(token)
-        kinds = ["rt", "at"] if hint == "refresh_token" else ["at", "rt"]
-        for kind in kinds:
-            record = await self.store.get_token(kind, digest)
-            if record is None:
-                continue
-            if int(record.get("exp", 0)) <= time.time():
-                break
-            client = await self.store.get_client(record["client_id"])
-            if client is None or client.disabled:
-                break
-            grant = await self.store.get_grant(record["grant_id"])
-            if grant is None or not grant.alive(client.policy):
-                break
-            answer = {"active": True, "client_id": record["client_id"],
-                      "scope": record["scope"], "exp": record["exp"], "iat": record["iat"],
-                      "iss": self.issuer,
-                      "token_type": "Bearer" if kind == "at" else "refresh_token"}
-            if kind == "at":
-                answer.update({"sub": record.get("sub"), "username": record.get("username")})
-            return answer
-        return {"active": False}
+        found = await self._find(token, hint)
+        if found is None:
+            return {"active": False}
+        kind, _, record = found
+        if int(record.get("exp", 0)) <= time.time():
+            return {"active": False}
+        client = await self.store.get_client(record["client_id"])
+        if client is None or client.disabled:
+            return {"active": False}
+        grant = await self.store.get_grant(record["grant_id"])
+        if grant is None or not grant.alive(client.policy):
+            return {"active": False}
+        answer = {"active": True, "client_id": record["client_id"],
+                  "scope": record["scope"], "exp": record["exp"], "iat": record["iat"],
+                  "iss": self.issuer,
+                  "token_type": "Bearer" if kind == "at" else "refresh_token"}
+        if kind == "at":
+            answer.update({"sub": record.get("sub"), "username": record.get("username")})
+        return answer
