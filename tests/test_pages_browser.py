@@ -2,7 +2,7 @@
 
 The gateway listens on a real loopback port (its issuer URL); a small client application
 on another port receives the redirect. The browser types the credentials into the
-``username``/``password`` fields and presses ``approve`` or ``deny`` (CONTRACT.md), as a
+``username``/``password`` fields and presses ``approve`` or ``deny`` (stable names), as a
 person would; the test then plays the client's back end with Authlib.
 
 Needs Debian's ``chromium`` (``apt-get install -y chromium``); Playwright's own browser

@@ -34,13 +34,10 @@ from gateway.authserver.hashing import new_token
 from gateway.authserver.models import GRANT_CODE, OAuthClient, narrow_scope
 from gateway.authserver.pages import (
     check_csrf,
-    csrf_field,
     current_user,
-    e,
     forbidden_csrf,
     login_redirect,
-    page,
-    with_csrf_cookie,
+    render,
 )
 from gateway.authserver.server import AuthorizationServer, server_of
 
@@ -72,12 +69,15 @@ class UntrustedRequest(Exception):
         self.message = message
 
 
-def error_page(title: str, message: str, *, error: str = "", status: int = 400
-               ) -> web.Response:
-    code = f'<p class="muted">Error: <code>{e(error)}</code></p>' if error else ""
-    return page(title, f'<h1>{e(title)}</h1><p class="error" role="alert">{e(message)}</p>'
-                f"{code}<p>Go back to the application and try again, or ask its owner.</p>",
-                status=status)
+def scope_lines(scope: str) -> list[tuple[str, str]]:
+    """Each scope in words, for a consent page: ``(text, scope)`` pairs."""
+    return [(SCOPE_TEXT.get(s, f"Use the permission {s}."), s) for s in scope.split()]
+
+
+def error_page(request: web.Request, title: str, message: str, *, error: str = "",
+               status: int = 400) -> web.Response:
+    return render(request, "authorize_error.html",
+                  {"title": title, "message": message, "error": error}, status=status)
 
 
 def redirect_to_client(server: AuthorizationServer, redirect_uri: str,
@@ -170,7 +170,8 @@ async def authorize_get(request: web.Request) -> web.StreamResponse:
     try:
         client, redirect_uri, named = await trusted_client(server, request.query)
     except UntrustedRequest as exc:
-        return error_page("This sign-in request is not valid", exc.message, error=exc.error)
+        return error_page(request, "This sign-in request is not valid", exc.message,
+                          error=exc.error)
     state = request.query.getone("state", None)
     try:
         scope, challenge = check_request(client, request.query)
@@ -185,35 +186,16 @@ async def authorize_get(request: web.Request) -> web.StreamResponse:
                "code_challenge": challenge, "username": user["username"]}
     await server.store.redis.set(_pending_key(server, request_id), json.dumps(pending),
                                  ex=PENDING_TTL)
-    response = consent_page(request, client, scope, redirect_uri, user["username"],
-                            request_id)
-    with_csrf_cookie(request, response)
-    return response
+    return consent_page(request, client, scope, redirect_uri, user["username"], request_id)
 
 
 def consent_page(request: web.Request, client: OAuthClient, scope: str, redirect_uri: str,
                  username: str, request_id: str) -> web.Response:
     """The consent screen: who asks, for what, and where the answer goes."""
-    items = "".join(
-        f"<li>{e(SCOPE_TEXT.get(s, f'Use the permission {s}.'))} "
-        f'<span class="muted">({e(s)})</span></li>' for s in scope.split())
-    if not items:
-        items = "<li>Know that you signed in. It asks for no access to your data.</li>"
-    host = urlsplit(redirect_uri).netloc
-    body = (
-        f"<h1>Allow {e(client.name)} to use your account?</h1>"
-        f'<p class="muted">Signed in as <strong>{e(username)}</strong></p>'
-        f"<p>The application <strong>{e(client.name)}</strong> "
-        f'<span class="muted">(client id {e(client.client_id)})</span> asks to:</p>'
-        f"<ul>{items}</ul>"
-        f'<p class="muted">Your answer is sent back to {e(host)}. Your administrator can '
-        f"end this access at any time.</p>"
-        f'<form method="post" action="/oauth/authorize">{csrf_field(request)}'
-        f'<input type="hidden" name="request_id" value="{e(request_id)}">'
-        f'<button type="submit" name="approve" value="1">Allow</button> '
-        f'<button type="submit" name="deny" value="1" class="secondary">Deny</button>'
-        f"</form>")
-    return page(f"Allow {client.name}?", body)
+    return render(request, "consent.html", {
+        "client_name": client.name, "client_id": client.client_id, "username": username,
+        "scopes": scope_lines(scope), "host": urlsplit(redirect_uri).netloc,
+        "request_id": request_id})
 
 
 async def authorize_post(request: web.Request) -> web.StreamResponse:
@@ -221,24 +203,25 @@ async def authorize_post(request: web.Request) -> web.StreamResponse:
     server = server_of(request)
     form = await request.post()
     if not check_csrf(request, form):
-        return forbidden_csrf()
+        return forbidden_csrf(request)
     user = await current_user(request)
     if user is None:
-        return error_page("You are signed out", "Your session ended before you decided.",
-                          status=401)
+        return error_page(request, "You are signed out",
+                          "Your session ended before you decided.", status=401)
     raw = await server.store.redis.getdel(
         _pending_key(server, str(form.get("request_id", ""))[:100]))
     if raw is None:
-        return error_page("This request expired", "The consent page was open too long "
-                          "or was already answered.", error="invalid_request")
+        return error_page(request, "This request expired", "The consent page was open too "
+                          "long or was already answered.", error="invalid_request")
     pending: dict[str, Any] = json.loads(raw)
     if pending["username"] != user["username"]:
-        return error_page("Request refused", "This request was made for another user.",
-                          error="access_denied", status=403)
+        return error_page(request, "Request refused",
+                          "This request was made for another user.", error="access_denied",
+                          status=403)
     client = await server.store.get_client(pending["client_id"])
     if client is None or client.disabled:
-        return error_page("This sign-in request is not valid", "The application was "
-                          "disabled or deleted.", error="unauthorized_client")
+        return error_page(request, "This sign-in request is not valid",
+                          "The application was disabled or deleted.", error="unauthorized_client")
     redirect_uri, state = pending["redirect_uri"], pending["state"]
     if "approve" not in form or "deny" in form:
         await server.store.audit("authorization.denied", client_id=client.client_id,

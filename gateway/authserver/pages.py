@@ -1,9 +1,11 @@
-"""Server-rendered pages: layout, CSRF, sessions, and the login page.
+"""Server-rendered pages: rendering, CSRF, sessions, and the login page.
 
-Plain HTML forms, for automation and assistive tools (CONTRACT.md fixes the field
+Plain HTML forms, for automation and assistive tools (docs/COMPATIBILITY.md keeps the field
 names: ``username`` and ``password`` on the login form, ``user_code`` on the device
 form, submit buttons ``approve`` and ``deny`` on the consent form).
 
+- Pages are Jinja2 templates (``templates/``: a layout and one file per page), rendered
+  with autoescaping on, so whatever a page shows reaches the browser as text.
 - Framing is refused (``frame-ancestors 'none'``, ``X-Frame-Options: DENY``) against
   clickjacking of the consent screen.
 - CSRF: double-submit token. A random ``gw_csrf`` cookie (``SameSite=Strict``) must
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import html
 import json
 import secrets
 import time
@@ -24,6 +25,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp_jinja2
+import jinja2
 from aiohttp import web
 
 from gateway.authserver.hashing import verify_secret
@@ -37,39 +40,35 @@ NEW_CSRF = web.RequestKey("gw_new_csrf", str)
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
        "frame-ancestors 'none'; base-uri 'none'")
 
-_STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;background:#f4f6fa;
-color:#1d2433;margin:0;display:flex;min-height:100vh;align-items:center;justify-content:center}
-main{background:#fff;border-radius:10px;box-shadow:0 2px 14px #0002;padding:2rem 2.2rem;
-width:min(26rem,92vw)}
-h1{font-size:1.35rem;margin:0 0 1rem}label{display:block;margin:.8rem 0 .3rem;font-weight:600}
-input[type=text],input[type=password]{width:100%;box-sizing:border-box;padding:.6rem;
-border:1px solid #b8c0cc;border-radius:6px;font-size:1rem}
-button,.button{margin-top:1.2rem;padding:.6rem 1.1rem;border:0;border-radius:6px;
-font-size:1rem;cursor:pointer;background:#1857d4;color:#fff;text-decoration:none;
-display:inline-block}
-button.secondary{background:#e6e9ef;color:#1d2433}.error{color:#b00020;font-weight:600}
-ul{padding-left:1.2rem}code{font-size:1.1rem;letter-spacing:.08em}.muted{color:#5b6475}
-"""
+#: the pages' Jinja2 environment, one per app (:func:`setup_templates`)
+PAGES_ENV = web.AppKey("gw_pages_env", jinja2.Environment)
+_SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Frame-Options": "DENY",
+                     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                     "Cache-Control": "no-store"}
 
 
-def e(value: object) -> str:
-    """HTML-escape anything shown on a page."""
-    return html.escape(str(value), quote=True)
+def setup_templates(app: web.Application) -> None:
+    """The Jinja2 environment of the pages (``templates/``), autoescaping every template:
+    whatever a page shows (client names, usernames, codes, messages) is escaped."""
+    aiohttp_jinja2.setup(
+        app, app_key=PAGES_ENV, default_helpers=False,
+        loader=jinja2.PackageLoader("gateway.authserver", "templates"),
+        autoescape=True, undefined=jinja2.StrictUndefined,
+        trim_blocks=True, lstrip_blocks=True)
 
 
-def page(title: str, body: str, *, status: int = 200,
-         headers: Mapping[str, str] | None = None) -> web.Response:
-    """A whole page with the security headers every page carries."""
-    doc = (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
-           f'<meta name="viewport" content="width=device-width,initial-scale=1">'
-           f"<title>{e(title)}</title><style>{_STYLE}</style></head>"
-           f"<body><main>{body}</main></body></html>")
-    return web.Response(
-        status=status, text=doc, content_type="text/html", charset="utf-8",
-        headers={"Content-Security-Policy": CSP, "X-Frame-Options": "DENY",
-                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-                 "Cache-Control": "no-store", **(headers or {})})
+def render(request: web.Request, template: str, context: Mapping[str, Any] | None = None,
+           *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    """A whole page with the security headers every page carries.
+
+    A form on the page calls ``csrf_token()``; the CSRF cookie is set when that made a
+    new token."""
+    response = aiohttp_jinja2.render_template(
+        template, request, {**(context or {}), "csrf_token": lambda: csrf_token(request)},
+        app_key=PAGES_ENV, status=status)
+    response.headers.update({**_SECURITY_HEADERS, **(headers or {})})
+    _set_csrf_cookie(request, response)
+    return response
 
 
 def _secure(server: AuthorizationServer) -> bool:
@@ -85,17 +84,12 @@ def csrf_token(request: web.Request) -> str:
     return token
 
 
-def with_csrf_cookie(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+def _set_csrf_cookie(request: web.Request, response: web.StreamResponse) -> None:
     """Set the CSRF cookie if :func:`csrf_token` had to make one for this response."""
     token = request.get(NEW_CSRF)
     if token:
         response.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="Strict",
                             secure=_secure(server_of(request)), path="/")
-    return response
-
-
-def csrf_field(request: web.Request) -> str:
-    return f'<input type="hidden" name="csrf_token" value="{e(csrf_token(request))}">'
 
 
 def check_csrf(request: web.Request, form: Mapping[str, Any]) -> bool:
@@ -104,10 +98,8 @@ def check_csrf(request: web.Request, form: Mapping[str, Any]) -> bool:
     return len(cookie) >= 20 and hmac.compare_digest(cookie.encode(), sent.encode())
 
 
-def forbidden_csrf() -> web.Response:
-    return page("Request refused", "<h1>Request refused</h1><p class=error>This form expired "
-                "or did not come from this site. Go back, reload the page and try again.</p>",
-                status=403)
+def forbidden_csrf(request: web.Request) -> web.Response:
+    return render(request, "csrf_refused.html", status=403)
 
 
 # -- sessions ------------------------------------------------------------------
@@ -149,27 +141,11 @@ def login_redirect(request: web.Request) -> web.HTTPSeeOther:
 
 def _login_form(request: web.Request, next_url: str, error: str = "",
                 username: str = "") -> web.Response:
-    server = server_of(request)
-    parts = ["<h1>Sign in</h1>"]
-    if error:
-        parts.append(f'<p class="error" role="alert">{e(error)}</p>')
-    if server.settings.as_local_login:
-        parts.append(
-            f'<form method="post" action="/oauth/login">{csrf_field(request)}'
-            f'<input type="hidden" name="next" value="{e(next_url)}">'
-            f'<label for="username">Username</label>'
-            f'<input type="text" id="username" name="username" autocomplete="username" '
-            f'value="{e(username)}" required autofocus>'
-            f'<label for="password">Password</label>'
-            f'<input type="password" id="password" name="password" '
-            f'autocomplete="current-password" required>'
-            f'<button type="submit" name="login" value="1">Sign in</button></form>')
-    if server.settings.sso_issuer:
-        parts.append(f'<p><a class="button" href="/oauth/sso/start?next={quote(next_url)}">'
-                     "Sign in with your company account</a></p>")
-    resp = page("Sign in", "".join(parts), status=401 if error else 200)
-    with_csrf_cookie(request, resp)
-    return resp
+    settings = server_of(request).settings
+    return render(request, "login.html", {
+        "next_url": next_url, "error": error, "username": username,
+        "local_login": settings.as_local_login, "sso": bool(settings.sso_issuer)},
+        status=401 if error else 200)
 
 
 async def login_get(request: web.Request) -> web.Response:
@@ -181,7 +157,7 @@ async def login_post(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     next_url = safe_next(str(form.get("next", "")))
     if not check_csrf(request, form):
-        return forbidden_csrf()
+        return forbidden_csrf(request)
     if not server.settings.as_local_login:
         return _login_form(request, next_url, "Local sign-in is turned off.")
     username = str(form.get("username", ""))[:128]
@@ -209,13 +185,13 @@ async def login_post(request: web.Request) -> web.StreamResponse:
 async def logout(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     if not check_csrf(request, form):
-        return forbidden_csrf()
+        return forbidden_csrf(request)
     server = server_of(request)
     token = request.cookies.get(SESSION_COOKIE)
     if token:
         await server.store.redis.delete(
             server.store.keys.as_session(server.store.digest(token)))
-    response = page("Signed out", "<h1>Signed out</h1><p>You can close this window.</p>")
+    response = render(request, "signed_out.html")
     response.del_cookie(SESSION_COOKIE, path="/")
     return response
 
@@ -224,12 +200,7 @@ async def account(request: web.Request) -> web.StreamResponse:
     user = await current_user(request)
     if user is None:
         raise login_redirect(request)
-    resp = page("Signed in", f"<h1>Signed in</h1><p>You are signed in as "
-                f"<strong>{e(user['username'])}</strong>.</p>"
-                f'<form method="post" action="/oauth/logout">{csrf_field(request)}'
-                '<button type="submit" class="secondary">Sign out</button></form>')
-    with_csrf_cookie(request, resp)
-    return resp
+    return render(request, "account.html", {"username": user["username"]})
 
 
 def add_routes(app: web.Application) -> None:

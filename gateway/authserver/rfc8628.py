@@ -37,7 +37,7 @@ from typing import Any, cast
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from gateway.authserver.authorize import SCOPE_TEXT
+from gateway.authserver.authorize import scope_lines
 from gateway.authserver.errors import (
     AccessDenied,
     AuthorizationPending,
@@ -58,13 +58,10 @@ from gateway.authserver.hashing import (
 from gateway.authserver.models import GRANT_DEVICE, OAuthClient, narrow_scope
 from gateway.authserver.pages import (
     check_csrf,
-    csrf_field,
     current_user,
-    e,
     forbidden_csrf,
     login_redirect,
-    page,
-    with_csrf_cookie,
+    render,
 )
 from gateway.authserver.rfc6749 import token_response
 from gateway.authserver.server import AuthorizationServer, server_of
@@ -243,19 +240,8 @@ async def _issue(server: AuthorizationServer, devices: DeviceAuthorizations,
 
 def _entry_page(request: web.Request, *, user_code: str = "", error: str = "",
                 status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    alert = f'<p class="error" role="alert">{e(error)}</p>' if error else ""
-    body = (
-        f"<h1>Connect a device</h1>{alert}"
-        "<p>Enter the code shown on your device or in your terminal.</p>"
-        f'<form method="post" action="/oauth/device">{csrf_field(request)}'
-        '<label for="user_code">Code</label>'
-        f'<input type="text" id="user_code" name="user_code" value="{e(user_code)}" '
-        'autocomplete="off" autocapitalize="characters" spellcheck="false" '
-        'maxlength="20" required autofocus>'
-        '<button type="submit" name="continue" value="1">Continue</button></form>')
-    response = page("Connect a device", body, status=status, headers=headers)
-    with_csrf_cookie(request, response)
-    return response
+    return render(request, "device_entry.html", {"user_code": user_code, "error": error},
+                  status=status, headers=headers)
 
 
 def _invalid_code(request: web.Request) -> web.Response:
@@ -273,31 +259,10 @@ def _consent_ref(store: AuthStore, digest: str) -> str:
 def _consent_page(request: web.Request, client: OAuthClient, record: dict[str, Any],
                   username: str, ref: str) -> web.Response:
     """Section 3.3.1 and 5.4: who asks, for what, and the code to compare."""
-    items = "".join(
-        f"<li>{e(SCOPE_TEXT.get(s, f'Use the permission {s}.'))} "
-        f'<span class="muted">({e(s)})</span></li>' for s in str(record["scope"]).split())
-    if not items:
-        items = "<li>Know that you signed in. It asks for no access to your data.</li>"
-    body = (
-        f"<h1>Allow {e(client.name)} on your device?</h1>"
-        f'<p class="muted">Signed in as <strong>{e(username)}</strong></p>'
-        f"<p>Check that your device shows <code>{e(record['user_code'])}</code>. "
-        "If it does not, or you did not start this, deny.</p>"
-        f"<p>The application <strong>{e(client.name)}</strong> "
-        f'<span class="muted">(client id {e(client.client_id)})</span> asks to:</p>'
-        f"<ul>{items}</ul>"
-        f'<form method="post" action="/oauth/device">{csrf_field(request)}'
-        f'<input type="hidden" name="user_code" value="{e(record["user_code"])}">'
-        f'<input type="hidden" name="device_ref" value="{e(ref)}">'
-        '<label for="device_name">Name this device (optional)</label>'
-        '<input type="text" id="device_name" name="device_name" maxlength="100" '
-        'placeholder="e.g. build server">'
-        '<button type="submit" name="approve" value="1">Allow</button> '
-        '<button type="submit" name="deny" value="1" class="secondary">Deny</button>'
-        "</form>")
-    response = page(f"Allow {client.name}?", body)
-    with_csrf_cookie(request, response)
-    return response
+    return render(request, "device_consent.html", {
+        "client_name": client.name, "client_id": client.client_id, "username": username,
+        "user_code": record["user_code"], "scopes": scope_lines(str(record["scope"])),
+        "device_ref": ref})
 
 
 async def _lookup(request: web.Request, server: AuthorizationServer, raw: str
@@ -341,7 +306,7 @@ async def device_post(request: web.Request) -> web.StreamResponse:
     server = server_of(request)
     form = await request.post()
     if not check_csrf(request, form):
-        return forbidden_csrf()
+        return forbidden_csrf(request)
     user = await current_user(request)
     if user is None:
         raise login_redirect(request)
@@ -372,11 +337,8 @@ async def device_post(request: web.Request) -> web.StreamResponse:
     server.metrics.device_flow.labels(outcome).inc()
     await server.store.audit(f"device.{outcome}", client_id=client.client_id,
                              user=user["username"], label=label, remote=peer)
-    title = "Device connected" if approved else "Request denied"
-    text = (f"{client.name} can now use your account from your device."
-            if approved else f"{client.name} was not given access.")
-    return page(title, f"<h1>{e(title)}</h1><p>{e(text)}</p>"
-                "<p>You may return to your device. You can close this window.</p>")
+    return render(request, "device_done.html",
+                  {"approved": approved, "client_name": client.name})
 
 
 def add_routes(app: web.Application) -> None:

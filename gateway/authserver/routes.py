@@ -17,6 +17,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/oauth/token", token_endpoint)
     app.router.add_post("/oauth/introspect", introspection_endpoint)
     app.router.add_post("/oauth/revoke", revocation_endpoint)
+    pages.setup_templates(app)
     pages.add_routes(app)
     authorize.add_routes(app)
     rfc8628.add_routes(app)

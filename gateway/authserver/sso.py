@@ -84,10 +84,9 @@ def _provider(request: web.Request) -> OpenIDProvider:
     return provider
 
 
-def _fail_page(err: SSOError) -> web.Response:
-    return pages.page("Sign-in failed", (
-        f'<h1>Sign-in failed</h1><p class="error" role="alert">{pages.e(err.message)}</p>'
-        '<p><a href="/oauth/login">Back to the sign-in page</a></p>'), status=err.status)
+def _fail_page(request: web.Request, err: SSOError) -> web.Response:
+    return pages.render(request, "sso_failed.html", {"message": err.message},
+                        status=err.status)
 
 
 async def _refuse(request: web.Request, err: SSOError) -> web.Response:
@@ -95,7 +94,7 @@ async def _refuse(request: web.Request, err: SSOError) -> web.Response:
     server.metrics.logins.labels("sso", err.outcome).inc()
     await server.store.audit("login.failed", method="sso", reason=err.outcome,
                              remote=request.remote or "?")
-    return _fail_page(err)
+    return _fail_page(request, err)
 
 
 def _state_key(request: web.Request, state: str) -> str:
