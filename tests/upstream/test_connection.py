@@ -12,6 +12,7 @@ from pytest_aiohttp import AiohttpServer
 
 from gateway.forward.upstream import UpstreamBroken
 from tests.upstream.peers import (
+    GUARD,
     PoolFactory,
     RawFactory,
     RawServer,
@@ -188,4 +189,31 @@ async def test_a_connection_closed_after_part_of_an_answer_is_not_retried(
     pool = make_pool()
     with pytest.raises(UpstreamBroken):
         await fetch(pool, server.url, "/1")
+    assert server.connections == 1
+
+
+async def test_a_response_let_go_late_leaves_its_connections_next_exchange_alone(
+        raw_server: RawFactory, make_pool: PoolFactory) -> None:
+    """An answer complete with its head gives its connection back at once, and the next
+    request may be sent on it before the first caller reads or releases its response.
+    Those late calls, to an exchange no longer current, leave the connection alone."""
+    async def serve(server: RawServer, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        while (head := await server.next_request(reader)) is not None:
+            if path_of(head) == "/slow":
+                await asyncio.sleep(0.1)
+                writer.write(echo_path(head))
+            else:
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await writer.drain()
+
+    server = await raw_server(serve)
+    pool = make_pool(limit=1)
+    first = await request(pool, server.url, "/empty")
+    second = asyncio.ensure_future(fetch(pool, server.url, "/slow"))
+    assert await eventually(lambda: len(server.heads) == 2)  # on the same connection
+    assert await first.read() == b""
+    first.release()
+    resp, body = await asyncio.wait_for(second, GUARD)
+    assert (resp.status, body) == (200, b"/slow")
     assert server.connections == 1

@@ -4,6 +4,7 @@ HTTP, or too large, or one too many, does to its request and its connection."""
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
@@ -18,7 +19,9 @@ from tests.upstream.peers import (
     echo_path,
     eventually,
     fetch,
+    header_of,
     keep_alive,
+    parts,
     path_of,
     read_until_error,
     request,
@@ -262,4 +265,50 @@ async def test_a_chunked_answer_with_trailers_arrives_whole_without_them(
         resp, body = await fetch(pool, server.url)
         assert body == b"abcde"
         assert ("X-Digest", "sha-256=x") not in resp.headers
+    assert server.connections == 1
+
+
+async def test_exchanges_leave_nothing_for_the_cycle_collector(
+        raw_server: RawFactory, make_pool: PoolFactory) -> None:
+    """A request's exchange, response and waiters are freed as soon as they are let go,
+    not left in reference cycles for the collector: the gateway makes them at its full
+    request rate."""
+    async def serve(server: RawServer, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        while (head := await server.next_request(reader)) is not None:
+            if header_of(head, "Transfer-Encoding") == "chunked":
+                await reader.readuntil(b"\r\n0\r\n\r\n")
+            else:
+                await reader.readexactly(int(header_of(head, "Content-Length") or 0))
+            if path_of(head) == "/empty":
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            elif head.startswith(b"HEAD "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+            elif path_of(head) == "/chunked":
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"3\r\nabc\r\n0\r\n\r\n")
+            else:
+                writer.write(echo_path(head))
+            await writer.drain()
+
+    server = await raw_server(serve)
+    pool = make_pool()
+    exchanges = [("GET", "/get", None, None), ("HEAD", "/head", None, None),
+                 ("GET", "/empty", None, None), ("GET", "/chunked", None, None),
+                 ("POST", "/length", b"abc", 3), ("POST", "/chunks", b"abc", None)]
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for method, target, body, length in exchanges * 3:
+            await fetch(pool, server.url, target, method,
+                        body=parts(body) if body else None, content_length=length)
+        gc.collect()
+        ours = [o for o in gc.garbage
+                if type(o).__module__.startswith("gateway.forward.upstream")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert ours == []
     assert server.connections == 1

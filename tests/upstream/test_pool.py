@@ -303,3 +303,17 @@ def test_requests_cancelled_at_every_step_leave_the_pool_count_true(loop: str) -
 
     with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
         runner.run(asyncio.wait_for(scenario(), 30))
+
+
+async def test_the_pool_says_in_one_line_what_it_holds(
+        raw_server: RawFactory, make_pool: PoolFactory) -> None:
+    server = await raw_server(keep_alive(echo_path))
+    pool = make_pool(limit=2)
+    assert repr(pool) == "<UpstreamPool 0 open, limit 2: 0 in use, 0 idle, 0 waiting>"
+    held = await request(pool, server.url, "/held")
+    await fetch(pool, server.url, "/done")
+    assert repr(pool) == (f"<UpstreamPool 2 open, limit 2: 1 in use, 1 idle ({server.url}=1),"
+                          " 0 waiting>")
+    held.release()
+    assert repr(make_pool(limit=0)) == (
+        "<UpstreamPool 0 open, no limit: 0 in use, 0 idle, 0 waiting>")

@@ -1,12 +1,14 @@
 """One TCP (or TLS) connection to an upstream, from its connect to its close.
 
-A connection owns its transport and the response parser for its byte stream, and points
-at the exchange it currently carries, if any. Everything it hears goes to that exchange:
-the bytes, the parser's events, the end of the stream, the transport's flow control. With
-no exchange current, bytes from the upstream are unsolicited and the connection is
-closed. What belongs to one request (its parse state, timers, waiters, the body being
-sent) lives in its :class:`~gateway.forward.upstream.exchange.Exchange`, made fresh for
-each request, so that nothing of one exchange is left over for the next.
+A connection owns its transport and the response parser of its byte stream, and points
+at the exchange it currently carries, if any. What it hears goes to that exchange: the
+bytes, each answer's head once parsed, the body, the end of the stream, the transport's
+flow control. With no exchange current, bytes from the upstream are unsolicited and the
+connection is closed. What belongs to one request (where its answer stands, its timer,
+its waiters, the body being sent) lives in its
+:class:`~gateway.forward.upstream.exchange.Exchange`, made fresh for each request, so
+that nothing of one exchange is left over for the next; the connection keeps only the
+message its parser is reading, reset as each message begins.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from gateway.forward.upstream.exchange import Exchange
     from gateway.forward.upstream.pool import UpstreamPool
 
+MAX_HEAD = 64 * 1024  # bytes of status line and headers accepted from an upstream
 UNSOLICITED = "The upstream sent data nobody asked for."
 
 
@@ -66,8 +69,9 @@ class Connection(asyncio.Protocol):
     ``pool`` is told when the connection closes (``_forget``) and when an exchange leaves
     it reusable (``_release``)."""
 
-    __slots__ = ("can_write", "exchange", "idle_since", "loop", "origin", "parser", "pool",
-                 "state", "transport")
+    __slots__ = ("can_write", "content_length", "exchange", "framed", "head_size", "headers",
+                 "idle_since", "loop", "origin", "parser", "pool", "reason", "state",
+                 "transport")
 
     def __init__(self, pool: UpstreamPool, origin: Origin, loop: asyncio.AbstractEventLoop
                  ) -> None:
@@ -80,6 +84,12 @@ class Connection(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.idle_since = 0.0
         self.can_write = True
+        # the message being read (its head goes to the exchange once complete)
+        self.head_size = 0  # bytes of its status line and headers
+        self.reason = ""
+        self.headers: list[tuple[str, str]] = []
+        self.content_length: int | None = None
+        self.framed = False  # the body has a length or chunks (else: ends at the close)
 
     def __repr__(self) -> str:
         return f"<Connection {self.origin.key} {self.state.value}>"
@@ -135,37 +145,68 @@ class Connection(asyncio.Protocol):
         if exchange is not None:
             exchange.writable()
 
-    # -- httptools callbacks: each goes to the exchange current when it comes ------------
-    # (after an answer complete with its head, its connection may be back in the pool
-    # before the rest of the same read is parsed: then there is none)
+    # -- httptools callbacks ---------------------------------------------------------------
+    # The parser is the connection's, bound to it once (a parser made for each request
+    # would cost more than the rest of the client's work on it), and so are its callbacks:
+    # they collect the message being read, reset as each begins, and hand its head to the
+    # exchange current then. With none current, an answer is unsolicited (after an answer
+    # complete with its head, the connection may be back in the pool before the rest of
+    # the same read is parsed).
 
     def on_message_begin(self) -> None:
         exchange = self.exchange
-        if exchange is None:
+        if exchange is None or exchange.answered:  # (or a second answer to one request)
             raise UpstreamBroken(UNSOLICITED)
-        exchange.on_message_begin()
+        self.head_size = 0
+        self.headers = []
+        self.content_length = None
+        self.framed = False
+        self.reason = ""
 
     def on_status(self, status: bytes) -> None:
-        exchange = self.exchange
-        if exchange is not None:
-            exchange.on_status(status)
+        self.head_size += len(status)
+        self.reason += status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         exchange = self.exchange
-        if exchange is not None:
-            exchange.on_header(name, value)
+        if exchange is None or exchange.answered:
+            return  # a trailer field, after the body: not relayed (the head has gone)
+        # a head that arrived whole in one read is bounded here (the exchange bounds one
+        # still arriving)
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > MAX_HEAD:
+            raise UpstreamBroken("The upstream sent too large a header.")
+        key = name.decode("latin-1")
+        text = value.decode("utf-8", "surrogateescape")
+        self.headers.append((key, text))
+        if len(key) == 14 and key.lower() == "content-length":
+            try:
+                self.content_length = int(text)
+            except ValueError:
+                raise UpstreamBroken("The upstream sent an invalid Content-Length.") from None
+            self.framed = True
+        elif len(key) == 17 and key.lower() == "transfer-encoding":
+            # chunked frames the body only as the final coding; any other final coding
+            # leaves it delimited by the connection's close (RFC 9112 6.3)
+            final = text.rsplit(",", 1)[-1].strip().lower()
+            self.framed = self.content_length is not None or final == "chunked"
 
     def on_headers_complete(self) -> None:
         exchange = self.exchange
         if exchange is not None:
             parser = self.parser
-            exchange.on_headers_complete(parser.get_status_code(), parser.should_keep_alive())
+            exchange.on_head(parser.get_status_code(), self.reason, self.headers,
+                             self.content_length, self.framed, parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
         exchange = self.exchange
-        if exchange is None:  # bytes past an answer to HEAD, as the old parser saw them
-            raise UpstreamBroken(UNSOLICITED)
-        exchange.on_body(body)
+        if exchange is None:
+            # the body an answer to HEAD announced, read by the parser it had (replaced for
+            # the next answer) from the rest of the same read: dropped
+            return
+        response = exchange.response
+        if response is not None:
+            response._feed(body)
 
     def on_message_complete(self) -> None:
         exchange = self.exchange

@@ -1,11 +1,13 @@
 """One request and its response on one connection: an :class:`Exchange`.
 
 An exchange is made for each request (each attempt, when one is sent again) and holds
-everything that belongs to it alone: the parse state of the answer, the future its caller
-waits on for the head, the response it hands out, the read timer, the task sending the
-request body. Its connection points at it while it is current; once the answer was read
-to its end the connection is given back without it, or closed. Nothing has to be reset
-for the next request: the next request has an exchange of its own.
+everything that belongs to it alone: where its answer stands (interim answers, whether
+the final head came, how it is framed, whether the connection may be kept), the future
+its caller waits on for the head, the response it hands out, the read timer, the task
+sending the request body and its waiter. Its connection points at it while it is
+current; once the answer was read to its end the connection is given back without it,
+or closed. Nothing is reset for the next request: the next request has an exchange of
+its own.
 
 An exchange that is no longer current can still be called: by its response (read to its
 end, released late), by its timer or its body sender. Those calls change nothing on the
@@ -19,7 +21,7 @@ from collections.abc import AsyncIterable
 
 import httptools
 
-from gateway.forward.upstream.connection import ACTIVE, CLOSED, Connection
+from gateway.forward.upstream.connection import ACTIVE, CLOSED, MAX_HEAD, Connection
 from gateway.forward.upstream.errors import (
     BodyFailed,
     UpstreamBroken,
@@ -29,7 +31,6 @@ from gateway.forward.upstream.errors import (
 )
 from gateway.forward.upstream.response import UpstreamResponse
 
-MAX_HEAD = 64 * 1024  # bytes of status line and headers accepted from an upstream
 MAX_INTERIM = 16  # 1xx responses accepted before the final one
 
 
@@ -37,10 +38,9 @@ class Exchange:
     """One request sent on ``conn`` and the answer to it, read with a silence timeout of
     ``timeout`` seconds (0: none). Made current on ``conn`` as it is created."""
 
-    __slots__ = ("answered", "awaiting_body", "body_sent", "conn", "content_length",
-                 "drained", "framed", "head", "head_bytes", "head_only", "head_size",
-                 "headers", "heard", "interim", "keep_alive", "loop", "reason", "response",
-                 "sender", "timeout", "timer")
+    __slots__ = ("answered", "awaiting_body", "body_sent", "conn", "drained", "framed", "head",
+                 "head_bytes", "head_only", "heard", "interim", "keep_alive", "loop",
+                 "response", "sender", "timeout", "timer")
 
     def __init__(self, conn: Connection, head_only: bool, timeout: float) -> None:
         self.conn = conn
@@ -50,15 +50,11 @@ class Exchange:
         # the caller waits on this for the response's head; None once settled
         self.head: asyncio.Future[UpstreamResponse] | None = loop.create_future()
         self.response: UpstreamResponse | None = None  # until the answer was read whole
-        # the answer's parse state
-        self.answered = False  # the final (non-1xx) head has come
+        # the answer so far
+        self.answered = False  # its final (non-1xx) head has come
         self.head_bytes = 0  # bytes received while no final head was complete
-        self.head_size = 0  # bytes of the current message's status line and headers
-        self.interim = 0  # 1xx responses so far
-        self.reason = ""
-        self.headers: list[tuple[str, str]] = []
-        self.content_length: int | None = None
-        self.framed = False  # the body has a length or chunks (else: ends at the close)
+        self.interim = 0  # 1xx responses before it
+        self.framed = False  # its body has a length or chunks (else: ends at the close)
         self.keep_alive = False
         # the silence timer
         self.heard = 0.0
@@ -138,53 +134,20 @@ class Exchange:
         if drained is not None and not drained.done():
             drained.set_result(None)
 
-    # -- the parser's events ---------------------------------------------------------------
+    # -- the answer, as the connection's parser reads it --------------------------------
 
-    def on_message_begin(self) -> None:
-        if self.answered:  # a second answer to one request: the stream is out of step
-            raise UpstreamBroken("The upstream sent data nobody asked for.")
-        self.head_size = 0
-        self.headers = []
-        self.content_length = None
-        self.framed = False
-        self.reason = ""
-
-    def on_status(self, status: bytes) -> None:
-        self.head_size += len(status)
-        self.reason += status.decode("latin-1")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.answered:
-            return  # a trailer field, after the body: not relayed (the head has gone)
-        # a head that arrived whole in one read is bounded here (feed bounds one still
-        # arriving)
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size > MAX_HEAD:
-            raise UpstreamBroken("The upstream sent too large a header.")
-        key = name.decode("latin-1")
-        text = value.decode("utf-8", "surrogateescape")
-        self.headers.append((key, text))
-        if len(key) == 14 and key.lower() == "content-length":
-            try:
-                self.content_length = int(text)
-            except ValueError:
-                raise UpstreamBroken("The upstream sent an invalid Content-Length.") from None
-            self.framed = True
-        elif len(key) == 17 and key.lower() == "transfer-encoding":
-            # chunked frames the body only as the final coding; any other final coding
-            # leaves it delimited by the connection's close (RFC 9112 6.3)
-            final = text.rsplit(",", 1)[-1].strip().lower()
-            self.framed = self.content_length is not None or final == "chunked"
-
-    def on_headers_complete(self, status: int, keep_alive: bool) -> None:
+    def on_head(self, status: int, reason: str, headers: list[tuple[str, str]],
+                content_length: int | None, framed: bool, keep_alive: bool) -> None:
+        """A head is complete: an interim one, or the answer's."""
         if 100 <= status < 200:
             if status == 101:
                 raise UpstreamBroken("The upstream switched protocols, which is not relayed.")
             return  # interim: its message completes next, and the final one follows
         self.answered = True
+        self.framed = framed
         self.keep_alive = keep_alive
-        response = self.response = UpstreamResponse(self, status, self.reason, self.headers,
-                                                    self.content_length)
+        response = self.response = UpstreamResponse(self, status, reason, headers,
+                                                    content_length)
         head = self.head
         self.head = None
         if self.head_only or status in (204, 304):
@@ -193,11 +156,6 @@ class Exchange:
             response._finish()  # (which may give the connection back at once)
         if head is not None and not head.done():
             head.set_result(response)
-
-    def on_body(self, body: bytes) -> None:
-        response = self.response
-        if response is not None:
-            response._feed(body)
 
     def on_message_complete(self) -> None:
         if not self.answered:  # an interim response ended
