@@ -146,10 +146,10 @@ class Connection(asyncio.Protocol):
             exchange.writable()
 
     # -- httptools callbacks ---------------------------------------------------------------
-    # The parser is the connection's, bound to it once (a parser made for each request
-    # would cost more than the rest of the client's work on it), and so are its callbacks:
-    # they collect the message being read, reset as each begins, and hand its head to the
-    # exchange current then. With none current, an answer is unsolicited (after an answer
+    # The parser is the connection's, bound to it once (making one for each request would
+    # put a costly allocation on the hot path), and so are its callbacks: they collect the
+    # message being read, reset as each begins, and hand its head to the exchange current
+    # then. With none current, an answer is unsolicited (after an answer
     # complete with its head, the connection may be back in the pool before the rest of
     # the same read is parsed).
 
