@@ -33,10 +33,10 @@ from gateway.authserver.errors import AccessDenied, InvalidGrant, InvalidRequest
 from gateway.authserver.hashing import new_token
 from gateway.authserver.models import GRANT_CODE, OAuthClient, narrow_scope
 from gateway.authserver.pages import (
-    check_csrf,
     current_user,
     forbidden_csrf,
     login_redirect,
+    posted_form,
     render,
 )
 from gateway.authserver.server import AuthorizationServer, server_of
@@ -201,8 +201,8 @@ def consent_page(request: web.Request, client: OAuthClient, scope: str, redirect
 async def authorize_post(request: web.Request) -> web.StreamResponse:
     """The user's decision (section 4.1.2): a code, or ``access_denied``."""
     server = server_of(request)
-    form = await request.post()
-    if not check_csrf(request, form):
+    form = await posted_form(request)
+    if form is None:
         return forbidden_csrf(request)
     user = await current_user(request)
     if user is None:

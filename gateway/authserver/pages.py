@@ -102,6 +102,14 @@ def forbidden_csrf(request: web.Request) -> web.Response:
     return render(request, "csrf_refused.html", status=403)
 
 
+async def posted_form(request: web.Request
+                      ) -> Mapping[str, Any] | None:
+    """The form a page posted, or None when its CSRF token does not match the cookie's
+    (answer that with :func:`forbidden_csrf`)."""
+    form = await request.post()
+    return form if check_csrf(request, form) else None
+
+
 # -- sessions ------------------------------------------------------------------
 
 async def current_user(request: web.Request) -> dict[str, Any] | None:
@@ -154,10 +162,10 @@ async def login_get(request: web.Request) -> web.Response:
 
 async def login_post(request: web.Request) -> web.StreamResponse:
     server = server_of(request)
-    form = await request.post()
-    next_url = safe_next(str(form.get("next", "")))
-    if not check_csrf(request, form):
+    form = await posted_form(request)
+    if form is None:
         return forbidden_csrf(request)
+    next_url = safe_next(str(form.get("next", "")))
     if not server.settings.as_local_login:
         return _login_form(request, next_url, "Local sign-in is turned off.")
     username = str(form.get("username", ""))[:128]
@@ -183,8 +191,7 @@ async def login_post(request: web.Request) -> web.StreamResponse:
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
-    form = await request.post()
-    if not check_csrf(request, form):
+    if await posted_form(request) is None:
         return forbidden_csrf(request)
     server = server_of(request)
     token = request.cookies.get(SESSION_COOKIE)

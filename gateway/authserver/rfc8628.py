@@ -57,10 +57,10 @@ from gateway.authserver.hashing import (
 )
 from gateway.authserver.models import GRANT_DEVICE, OAuthClient, narrow_scope
 from gateway.authserver.pages import (
-    check_csrf,
     current_user,
     forbidden_csrf,
     login_redirect,
+    posted_form,
     render,
 )
 from gateway.authserver.rfc6749 import token_response
@@ -304,8 +304,8 @@ async def device_get(request: web.Request) -> web.StreamResponse:
 async def device_post(request: web.Request) -> web.StreamResponse:
     """The code entered (shows the consent page), or the user's decision on it."""
     server = server_of(request)
-    form = await request.post()
-    if not check_csrf(request, form):
+    form = await posted_form(request)
+    if form is None:
         return forbidden_csrf(request)
     user = await current_user(request)
     if user is None:

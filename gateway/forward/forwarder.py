@@ -14,12 +14,12 @@
   (the upstream's own ``timeout`` when its policy sets one) answers 504 before its
   headers, with JSON bodies, and breaks the stream after. The one retry is the upstream
   client's: an idempotent request without a body whose pooled connection closed before
-  any answer (:mod:`gateway.upstream`).
+  any answer (:mod:`gateway.forward.upstream`).
 
 Every request passes here, so per-request work is kept to what the request needs: the
 upstream's origin, path prefix and ``Host`` are worked out once, the header sets are
 only copied when a ``Connection`` header names more to drop, and the upstream client
-(:mod:`gateway.upstream`) is a lean one of our own rather than aiohttp's.
+(:mod:`gateway.forward.upstream`) is a lean one of our own rather than aiohttp's.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ class _CappedBody:
 
 
 class UpstreamForwarder:
-    """Forwards allowed requests over the app's :class:`~gateway.upstream.UpstreamPool`."""
+    """Forwards allowed requests over the app's :class:`~gateway.forward.upstream.UpstreamPool`."""
 
     def __init__(self, pool: UpstreamPool, *, upstream_timeout: float, max_body_size: int,
                  trusted_proxies: int = 0, client_body_timeout: float = 60.0) -> None:
