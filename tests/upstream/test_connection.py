@@ -10,7 +10,9 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from gateway.forward.upstream import UpstreamBroken
+from gateway.forward.upstream import UpstreamBroken, UpstreamDisconnected
+from gateway.forward.upstream.connection import CLOSED
+from gateway.forward.upstream.exchange import Exchange
 from tests.upstream.peers import (
     GUARD,
     PoolFactory,
@@ -217,3 +219,25 @@ async def test_a_response_let_go_late_leaves_its_connections_next_exchange_alone
     resp, body = await asyncio.wait_for(second, GUARD)
     assert (resp.status, body) == (200, b"/slow")
     assert server.connections == 1
+
+
+async def test_a_fresh_connection_closed_before_its_request_fails_at_once(
+        raw_server: RawFactory, make_pool: PoolFactory) -> None:
+    """An upstream that closes a connection just as it is made (one at its connection
+    limit does) must not leave the request waiting out its read timeout: nothing was sent,
+    so it is refused at once as a disconnection, which the pool may retry."""
+    async def serve(server: RawServer, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await raw_server(serve)
+    pool = make_pool()
+    conn = await pool._connect(pool.origin(server.url))
+    assert await eventually(lambda: conn.state is CLOSED)  # its close came first
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(UpstreamDisconnected):
+        async with asyncio.timeout(GUARD):
+            await Exchange(conn, False, 30.0).run(
+                b"GET / HTTP/1.1\r\nHost: upstream.test\r\n\r\n", None, None)
+    assert asyncio.get_running_loop().time() - started < 1.0
+    assert await eventually(lambda: pool.open_connections == 0)

@@ -81,6 +81,16 @@ class Exchange:
         conn = self.conn
         transport = conn.transport
         assert transport is not None
+        if conn.state is CLOSED:
+            # the upstream closed the connection before the request could start on it
+            # (its close may even have been heard already): nothing was sent, so say so
+            # now, as a disconnection the pool may retry, rather than after the timeout
+            self.head = None
+            future.cancel()
+            if conn.exchange is self:
+                conn.exchange = None
+            conn.close()
+            raise UpstreamDisconnected("The upstream closed the connection before the request.")
         transport.write(head)
         self._arm()
         if body is not None:
