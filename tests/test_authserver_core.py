@@ -187,8 +187,12 @@ async def test_token_endpoint_errors(make_auth_gateway: AuthGatewayFactory) -> N
     h = await make_auth_gateway()
     resp = await h.client.post("/oauth/token", data={"grant_type": "password"})
     assert (resp.status, (await resp.json())["error"]) == (400, "unsupported_grant_type")
-    resp = await h.client.post("/oauth/token", json={"grant_type": "refresh_token"})
+    resp = await h.client.post("/oauth/token", data=b"grant_type=refresh_token",
+                               headers={"Content-Type": "text/plain"})
     assert (resp.status, (await resp.json())["error"]) == (400, "invalid_request")
+    # JSON is taken, as Anaplan's token endpoint takes it: then the client is missing
+    resp = await h.client.post("/oauth/token", json={"grant_type": "refresh_token"})
+    assert (resp.status, (await resp.json())["error"]) == (401, "invalid_client")
     resp = await h.client.post("/oauth/token", data={"grant_type": "refresh_token",
                                                      "refresh_token": "x", "client_id": "nope"})
     assert resp.status == 401

@@ -132,7 +132,7 @@ class TokenIssuer:
         await self.store.mark_grant_revoked(grant_id, reason)
         members = await self.store.grant_tokens(grant_id)
         await self.store.delete_tokens(members)
-        await self._purge_gateway_cache([
+        await self.purge_gateway_cache([
             digest for kind, digest in map(Keys.parse_grant_token_member, members)
             if kind == "at"])
         self.metrics.grants_revoked.labels(reason).inc()
@@ -140,7 +140,8 @@ class TokenIssuer:
                                user=grant.username, reason=reason, actor=actor)
         return True
 
-    async def _purge_gateway_cache(self, digests: list[str]) -> None:
+    async def purge_gateway_cache(self, digests: list[str]) -> None:
+        """Pin these access tokens inactive in the gateway's cache, and tell every replica."""
         if not digests:
             return
         keys = self.store.keys
@@ -176,7 +177,7 @@ class TokenIssuer:
                                     actor=client.client_id)
         else:
             await self.store.delete_tokens([Keys.grant_token_member("at", digest)])
-            await self._purge_gateway_cache([digest])
+            await self.purge_gateway_cache([digest])
 
     async def introspect(self, token: str, *, hint: str | None = None) -> dict[str, Any]:
         """RFC 7662 section 2.2; ``{"active": false}`` and nothing more when not active."""

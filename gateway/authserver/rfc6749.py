@@ -44,7 +44,7 @@ def token_response(body: dict[str, Any]) -> web.Response:
 async def token_endpoint(request: web.Request) -> web.Response:
     server = server_of(request)
     try:
-        form = await server.read_form(request)
+        form = await server.read_form(request, json_body=True)
         grant_type = form.get("grant_type", "")
         handler = server.grants.get(grant_type)
         if handler is None:

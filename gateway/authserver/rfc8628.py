@@ -145,7 +145,7 @@ async def device_authorization_endpoint(request: web.Request) -> web.Response:
     ``scope``; section 3.2: the answer, JSON."""
     server = server_of(request)
     try:
-        form = await server.read_form(request)
+        form = await server.read_form(request, json_body=True)
         client = await server.authenticate_client(request, form)
         if client.grant_type != GRANT_DEVICE:
             raise UnauthorizedClient("This client may use the authorization_code flow only.")
@@ -344,5 +344,7 @@ async def device_post(request: web.Request) -> web.StreamResponse:
 def add_routes(app: web.Application) -> None:
     """Register this module's endpoints."""
     app.router.add_post("/oauth/device_authorization", device_authorization_endpoint)
+    # the same endpoint where Anaplan's own service has it
+    app.router.add_post("/oauth/device/code", device_authorization_endpoint)
     app.router.add_get("/oauth/device", device_get)
     app.router.add_post("/oauth/device", device_post)
