@@ -12,7 +12,8 @@ Refresh tokens follow the client's :class:`~.models.TokenPolicy`:
 - *non-rotatable*: the same refresh token is returned until it expires.
 
 Either way a grant ends at ``grant_max_lifetime`` after its creation, or after
-``idle_timeout`` without use.
+``idle_timeout`` without use (a refresh; :meth:`~.models.Grant.ends_at`), and with it
+every token of it: the gateway's validator checks the grant as introspection does.
 """
 
 from __future__ import annotations
@@ -120,6 +121,14 @@ class TokenIssuer:
         await self.store.touch_grant(grant.grant_id)
         body = await self.issue(client, grant, scope=scope, grant_type=GRANT_REFRESH,
                                 refresh=rotatable)
+        after = await self.store.get_grant(grant.grant_id)
+        if after is None or not after.alive(client.policy):
+            # The grant ended while these tokens were made: a revocation that listed the
+            # grant's tokens before they were indexed missed them. Re-read after writing,
+            # so one of the two always sees the other (the revocation marks the grant
+            # before listing its tokens); end them as the revocation ended the others.
+            await self._end_tokens(grant.grant_id)
+            raise InvalidGrant("The grant behind this refresh token has ended.")
         if not rotatable:
             body["refresh_token"] = refresh_token
         return body
@@ -130,15 +139,21 @@ class TokenIssuer:
         if grant is None:
             return False
         await self.store.mark_grant_revoked(grant_id, reason)
+        await self._end_tokens(grant_id)
+        self.metrics.grants_revoked.labels(reason).inc()
+        await self.store.audit("grant.revoked", grant_id=grant_id, client_id=grant.client_id,
+                               user=grant.username, reason=reason, actor=actor)
+        return True
+
+    async def _end_tokens(self, grant_id: str) -> None:
+        """Delete every token indexed under a grant and purge its access tokens from
+        every gateway cache. Called after the grant is marked revoked: a token indexed
+        later is the refresh's to end (:meth:`refresh`)."""
         members = await self.store.grant_tokens(grant_id)
         await self.store.delete_tokens(members)
         await self.purge_gateway_cache([
             digest for kind, digest in map(Keys.parse_grant_token_member, members)
             if kind == "at"])
-        self.metrics.grants_revoked.labels(reason).inc()
-        await self.store.audit("grant.revoked", grant_id=grant_id, client_id=grant.client_id,
-                               user=grant.username, reason=reason, actor=actor)
-        return True
 
     async def purge_gateway_cache(self, digests: list[str]) -> None:
         """Pin these access tokens inactive in the gateway's cache, and tell every replica."""
@@ -184,8 +199,12 @@ class TokenIssuer:
         found = await self._find(token, hint)
         if found is None:
             return {"active": False}
-        kind, _, record = found
+        kind, digest, record = found
         if int(record.get("exp", 0)) <= time.time():
+            return {"active": False}
+        if kind == "rt" and record.get("mode", ROTATABLE) == ROTATABLE \
+                and await self.store.refresh_spent(digest):
+            # used once already: kept only to detect its replay, no longer a token
             return {"active": False}
         client = await self.store.get_client(record["client_id"])
         if client is None or client.disabled:

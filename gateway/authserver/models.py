@@ -198,12 +198,23 @@ class Grant:
             revoked_reason=data.get("revoked_reason", ""),
         )
 
+    def ends_at(self, policy: TokenPolicy) -> float:
+        """When the grant ends unless it is used again: at its maximum lifetime, or
+        ``idle_timeout`` after its last use, whichever comes first (``inf``: neither).
+
+        A use is a token exchange: the grant's creation, then each refresh. Presenting an
+        access token (to the gateway, or to the introspection endpoint) is no use: the
+        idle clock measures how long the client has not come back for tokens."""
+        end = float(self.expires_at) if self.expires_at else float("inf")
+        if policy.idle_timeout and self.last_used_at:
+            end = min(end, float(self.last_used_at + policy.idle_timeout))
+        return end
+
     def alive(self, policy: TokenPolicy, now: float | None = None) -> bool:
+        """Not revoked, and before :meth:`ends_at`: what every token of it needs to be
+        active, at the gateway and at the introspection endpoint alike."""
         now = time.time() if now is None else now
-        if self.revoked or (self.expires_at and now >= self.expires_at):
-            return False
-        return not (policy.idle_timeout and self.last_used_at
-                    and now - self.last_used_at > policy.idle_timeout)
+        return not self.revoked and now < self.ends_at(policy)
 
 
 def narrow_scope(requested: str | None, allowed: tuple[str, ...]) -> str:

@@ -105,6 +105,16 @@ class AuthStore:
         data = cast(dict[str, str], await self.redis.hgetall(self.keys.as_grant(grant_id)))
         return Grant.from_fields(data)
 
+    async def grant_and_client(self, grant_id: str, client_id: str
+                               ) -> tuple[Grant | None, OAuthClient | None]:
+        """A grant and its client (whose policy times the grant), in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.as_grant(grant_id))
+            pipe.hgetall(self.client_key(client_id))
+            grant, client = await pipe.execute()
+        return (Grant.from_fields(cast(dict[str, str], grant)),
+                OAuthClient.from_fields(client_id, cast(dict[str, str], client), self.defaults))
+
     async def touch_grant(self, grant_id: str) -> None:
         await self.redis.hset(self.keys.as_grant(grant_id), "last_used_at",
                               str(int(time.time())))
@@ -159,6 +169,10 @@ class AuthStore:
         """Mark a rotatable refresh token used; False if it was already (a replay)."""
         return bool(await self.redis.set(self.keys.as_rt_spent(digest), "1", nx=True,
                                          ex=max(1, ttl)))
+
+    async def refresh_spent(self, digest: str) -> bool:
+        """Whether a rotatable refresh token was used already (:meth:`spend_refresh`)."""
+        return bool(await self.redis.exists(self.keys.as_rt_spent(digest)))
 
     # -- authorization codes ---------------------------------------------------
 

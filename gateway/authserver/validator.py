@@ -1,8 +1,17 @@
 """The gateway's validator for the built-in server's tokens: in-process, no HTTP hop.
 
-Reads the access-token record by digest; revocation deletes the record, and the
-client's disable flag is the gateway's own governance, so the answer is the same as
-at the introspection endpoint.
+Its answer is the introspection endpoint's (:meth:`~.issuance.TokenIssuer.introspect`):
+an access token is active while its record lives (revoking deletes it), before its
+``exp``, and while its grant is alive: not revoked, not idle past the client's
+``idle_timeout``, not past its maximum lifetime. The grant is read on every validation,
+so a grant that ends ends every token of it, even one whose record a revocation racing
+a refresh missed. The client's disable flag is the gateway's own governance, checked on
+every request.
+
+The gateway caches an active answer until its ``exp``; that ``exp`` is the token's or
+the moment its grant would end (idle deadline, maximum lifetime), whichever comes first,
+so no cached answer outlives the grant. A refresh moves the idle deadline later: past
+the earlier one, the gateway asks again and learns the new one.
 """
 
 from __future__ import annotations
@@ -25,10 +34,16 @@ class BuiltinValidator:
         record = await self.store.get_token("at", self.store.digest(token))
         if record is None or float(record.get("exp", 0)) <= time.time():
             return TokenInfo.inactive()
+        grant, client = await self.store.grant_and_client(
+            str(record.get("grant_id", "")), str(record.get("client_id", "")))
+        now = time.time()
+        if grant is None or client is None or not grant.alive(client.policy, now):
+            return TokenInfo.inactive()
         return TokenInfo(
             active=True, client_id=record.get("client_id"),
             scopes=frozenset(str(record.get("scope", "")).split()),
-            exp=float(record["exp"]), sub=record.get("sub"), username=record.get("username"))
+            exp=min(float(record["exp"]), grant.ends_at(client.policy)),
+            sub=record.get("sub"), username=record.get("username"))
 
     async def close(self) -> None:
         """Nothing of its own to release."""
