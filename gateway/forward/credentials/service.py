@@ -66,7 +66,7 @@ class IdentityTokens:
         self.shared = shared
         self.metrics = metrics
         self._current: Shared | None = None
-        self._busy: asyncio.Future[Shared] | None = None
+        self._busy: asyncio.Task[Shared] | None = None
         self._expiry = metrics.credential_expiry.labels(name)
 
     def _count(self, outcome: str) -> None:
@@ -92,21 +92,19 @@ class IdentityTokens:
         await self._renew(stale=stale)
 
     async def _renew(self, stale: str | None) -> Shared:
-        # one renewal at a time in this replica; the others wait for its outcome
-        if self._busy is not None:
-            return await asyncio.shield(self._busy)
-        future: asyncio.Future[Shared] = asyncio.get_running_loop().create_future()
-        self._busy = future
-        try:
-            result = await self._obtain(stale)
-            future.set_result(result)
-            return result
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it
-            raise
-        finally:
-            self._busy = None
+        # one renewal at a time in this replica, as a task of its own: the requests
+        # waiting for it share its outcome, and a client that leaves (its handler
+        # cancelled) neither cancels it nor leaves the fleet's lock held
+        task = self._busy
+        if task is None:
+            task = self._busy = asyncio.create_task(self._obtain(stale))
+            task.add_done_callback(self._done)
+        return await asyncio.shield(task)
+
+    def _done(self, task: asyncio.Task[Shared]) -> None:
+        self._busy = None
+        if not task.cancelled():
+            task.exception()  # retrieved here: the waiters re-raise it
 
     async def _obtain(self, stale: str | None) -> Shared:
         now = time.time()
