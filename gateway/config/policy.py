@@ -6,8 +6,18 @@ Format (the keys docs/COMPATIBILITY.md promises to keep accepting)::
       api: https://api.anaplan.com          # name -> base URL, or a mapping (below)
       audit:
         url: https://audit.anaplan.com
-        credentials: forward                 # forward | strip | replace
+        credentials: forward                 # forward | strip | replace | service
         scheme: AnaplanAuthToken             # scheme the token is forwarded in
+      admin:
+        url: https://api.anaplan.com
+        credentials: service                 # the gateway's own Anaplan sign-in
+        identity: integration
+    identities:                              # who the gateway signs in to Anaplan as
+      integration:
+        kind: anaplan-certificate            # or anaplan-basic (username_env, password_env)
+        auth_url: https://auth.anaplan.com
+        certificate_file: /etc/oauth-gateway/anaplan-cert.pem
+        private_key_file: /etc/oauth-gateway/anaplan-key.pem
     routes:                                  # first match in file order wins
       - name: integration-read
         upstream: api
@@ -16,7 +26,7 @@ Format (the keys docs/COMPATIBILITY.md promises to keep accepting)::
         scopes: [anaplan:read]               # every one is required
 
 Several files are read in name order; their routes are concatenated in that order,
-and an upstream may be defined once only.
+and an upstream or an identity may be defined once only.
 """
 
 from __future__ import annotations
@@ -37,10 +47,34 @@ HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _NAME = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"}
 _SCOPE = {"type": "string", "pattern": r"^[\x21\x23-\x5B\x5D-\x7E]+$"}  # RFC 6749 3.3
 
+CREDENTIAL_MODES = ["forward", "strip", "replace", "service"]
+IDENTITY_KINDS = ["anaplan-certificate", "anaplan-basic"]
+#: the keys each identity kind requires
+IDENTITY_KEYS = {"anaplan-certificate": ("certificate_file", "private_key_file"),
+                 "anaplan-basic": ("username_env", "password_env")}
+_TEXT = {"type": "string", "minLength": 1}
+
 POLICY_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
+        "identities": {
+            "type": "object",
+            "propertyNames": _NAME,
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["kind"],
+                "properties": {
+                    "kind": {"enum": IDENTITY_KINDS},
+                    "auth_url": {"type": "string", "pattern": "^https?://"},
+                    "certificate_file": _TEXT,
+                    "private_key_file": _TEXT,
+                    "username_env": _TEXT,
+                    "password_env": _TEXT,
+                },
+            },
+        },
         "upstreams": {
             "type": "object",
             "propertyNames": _NAME,
@@ -53,7 +87,8 @@ POLICY_SCHEMA: dict[str, Any] = {
                         "required": ["url"],
                         "properties": {
                             "url": {"type": "string", "pattern": "^https?://"},
-                            "credentials": {"enum": ["forward", "strip", "replace"]},
+                            "credentials": {"enum": CREDENTIAL_MODES},
+                            "identity": _NAME,
                             "scheme": {"enum": ["Bearer", "AnaplanAuthToken"]},
                             "replace_header": {"type": "string", "minLength": 1},
                             "replace_value_env": {"type": "string", "minLength": 1},
@@ -92,6 +127,23 @@ class PolicyError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class Identity:
+    """Who the gateway signs in to Anaplan as, for upstreams with ``credentials: service``.
+
+    ``anaplan-certificate`` reads ``certificate_file`` and ``private_key_file``;
+    ``anaplan-basic`` reads the user and password from the environment variables
+    ``username_env`` and ``password_env``."""
+
+    name: str
+    kind: str
+    auth_url: str = "https://auth.anaplan.com"
+    certificate_file: str = ""
+    private_key_file: str = ""
+    username_env: str = ""
+    password_env: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     """Where matched requests go and how the client's credentials travel there."""
 
@@ -102,6 +154,7 @@ class Upstream:
     replace_header: str = "Authorization"
     replace_value_env: str = ""
     timeout: float | None = None
+    identity: str = ""  # credentials: service
 
     @property
     def base_path(self) -> str:
@@ -163,10 +216,11 @@ class RoutePolicy:
     """The compiled set of routes, matched first-wins in file order."""
 
     def __init__(self, routes: list[Route], upstreams: dict[str, Upstream],
-                 sources: list[str]) -> None:
+                 sources: list[str], identities: dict[str, Identity] | None = None) -> None:
         self.routes = routes
         self.upstreams = upstreams
         self.sources = sources
+        self.identities = identities or {}
 
     def match(self, method: str, path: str) -> Match:
         """First route whose method and path match ``path`` (already decoded and checked)."""
@@ -205,6 +259,9 @@ def _where(error: jsonschema.ValidationError, doc: dict[str, Any]) -> str:
         p = p[2:]
     elif len(p) >= 2 and p[0] == "upstreams":
         where.append(f"upstream {p[1]!r}")
+        p = p[2:]
+    elif len(p) >= 2 and p[0] == "identities":
+        where.append(f"identity {p[1]!r}")
         p = p[2:]
     if p:
         where.append("key " + ".".join(str(x) for x in p))
@@ -257,6 +314,8 @@ def load_policy(location: str | Path) -> RoutePolicy:
     """Read, validate and compile every policy file at ``location``; raise :class:`PolicyError`."""
     files = _policy_files(location)
     upstreams: dict[str, Upstream] = {}
+    identities: dict[str, Identity] = {}
+    uses: list[tuple[str, Upstream]] = []  # (file, upstream) with credentials: service
     raw_routes: list[tuple[str, int, dict[str, Any]]] = []
     validator = jsonschema.Draft202012Validator(POLICY_SCHEMA)
     for file in files:
@@ -274,6 +333,19 @@ def load_policy(location: str | Path) -> RoutePolicy:
         if errors:
             err = min(errors, key=lambda e: -len(list(e.absolute_path)))
             raise PolicyError(f"{file}: {_where(err, doc)}: {_describe(err)}")
+        for name, spec in (doc.get("identities") or {}).items():
+            if name in identities:
+                raise PolicyError(f"{file}: identity {name!r}: already defined in another file")
+            for key in IDENTITY_KEYS[spec["kind"]]:
+                if key not in spec:
+                    raise PolicyError(f"{file}: identity {name!r}: key {key}: required when "
+                                      f"kind is {spec['kind']}")
+            extra = sorted(set(spec) - {"kind", "auth_url", *IDENTITY_KEYS[spec["kind"]]})
+            if extra:
+                raise PolicyError(f"{file}: identity {name!r}: key {extra[0]}: not used by "
+                                  f"kind {spec['kind']}")
+            identities[name] = Identity(name=name, **{**spec, "auth_url": spec.get(
+                "auth_url", "https://auth.anaplan.com").rstrip("/")})
         for name, spec in (doc.get("upstreams") or {}).items():
             if name in upstreams:
                 raise PolicyError(f"{file}: upstream {name!r}: already defined in another file")
@@ -287,6 +359,12 @@ def load_policy(location: str | Path) -> RoutePolicy:
                 raise PolicyError(
                     f"{file}: upstream {name!r}: key replace_value_env: required when "
                     "credentials is replace")
+            service = spec.get("credentials") == "service"
+            if service != ("identity" in spec):
+                raise PolicyError(
+                    f"{file}: upstream {name!r}: key identity: "
+                    + ("required when credentials is service" if service
+                       else "only used when credentials is service"))
             upstreams[name] = Upstream(
                 name=name, url=url.rstrip("/"),
                 credentials=spec.get("credentials", "forward"),
@@ -294,9 +372,17 @@ def load_policy(location: str | Path) -> RoutePolicy:
                 replace_header=spec.get("replace_header", "Authorization"),
                 replace_value_env=spec.get("replace_value_env", ""),
                 timeout=spec.get("timeout"),
+                identity=spec.get("identity", ""),
             )
+            if service:
+                uses.append((str(file), upstreams[name]))
         for index, route in enumerate(doc.get("routes") or []):
             raw_routes.append((str(file), index, route))
+    for source, used in uses:
+        if used.identity not in identities:
+            known = ", ".join(sorted(identities)) or "none defined"
+            raise PolicyError(f"{source}: upstream {used.name!r}: key identity: unknown "
+                              f"identity {used.identity!r} (known: {known})")
     routes: list[Route] = []
     seen: set[str] = set()
     for source, index, spec in raw_routes:
@@ -318,7 +404,7 @@ def load_policy(location: str | Path) -> RoutePolicy:
             path=spec["path"], scopes=tuple(spec.get("scopes") or ()), source=source,
             pattern=pattern,
         ))
-    return RoutePolicy(routes, upstreams, [str(f) for f in files])
+    return RoutePolicy(routes, upstreams, [str(f) for f in files], identities)
 
 
 def replacement_credential(upstream: Upstream, environ: Iterable[tuple[str, str]] | None = None

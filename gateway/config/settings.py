@@ -125,6 +125,10 @@ class Settings:
     token_digest_key: str = setting(
         "", "secret key (hex or text) of the keyed BLAKE2b token digest; empty: one random key "
         "is created once in Redis (`gw:meta:digest_key`) and shared by the fleet")
+    secret_keys: str = setting(
+        "", "comma-separated base64 32-byte keys (AES-256-GCM) that encrypt what the gateway "
+        "keeps in Redis for `credentials: service` upstreams; the first encrypts, all decrypt "
+        "(rotation: add the new key first); required when a policy uses `service`")
     local_cache_ttl: float = setting(
         5.0, "seconds a validation result lives in the in-process layer", above=0)
     local_cache_size: int = setting(

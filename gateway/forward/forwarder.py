@@ -8,8 +8,11 @@
   header names, are removed in both directions.
 - ``X-Forwarded-For/-Proto/-Host`` and ``X-Request-Id`` are set; ``Host`` is the
   upstream's.
-- The client's token travels in the scheme the upstream expects, or is stripped or
-  replaced, per upstream policy.
+- Credentials are the upstream's credential mode's to put on
+  (:mod:`gateway.forward.credentials`): the client's ``Authorization`` is never copied,
+  the mode appends what the upstream receives. A mode that renews its own credentials
+  gets one retry after a 401 when the request had no body to replay; otherwise such a
+  401 answers 502 (it is about the gateway's credentials, not the client's).
 - A failed connect answers 502, an upstream silent for ``upstream_timeout`` seconds
   (the upstream's own ``timeout`` when its policy sets one) answers 504 before its
   headers, with JSON bodies, and breaks the stream after. The one retry is the upstream
@@ -26,13 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import NamedTuple
 
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from gateway.config.policy import Route, Upstream, replacement_credential
+from gateway.config.policy import Route, Upstream
+from gateway.forward.credentials import CredentialMode, Credentials, mode_for
 from gateway.forward.upstream import (
     Origin,
     UpstreamError,
@@ -81,11 +85,15 @@ def _named(always: frozenset[str], values: list[str]) -> frozenset[str]:
 
 
 class _Place(NamedTuple):
-    """An upstream as the forwarder uses it: its origin, URL path prefix and ``Host``."""
+    """An upstream as the forwarder uses it: its origin, URL path prefix, ``Host``,
+    credential mode, and the client headers it never copies (trusted proxy, untrusted)."""
 
     origin: Origin
     path: str
     host: str
+    mode: CredentialMode
+    drop_trusted: frozenset[str]
+    drop_untrusted: frozenset[str]
 
 
 class _BodyTooLarge(Exception):
@@ -138,8 +146,11 @@ class UpstreamForwarder:
     """Forwards allowed requests over the app's :class:`~gateway.forward.upstream.UpstreamPool`."""
 
     def __init__(self, pool: UpstreamPool, *, upstream_timeout: float, max_body_size: int,
-                 trusted_proxies: int = 0, client_body_timeout: float = 60.0) -> None:
+                 trusted_proxies: int = 0, client_body_timeout: float = 60.0,
+                 credentials: Mapping[str, CredentialMode] | None = None) -> None:
         self.pool = pool
+        #: credential modes by upstream name, for those :func:`mode_for` cannot build
+        self.credentials = dict(credentials or {})
         self.client_body_timeout = client_body_timeout
         self.upstream_timeout = upstream_timeout
         self.max_body_size = max_body_size
@@ -148,19 +159,20 @@ class UpstreamForwarder:
 
     def _place(self, upstream: Upstream) -> _Place:
         """Where ``upstream``'s requests go, worked out once per upstream."""
-        place = self._places.get(upstream.url)
+        place = self._places.get(upstream.name)
         if place is None:
-            place = self._places[upstream.url] = _Place(
-                self.pool.origin(upstream.url), upstream.base_path, upstream.host)
+            mode = self.credentials.get(upstream.name) or mode_for(upstream)
+            place = self._places[upstream.name] = _Place(
+                self.pool.origin(upstream.url), upstream.base_path, upstream.host, mode,
+                _REQUEST_DROP | mode.drop, _UNTRUSTED_DROP | mode.drop)
         return place
 
-    def upstream_headers(self, request: web.Request, upstream: Upstream,
-                         token: PresentedToken, request_id: str, host: str
-                         ) -> list[tuple[str, str]]:
-        """The headers the upstream receives, in order (``host``: its ``Host``)."""
+    def upstream_headers(self, request: web.Request, place: _Place, credentials: Credentials,
+                         request_id: str) -> list[tuple[str, str]]:
+        """The headers the upstream receives, in order, ``credentials`` last."""
         headers = request.headers
         extend = self.trusted_proxies > 0 and "X-Forwarded-For" in headers
-        drop = _dropped(headers, _REQUEST_DROP if extend else _UNTRUSTED_DROP)
+        drop = _dropped(headers, place.drop_trusted if extend else place.drop_untrusted)
         out = [(k, v) for k, v in headers.items() if k.lower() not in drop]
         peer = request.remote or ""
         if extend:
@@ -175,13 +187,8 @@ class UpstreamForwarder:
         else:
             out += (("X-Forwarded-For", peer), ("X-Forwarded-Proto", request.scheme),
                     ("X-Forwarded-Host", request.host))
-        out += (("X-Request-Id", request_id), ("Host", host))
-        if upstream.credentials == "forward":
-            out.append(("Authorization", f"{upstream.scheme} {token.value}"))
-        elif upstream.credentials == "replace":  # the client's own value never passes
-            name = upstream.replace_header.lower()
-            out = [(k, v) for k, v in out if k.lower() != name]
-            out.append((upstream.replace_header, replacement_credential(upstream)))
+        out += (("X-Request-Id", request_id), ("Host", place.host))
+        out += credentials
         return out
 
     async def forward(self, request: web.Request, route: Route, token: PresentedToken,
@@ -194,7 +201,8 @@ class UpstreamForwarder:
                 f"The request body exceeds the limit of {self.max_body_size} bytes.")
         upstream = route.upstream
         place = self._place(upstream)
-        headers = self.upstream_headers(request, upstream, token, request_id, place.host)
+        mode = place.mode
+        credentials = await mode.obtain(token) if mode.awaits else mode.apply(token)
         data: _CappedBody | None = None
         if request.body_exists:
             data = _CappedBody(request, self.max_body_size, self.client_body_timeout)
@@ -202,8 +210,12 @@ class UpstreamForwarder:
         limit = upstream.timeout or self.upstream_timeout
         try:
             resp = await self.pool.request(
-                request.method, place.origin, place.path + request.raw_path, headers,
+                request.method, place.origin, place.path + request.raw_path,
+                self.upstream_headers(request, place, credentials, request_id),
                 read_timeout=limit, body=data, content_length=length)
+            if resp.status == 401 and mode.renews:
+                resp = await self._renewed(request, place, token, credentials, request_id,
+                                           resp, data, limit)
         except UpstreamError as exc:
             if data is not None and data.exceeded:
                 raise PayloadTooLarge(
@@ -219,6 +231,26 @@ class UpstreamForwarder:
             return await self._relay(request, resp, request_id)
         finally:
             resp.release()
+
+    async def _renewed(self, request: web.Request, place: _Place, token: PresentedToken,
+                       sent: Credentials, request_id: str, resp: UpstreamResponse,
+                       data: _CappedBody | None, limit: float) -> UpstreamResponse:
+        """The upstream refused the mode's credentials: renew them, and retry once when
+        nothing of the request is lost (no body: a 401 means it was not acted on)."""
+        resp.release()
+        retry = await place.mode.refused(sent) and data is None
+        if retry:
+            credentials = await place.mode.obtain(token)
+            resp = await self.pool.request(
+                request.method, place.origin, place.path + request.raw_path,
+                self.upstream_headers(request, place, credentials, request_id),
+                read_timeout=limit, body=None, content_length=request.content_length)
+            if resp.status != 401:
+                return resp
+            resp.release()
+        raise BadGateway(
+            f"The upstream refused the gateway's {place.mode.name} credentials"
+            + ("." if retry else "; the request had a body and was not retried."))
 
     @staticmethod
     def _failure(exc: UpstreamError, limit: float) -> GatewayError:

@@ -167,6 +167,14 @@ class GatewayMetrics:
             "gateway_client_window_distinct_tokens",
             "Distinct tokens seen per client over the usage window, fleet-wide (HyperLogLog).",
             ["client_id"], registry=r)
+        self.credential_refreshes = Counter(
+            "gateway_upstream_credential_refreshes",
+            "Sign-ins and refreshes of the gateway's own upstream credentials.",
+            ["identity", "mode", "outcome"], registry=r)
+        self.credential_expiry = Gauge(
+            "gateway_upstream_credential_expiry_seconds",
+            "Unix time at which the gateway's upstream credential of an identity expires.",
+            ["identity"], registry=r)
         self.policy_reloads = Counter(
             "gateway_policy_reloads", "Policy reloads by outcome.", ["outcome"], registry=r)
         self.cache_local_hit = self.cache_requests.labels("local", "hit")

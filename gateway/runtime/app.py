@@ -31,6 +31,8 @@ from gateway.authn.validators.base import TokenValidator
 from gateway.authserver import BuiltinServer, DeviceFlowTiming
 from gateway.config.policy import PolicyError, RoutePolicy, load_policy
 from gateway.config.settings import Settings
+from gateway.forward.credentials.service import service_modes
+from gateway.forward.credentials.sharing import parse_secret_keys
 from gateway.forward.forwarder import UpstreamForwarder
 from gateway.forward.upstream import UpstreamPool
 from gateway.observe.accesslog import AccessLog
@@ -153,6 +155,21 @@ def build_validator(settings: Settings, session: aiohttp.ClientSession,
         "GATEWAY_ANAPLAN_VALIDATE_URL (Anaplan token-validate).")
 
 
+def _secret_keys(settings: Settings, policy: RoutePolicy) -> list[bytes]:
+    """``GATEWAY_SECRET_KEYS``, required when an upstream has ``credentials: service``."""
+    users = sorted(u.name for u in policy.upstreams.values() if u.credentials == "service")
+    if not users:
+        return []
+    if not settings.secret_keys.strip():
+        raise ConfigurationError(
+            f"Upstream {users[0]!r} has credentials: service, which needs GATEWAY_SECRET_KEYS "
+            "(comma-separated base64 32-byte keys) to encrypt its token in Redis.")
+    try:
+        return parse_secret_keys(settings.secret_keys)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     """The proxy app's lifespan: Redis, the upstream pool, the services, background tasks."""
     gw = app[GATEWAY]
@@ -183,9 +200,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                                   refresh_interval=s.client_refresh_interval)
         usage = UsageTracker(redis, key_prefix=s.key_prefix, metrics=gw.metrics,
                              window=s.usage_window, flush_interval=s.usage_flush_interval)
+        try:
+            credentials = service_modes(
+                gw.policy, redis=redis, session=auth_session, keys=Keys(s.key_prefix),
+                secret_keys=_secret_keys(s, gw.policy), metrics=gw.metrics)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
         forwarder = UpstreamForwarder(
             upstream_pool, upstream_timeout=s.upstream_timeout, max_body_size=s.max_body_size,
-            trusted_proxies=s.trusted_proxies, client_body_timeout=s.client_body_timeout)
+            trusted_proxies=s.trusted_proxies, client_body_timeout=s.client_body_timeout,
+            credentials=credentials)
         pipeline = ProxyPipeline(
             policy=gw.policy, cache=cache, registry=registry, forwarder=forwarder,
             metrics=gw.metrics, access_log=gw.access_log, usage=usage,
@@ -263,6 +287,7 @@ def create_apps(settings: Settings, *, redis: Redis | None = None,
     server's device-code lifetime and polling interval (RFC 8628 section 3.2).
     """
     policy = load_policy(settings.policies)
+    _secret_keys(settings, policy)  # refused now, not at the first request
     metrics = GatewayMetrics()
     metrics.bind_routes(policy.route_names)
     access_log = AccessLog(fmt=settings.log_format, stream=log_stream or sys.stdout,

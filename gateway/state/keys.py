@@ -22,6 +22,9 @@ The gateway's keys (``README.md`` lists them for security staff):
 | ``usage:tok:{{id}}:{minute}`` | HyperLogLog | distinct token digests of a client in one minute |
 | ``usage:clients`` | sorted set | clients by last use |
 | ``meta:digest_key`` | string | the fleet's token-digest key |
+| ``upstream_cred:{identity}`` | string | the service identity's upstream token, AES-GCM encrypted |
+| ``upstream_cred_lock:{identity}`` | string | who is signing that identity in (fencing token) |
+| ``upstream_cred_fence:{identity}`` | string | counter of those sign-ins (the fencing tokens) |
 | ``meta:schema`` | string | the version of this layout (:data:`SCHEMA_VERSION`) |
 
 The built-in authorization server's (the ``as_*`` members):
@@ -161,6 +164,22 @@ class Keys:
         """String, no TTL: the hex key of the keyed token digest, created once with SET NX
         when ``GATEWAY_TOKEN_DIGEST_KEY`` is not set, and shared by the fleet."""
         return f"{self.prefix}meta:digest_key"
+
+    def upstream_credential(self, identity: str) -> str:
+        """String: a ``credentials: service`` identity's upstream token and its expiry
+        (JSON, AES-256-GCM encrypted under ``GATEWAY_SECRET_KEYS``), with the fencing
+        token of the sign-in that wrote it. TTL: the token's own expiry."""
+        return f"{self.prefix}upstream_cred:{identity}"
+
+    def upstream_credential_lock(self, identity: str) -> str:
+        """String: the fencing token of the replica signing ``identity`` in, SET NX PX:
+        one sign-in for the fleet. TTL: the sign-in's time limit."""
+        return f"{self.prefix}upstream_cred_lock:{identity}"
+
+    def upstream_credential_fence(self, identity: str) -> str:
+        """String, no TTL: a counter (INCR) handing out the fencing tokens of
+        ``identity``'s sign-ins; a write carrying an older one than stored is refused."""
+        return f"{self.prefix}upstream_cred_fence:{identity}"
 
     @property
     def schema(self) -> str:

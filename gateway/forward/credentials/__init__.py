@@ -1,0 +1,29 @@
+"""Upstream credential modes: one module per ``credentials:`` value of a policy.
+
+:func:`mode_for` builds the mode of an upstream whose mode needs nothing but its policy;
+modes that need services (``service``: Redis, a token service) are built by the runtime
+and handed to the forwarder.
+"""
+
+from __future__ import annotations
+
+from gateway.config.policy import Upstream
+from gateway.forward.credentials.base import CredentialMode, Credentials
+from gateway.forward.credentials.forward import ForwardMode
+from gateway.forward.credentials.replace import ReplaceMode
+from gateway.forward.credentials.strip import StripMode
+
+__all__ = ["CredentialMode", "Credentials", "ForwardMode", "ReplaceMode", "StripMode",
+           "mode_for"]
+
+
+def mode_for(upstream: Upstream) -> CredentialMode:
+    """The credential mode of ``upstream``, for the modes built from policy alone."""
+    if upstream.credentials == "forward":
+        return ForwardMode(upstream)
+    if upstream.credentials == "strip":
+        return StripMode()
+    if upstream.credentials == "replace":
+        return ReplaceMode(upstream)
+    raise ValueError(f"upstream {upstream.name!r}: credentials {upstream.credentials!r} "
+                     "needs the runtime's services")
