@@ -102,26 +102,54 @@ async def test_redis_cli_hset_reaches_replicas_within_1s(
     await redis.config_set("notify-keyspace-events", "")
 
 
+@pytest.mark.parametrize("keyspace", [True, False], ids=["complete", "per-subject"])
 async def test_a_record_made_before_the_first_request_is_enforced(
-        make_gateway: GatewayFactory, auth_server: AuthServer, redis: Redis) -> None:
+        make_gateway: GatewayFactory, auth_server: AuthServer, redis: Redis,
+        keyspace: bool) -> None:
     auth_server.issue(TOKEN, client_id="app-p3", sub="person-4")
     await redis.hset("gw:user:person-4", "disabled", "1")
-    gw = await make_gateway()
+    gw = await make_gateway(keyspace_notifications=keyspace)
+    assert gw.gw.running().users.complete is keyspace
     assert (await gw.client.get("/2/0/x", headers=HEADERS)).status == 401
+    await redis.delete("gw:user:person-4")
+    await redis.config_set("notify-keyspace-events", "")
 
 
-async def test_a_token_without_a_subject_is_unaffected(
-        make_gateway: GatewayFactory, auth_server: AuthServer, redis: Redis) -> None:
+@pytest.mark.parametrize("keyspace", [True, False], ids=["complete", "per-subject"])
+async def test_the_hot_path_reads_nothing_for_people_without_a_record(
+        make_gateway: GatewayFactory, auth_server: AuthServer, redis: Redis,
+        keyspace: bool) -> None:
     auth_server.issue(NO_SUBJECT, client_id="app-p4", sub=None)
+    auth_server.issue(TOKEN, client_id="app-p4", sub="person-5")
     await redis.hset("gw:user:None", "disabled", "1")  # no stray "None" subject either
     await redis.hset("gw:user:", "disabled", "1")
-    gw = await make_gateway()
+    gw = await make_gateway(keyspace_notifications=keyspace)
+    users = gw.gw.running().users
     for _ in range(3):
         assert (await gw.client.get("/2/0/x", headers=bearer(NO_SUBJECT))).status == 200
-    # nothing was read or mirrored for it: the hot path did no more than look at `sub`
-    assert gw.gw.running().users.cached("") is None
-    assert gw.gw.running().users._records == {}
+        assert (await gw.client.get("/2/0/x", headers=HEADERS)).status == 200
+    if keyspace:  # complete: the records alone are mirrored, no subject was read
+        assert users.disabled == {"None": True, "": True}
+    else:  # per subject: read once, then mirrored as having no record
+        assert users.disabled == {"person-5": False}
     await redis.delete("gw:user:None", "gw:user:")
+    await redis.config_set("notify-keyspace-events", "")
+
+
+async def test_notifications_turned_off_fall_back_to_reading_per_subject(
+        make_gateway: GatewayFactory, auth_server: AuthServer, redis: Redis) -> None:
+    auth_server.issue(TOKEN, client_id="app-p5", sub="person-6")
+    gw = await make_gateway()
+    users = gw.gw.running().users
+    assert users.complete
+    await redis.config_set("notify-keyspace-events", "")  # say, by another tool
+    deadline = time.monotonic() + 2
+    while users.complete:
+        assert time.monotonic() < deadline, "the mirror still believes it is complete"
+        await asyncio.sleep(0.05)
+    await redis.hset("gw:user:person-6", "disabled", "1")  # no notification of this
+    assert (await gw.client.get("/2/0/x", headers=HEADERS)).status == 401
+    await redis.delete("gw:user:person-6")
 
 
 async def _builtin_token(h: Any, username: str) -> tuple[str, str]:
@@ -190,7 +218,7 @@ async def test_builtin_user_by_raw_hset_within_1s(
 async def test_cli_failures_exit_non_zero(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
         redis: Redis) -> None:
-    from tests.conftest import free_port
+    from tests.redis_server import free_port
 
     monkeypatch.setenv("GATEWAY_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
     started = time.monotonic()

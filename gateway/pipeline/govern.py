@@ -86,12 +86,7 @@ class ClientRecord:
 
 
 class ClientRegistry:
-    """The replica's mirror of client records, kept fresh by events and a short poll.
-
-    :class:`gateway.pipeline.people.UserRegistry` mirrors people's records the same way
-    (it names its keys with :meth:`key` and its Redis errors with :attr:`kind`)."""
-
-    kind = "client"  # what the records are of, in metric labels and refusals
+    """The replica's mirror of client records, kept fresh by events and a short poll."""
 
     def __init__(self, redis: Redis, *, key_prefix: str, metrics: GatewayMetrics,
                  refresh_interval: float = 0.5) -> None:
@@ -138,10 +133,10 @@ class ClientRegistry:
         try:
             fields = await self.redis.hgetall(self.key(client_id))
         except RedisError:
-            self.metrics.redis_errors.labels(f"{self.kind}_get").inc()
+            self.metrics.redis_errors.labels("client_get").inc()
             raise ServiceUnavailable(
-                f"The {self.kind} registry cannot be read, so the {self.kind}'s status is "
-                "unknown; retry later.") from None
+                "The client registry cannot be read, so the client's status is unknown; "
+                "retry later.") from None
         record = ClientRecord.from_hash(client_id, cast(dict[str, str], fields))
         if read > self._applied.get(client_id, 0):
             self._applied[client_id] = read
@@ -202,9 +197,9 @@ class ClientRegistry:
             try:
                 await self.refresh()
             except RedisError:
-                self.metrics.redis_errors.labels(f"{self.kind}_refresh").inc()
+                self.metrics.redis_errors.labels("client_refresh").inc()
             except Exception:  # never let the safety net die
-                log.exception("%s refresh failed", self.kind)
+                log.exception("client refresh failed")
 
 
 class ClientAdmin:

@@ -165,8 +165,11 @@ class ProxyPipeline:
                                 "required.")
         subject = info.sub
         if subject:  # most people have no record: the mirror says so in one lookup
-            person = self.users.cached(subject) or await self.users.get(subject)
-            if person.disabled:
+            users = self.users
+            disabled = users.disabled.get(subject, users.absent)
+            if disabled is None:
+                disabled = await users.fetch(subject)
+            if disabled:
                 raise UserDisabled("The person this token speaks for is disabled.")
         # effective scopes = the token's, narrowed by the client's (no set built per request)
         for scope in route.scopes:

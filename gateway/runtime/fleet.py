@@ -89,14 +89,19 @@ class EventSubscriber:
                     # (again after losing a node); the subscription is placed by that map
                     await self.redis.ping()
                 await pubsub.subscribe(self.channel)
-                if self.keyspace and await enable_keyspace_notifications(self.redis):
+                notified = self.keyspace and await enable_keyspace_notifications(self.redis)
+                if notified:
                     await pubsub.psubscribe(self.keyspace_pattern)
-                    if self.users is not None:
+                if self.users is not None:
+                    if notified:  # every record, then notifications of any newer one
                         await pubsub.psubscribe(self.user_keyspace_pattern)
+                        await self.users.load_all()
+                    else:
+                        self.users.partial()
+                        if not first:
+                            await self.users.refresh()
                 if not first:  # anything published while we were away is lost: resync
                     await self.registry.refresh()
-                    if self.users is not None:
-                        await self.users.refresh()
                     if self.cache is not None:
                         self.cache.local.clear()
                 first = False
@@ -131,7 +136,7 @@ class EventSubscriber:
             return
         if (message.get("type") == "pmessage" and self.users is not None
                 and channel.startswith(self._user_keyspace_prefix)):
-            await self._reread(channel[len(self._user_keyspace_prefix):], self.users)
+            await self._reread_person(channel[len(self._user_keyspace_prefix):])
             return
         if channel != self.channel:
             return
@@ -140,13 +145,19 @@ class EventSubscriber:
             self.metrics.client_disable_events.labels("event").inc()
             await self._reread(event.client_id)
         elif isinstance(event, events.UserChanged) and self.users is not None:
-            await self._reread(event.subject, self.users)
+            await self._reread_person(event.subject)
         elif isinstance(event, events.TokenRevoked) and self.cache is not None:
             self.cache.local.discard(event.digest)
 
-    async def _reread(self, record_id: str, registry: ClientRegistry | None = None) -> None:
-        registry = registry or self.registry
+    async def _reread(self, client_id: str) -> None:
         try:
-            await registry.refresh([record_id])
+            await self.registry.refresh([client_id])
         except RedisError:
-            registry.invalidate(record_id)
+            self.registry.invalidate(client_id)
+
+    async def _reread_person(self, subject: str) -> None:
+        assert self.users is not None
+        try:
+            await self.users.refresh([subject])
+        except RedisError:
+            self.users.invalidate(subject)

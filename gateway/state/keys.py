@@ -120,6 +120,15 @@ class Keys:
         when, why. Written by ``oauth-gateway users disable|enable`` and ``redis-cli``."""
         return f"{self.prefix}user:{subject}"
 
+    @property
+    def user_pattern(self) -> str:
+        """SCAN pattern matching every :meth:`user` key."""
+        return f"{self.prefix}user:*"
+
+    def user_subject_of(self, key: str) -> str:
+        """The subject in a :meth:`user` key."""
+        return key[len(self.prefix) + len("user:"):]
+
     def user_notifications(self, db: int) -> str:
         """Pub/sub pattern: keyspace notifications of every :meth:`user` key in
         database ``db``."""
