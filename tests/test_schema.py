@@ -252,7 +252,7 @@ async def test_an_older_schema_is_left_as_is(redis: Redis,
 # --- nobody else formats a key -------------------------------------------------------------
 
 _PREFIX_NAMES = {"prefix", "key_prefix", "_prefix", "p"}
-_KEY_START = re.compile(r"(client|token|audit|events|usage|meta|as):[\w{*]")
+_KEY_START = re.compile(r"(client|user|token|audit|events|usage|meta|as):[\w{*]")
 _LUA_KEY = re.compile(r"\.\.\s*'\w+:")
 # a string that looks like a key but is none: the label the signing keys' cipher is
 # derived from (a digest input, never stored)

@@ -55,6 +55,7 @@ def success(expires_at_ms: int, **token_info: Any) -> Handler:
             "statusMessage": "Token validated",
             "tokenInfo": {"expiresAt": expires_at_ms, "tokenId": "t-1", "userId": "u-42",
                           "refreshTokenId": "r-1", **token_info},
+            "userInfo": {"userGuid": "8a81b09e5c3d", "userId": "u-42"},
         })
     return answer
 
@@ -79,7 +80,7 @@ async def test_success_maps_the_answer(
     assert srv.authorization == ["AnaplanAuthToken anaplan-token-1"]
     assert info.exp == expires_at / 1000
     assert info.client_id == "oauth-client-7"
-    assert info.sub == "u-42"
+    assert info.sub == "8a81b09e5c3d"  # userInfo.userGuid, not tokenInfo.userId
     assert info.scopes == {"anaplan:read", "anaplan:write"}
 
 

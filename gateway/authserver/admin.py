@@ -1,7 +1,7 @@
 """Self-service administration: clients, secrets, users, grants. Every change audited.
 
 Used by the CLI (``oauth-gateway clients create|update|rotate-secret|delete``,
-``users add``, ``grants list|revoke``); no endpoint exposes it over HTTP.
+``users add|disable|enable``, ``grants list|revoke``); no endpoint exposes it over HTTP.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from gateway.authserver.server import cache_pin_ttl, tenant_defaults
 from gateway.authserver.storage import AuthStore
 from gateway.config.settings import Settings
 from gateway.pipeline.govern import ClientAdmin
+from gateway.pipeline.people import UserAdmin
 from gateway.protocol.tokens import TokenDigester
 from gateway.state.keys import Keys
 
@@ -52,6 +53,7 @@ class AuthAdmin:
         self.issuer = TokenIssuer(self.store, issuer=settings.issuer, metrics=metrics,
                                   cache_pin_ttl=cache_pin_ttl(settings))
         self.governance = ClientAdmin(redis, key_prefix=settings.key_prefix)
+        self.people = UserAdmin(redis, key_prefix=settings.key_prefix)
 
     async def create_client(self, *, name: str, grant: str, redirect_uris: list[str],
                             scopes: list[str], actor: str, confidential: bool | None = None,
@@ -168,6 +170,24 @@ class AuthAdmin:
             "created_at": existing.get("created_at") or str(int(time.time()))})
         await self.store.audit("user.added" if not existing else "user.password_set",
                                user=username, actor=actor)
+
+    async def resolve_subject(self, name: str) -> tuple[str, str | None]:
+        """``(subject, username)`` of a person named by a local or SSO user's username
+        on this server (their stable user id), else ``(name, None)``: the name is the
+        subject itself (an external server's ``sub``, Anaplan's ``userGuid``)."""
+        if not name:
+            raise AdminError("name a person: a subject or a built-in server's username")
+        sub = (await self.store.get_user(name)).get("sub")
+        return (sub, name) if sub else (name, None)
+
+    async def set_user_disabled(self, name: str, disabled: bool, *, actor: str,
+                                reason: str = "") -> tuple[str, str | None, dict[str, str]]:
+        """Refuse (or accept again) every token of a person; ``(subject, username,
+        fields written)``."""
+        subject, username = await self.resolve_subject(name)
+        fields = await self.people.set_disabled(subject, disabled, actor=actor, reason=reason,
+                                                username=username)
+        return subject, username, fields
 
     async def list_grants(self, *, client_id: str | None = None, username: str | None = None
                           ) -> list[Grant]:

@@ -5,6 +5,7 @@
     oauth-gateway clients update ID [...] | rotate-secret ID [--grace S] | delete ID
     oauth-gateway grants list [--client ID] [--user NAME] [--json] | revoke GRANT_ID
     oauth-gateway users add USERNAME            (password on standard input)
+    oauth-gateway users disable SUBJECT_OR_USERNAME [--reason TEXT] | enable SUBJECT_OR_USERNAME
 """
 
 from __future__ import annotations
@@ -103,6 +104,14 @@ def add_groups(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("username")
     p.add_argument("--actor")
     p.set_defaults(func=run, as_cmd="users-add")
+    for name, what in (("disable", "refuse every token of a person"),
+                       ("enable", "accept the person's tokens again")):
+        p = usub.add_parser(name, parents=[common], help=what)
+        p.add_argument("person", metavar="SUBJECT_OR_USERNAME",
+                       help="the tokens' subject, or a built-in server's username")
+        p.add_argument("--reason", help="why (kept in the record and the audit stream)")
+        p.add_argument("--actor", help="who (default: user@host)")
+        p.set_defaults(func=run, as_cmd=f"users-{name}")
 
 
 def _when(ts: int) -> str:
@@ -165,6 +174,16 @@ async def _dispatch(args: argparse.Namespace, admin: AuthAdmin, out: Printer, ac
         password = sys.stdin.readline().rstrip("\n")
         await admin.add_user(args.username, password, actor=actor)
         out(args, f"user {args.username} saved", {"username": args.username})
+    elif cmd in ("users-disable", "users-enable"):
+        disabled = cmd == "users-disable"
+        subject, username, fields = await admin.set_user_disabled(
+            args.person, disabled, actor=actor, reason=args.reason or "")
+        who = f"user {username} (subject {subject})" if username else f"subject {subject}"
+        out(args, f"{who} {'disabled' if disabled else 'enabled'}; every gateway replica "
+            "enforces it within 100 ms",
+            {"subject": subject, "username": username, "disabled": disabled,
+             "reason": fields["reason"], "updated_at": fields["updated_at"],
+             "updated_by": fields["updated_by"]})
     return EXIT_OK
 
 

@@ -29,7 +29,7 @@ MAX_CLIENT_LABELS = 2000
 DECISIONS = (
     "allowed", "missing_token", "invalid_token", "client_disabled", "insufficient_scope",
     "introspection_unavailable", "unknown_client", "invalid_request", "no_route",
-    "registry_unavailable",
+    "registry_unavailable", "user_disabled",
 )
 NO_ROUTE = "(none)"
 _LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)

@@ -1,7 +1,7 @@
 """The request pipeline, stage by stage (Oathkeeper's shape):
 
     path hygiene -> match a route -> find the token -> authenticate (cache, validator)
-    -> govern the client -> authorize scopes -> forward -> observe
+    -> govern the client and the person -> authorize scopes -> forward -> observe
 
 Every refusal is a :class:`~gateway.errors.GatewayError` rendered once, at the end,
 with its RFC status, ``WWW-Authenticate`` and JSON body, and a refused request never
@@ -35,6 +35,7 @@ from gateway.observe.metrics import NO_ROUTE, GatewayMetrics
 from gateway.observe.usage import UsageTracker
 from gateway.pipeline.govern import ClientRegistry
 from gateway.pipeline.paths import safe_path
+from gateway.pipeline.people import UserRegistry
 from gateway.protocol.errors import (
     ClientDisabled,
     ClientUnknown,
@@ -43,6 +44,7 @@ from gateway.protocol.errors import (
     InvalidToken,
     MethodNotAllowed,
     NoRoute,
+    UserDisabled,
     error_response,
     json_error,
 )
@@ -109,13 +111,14 @@ class ProxyPipeline:
     a request keeps the route it matched."""
 
     def __init__(self, *, policy: RoutePolicy, cache: TokenCache, registry: ClientRegistry,
-                 forwarder: UpstreamForwarder, metrics: GatewayMetrics, access_log: AccessLog,
-                 usage: UsageTracker, require_client_record: bool, max_auth_header: int
-                 ) -> None:
+                 users: UserRegistry, forwarder: UpstreamForwarder, metrics: GatewayMetrics,
+                 access_log: AccessLog, usage: UsageTracker, require_client_record: bool,
+                 max_auth_header: int) -> None:
         self.routes = RouteCache(policy)
         self.request_ids = RequestIds()
         self.cache = cache
         self.registry = registry
+        self.users = users
         self.forwarder = forwarder
         self.metrics = metrics
         self.access_log = access_log
@@ -160,6 +163,14 @@ class ProxyPipeline:
         elif self.require_client_record:
             raise ClientUnknown("The token names no client, and a registered client is "
                                 "required.")
+        subject = info.sub
+        if subject:  # most people have no record: the mirror says so in one lookup
+            users = self.users
+            disabled = users.disabled.get(subject, users.absent)
+            if disabled is None:
+                disabled = await users.fetch(subject)
+            if disabled:
+                raise UserDisabled("The person this token speaks for is disabled.")
         # effective scopes = the token's, narrowed by the client's (no set built per request)
         for scope in route.scopes:
             if scope not in info.scopes or (allowed is not None and scope not in allowed):

@@ -80,6 +80,12 @@ class ClientDisabled(BearerError):
     decision = "client_disabled"
 
 
+class UserDisabled(BearerError):
+    """The person the token speaks for is disabled by security staff; refused as invalid."""
+
+    decision = "user_disabled"
+
+
 class ClientUnknown(BearerError):
     """``GATEWAY_REQUIRE_CLIENT_RECORD`` is on and the client has no record."""
 

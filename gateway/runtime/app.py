@@ -40,6 +40,7 @@ from gateway.observe.metrics import GatewayMetrics
 from gateway.observe.usage import UsageTracker
 from gateway.pipeline.govern import ClientRegistry
 from gateway.pipeline.handler import ProxyPipeline
+from gateway.pipeline.people import UserRegistry
 from gateway.protocol.tokens import TokenDigester
 from gateway.runtime.fleet import EventSubscriber
 from gateway.state import connection as store
@@ -60,6 +61,7 @@ class Services:
     redis: Redis
     cache: TokenCache
     registry: ClientRegistry
+    users: UserRegistry
     usage: UsageTracker
     pipeline: ProxyPipeline
     events: EventSubscriber
@@ -198,6 +200,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             negative_ttl=s.negative_cache_ttl)
         registry = ClientRegistry(redis, key_prefix=s.key_prefix, metrics=gw.metrics,
                                   refresh_interval=s.client_refresh_interval)
+        users = UserRegistry(redis, key_prefix=s.key_prefix, metrics=gw.metrics,
+                             refresh_interval=s.client_refresh_interval)
         usage = UsageTracker(redis, key_prefix=s.key_prefix, metrics=gw.metrics,
                              window=s.usage_window, flush_interval=s.usage_flush_interval)
         try:
@@ -211,15 +215,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             trusted_proxies=s.trusted_proxies, client_body_timeout=s.client_body_timeout,
             credentials=credentials)
         pipeline = ProxyPipeline(
-            policy=gw.policy, cache=cache, registry=registry, forwarder=forwarder,
+            policy=gw.policy, cache=cache, registry=registry, users=users, forwarder=forwarder,
             metrics=gw.metrics, access_log=gw.access_log, usage=usage,
             require_client_record=s.require_client_record, max_auth_header=s.max_auth_header)
         events = EventSubscriber(redis, key_prefix=s.key_prefix, registry=registry,
-                                 cache=cache, metrics=gw.metrics,
+                                 users=users, cache=cache, metrics=gw.metrics,
                                  keyspace=s.keyspace_notifications)
-        gw.services = Services(redis=redis, cache=cache, registry=registry, usage=usage,
-                               pipeline=pipeline, events=events)
+        gw.services = Services(redis=redis, cache=cache, registry=registry, users=users,
+                               usage=usage, pipeline=pipeline, events=events)
         for coro, name in ((events.run(), "events"), (registry.run_refresher(), "client-refresh"),
+                           (users.run_refresher(), "user-refresh"),
                            (usage.run(), "usage"), (gw.access_log.run(), "access-log")):
             tasks.append(asyncio.create_task(coro, name=name))
         with contextlib.suppress(TimeoutError):

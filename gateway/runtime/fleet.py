@@ -4,11 +4,13 @@ Channel ``{prefix}events`` carries JSON messages published by operator commands,
 and parsed by :mod:`gateway.state.events` (a type this release does not know is ignored):
 
 - ``{"type": "client", "client_id": ...}``: a client record changed; re-read it.
+- ``{"type": "user", "subject": ...}``: a person's record changed; re-read it.
 - ``{"type": "token_revoked", "digest": ...}``: drop that token from the local layer.
 
-When keyspace notifications are on, ``__keyspace@{db}__:{prefix}client:*`` tells of
-changes made with plain ``redis-cli``. After any disconnection the subscriber
-re-subscribes, re-reads every client record and empties the local token layer, since
+When keyspace notifications are on, ``__keyspace@{db}__:{prefix}client:*`` and
+``__keyspace@{db}__:{prefix}user:*`` tell of changes made with plain ``redis-cli``.
+After any disconnection the subscriber re-subscribes, re-reads every client and person
+record and empties the local token layer, since
 messages published meanwhile are lost (pub/sub is fire-and-forget).
 
 On Redis Cluster the subscription is held on one node, which is enough: a PUBLISH on
@@ -30,6 +32,7 @@ from redis.exceptions import RedisError, ResponseError
 from gateway.authn.cache import TokenCache
 from gateway.observe.metrics import GatewayMetrics
 from gateway.pipeline.govern import ClientRegistry
+from gateway.pipeline.people import UserRegistry
 from gateway.state import connection as store
 from gateway.state import events
 from gateway.state.keys import Keys
@@ -57,10 +60,11 @@ class EventSubscriber:
 
     def __init__(self, redis: Redis, *, key_prefix: str, registry: ClientRegistry,
                  cache: TokenCache | None, metrics: GatewayMetrics,
-                 keyspace: bool = True) -> None:
+                 keyspace: bool = True, users: UserRegistry | None = None) -> None:
         self.redis = redis
         self.keys = Keys(key_prefix)
         self.registry = registry
+        self.users = users
         self.cache = cache
         self.metrics = metrics
         cluster = store.is_cluster(redis)
@@ -69,6 +73,8 @@ class EventSubscriber:
         db = 0 if cluster else redis.connection_pool.connection_kwargs.get("db", 0)
         self.keyspace_pattern = self.keys.client_notifications(db)
         self._keyspace_prefix = self.keys.client_notification_prefix(db)
+        self.user_keyspace_pattern = self.keys.user_notifications(db)
+        self._user_keyspace_prefix = self.keys.user_notification_prefix(db)
         self.connected = asyncio.Event()
 
     async def run(self) -> None:
@@ -83,8 +89,17 @@ class EventSubscriber:
                     # (again after losing a node); the subscription is placed by that map
                     await self.redis.ping()
                 await pubsub.subscribe(self.channel)
-                if self.keyspace and await enable_keyspace_notifications(self.redis):
+                notified = self.keyspace and await enable_keyspace_notifications(self.redis)
+                if notified:
                     await pubsub.psubscribe(self.keyspace_pattern)
+                if self.users is not None:
+                    if notified:  # every record, then notifications of any newer one
+                        await pubsub.psubscribe(self.user_keyspace_pattern)
+                        await self.users.load_all()
+                    else:
+                        self.users.partial()
+                        if not first:
+                            await self.users.refresh()
                 if not first:  # anything published while we were away is lost: resync
                     await self.registry.refresh()
                     if self.cache is not None:
@@ -119,12 +134,18 @@ class EventSubscriber:
             self.metrics.client_disable_events.labels("keyspace").inc()
             await self._reread(client_id)
             return
+        if (message.get("type") == "pmessage" and self.users is not None
+                and channel.startswith(self._user_keyspace_prefix)):
+            await self._reread_person(channel[len(self._user_keyspace_prefix):])
+            return
         if channel != self.channel:
             return
         event = events.parse(message.get("data"))
         if isinstance(event, events.ClientChanged):
             self.metrics.client_disable_events.labels("event").inc()
             await self._reread(event.client_id)
+        elif isinstance(event, events.UserChanged) and self.users is not None:
+            await self._reread_person(event.subject)
         elif isinstance(event, events.TokenRevoked) and self.cache is not None:
             self.cache.local.discard(event.digest)
 
@@ -133,3 +154,10 @@ class EventSubscriber:
             await self.registry.refresh([client_id])
         except RedisError:
             self.registry.invalidate(client_id)
+
+    async def _reread_person(self, subject: str) -> None:
+        assert self.users is not None
+        try:
+            await self.users.refresh([subject])
+        except RedisError:
+            self.users.invalidate(subject)

@@ -5,6 +5,8 @@ every replica's subscriber (:mod:`gateway.runtime.fleet`) applies them:
 
 - ``{"type": "client", "client_id": ...}`` (:class:`ClientChanged`): a client record
   changed; re-read it.
+- ``{"type": "user", "subject": ...}`` (:class:`UserChanged`): a person's record
+  changed; re-read it.
 - ``{"type": "token_revoked", "digest": ...}`` (:class:`TokenRevoked`): drop that token
   from the in-process cache layer.
 
@@ -18,6 +20,8 @@ without its field, and the subscriber ignores it: a newer release may publish ne
 
 - :func:`client_status_entry`: ``client.disabled``, ``client.enabled`` with
   ``client_id``, ``actor``, ``reason``;
+- :func:`user_status_entry`: ``user.disabled``, ``user.enabled`` with ``subject``,
+  ``user`` (when named by a built-in server's username), ``actor``, ``reason``;
 - :func:`token_revoked_entry`: ``token.revoked`` with ``token_digest`` (its first 12
   characters) and ``authorization_server`` (what the server answered);
 - :func:`audit_entry`, the built-in authorization server's: ``client.created``,
@@ -65,6 +69,16 @@ class ClientChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class UserChanged:
+    """A person's record changed (disabled, enabled); ``subject`` is their tokens'."""
+
+    subject: str
+
+    def encode(self) -> str:
+        return json.dumps({"type": "user", "subject": self.subject})
+
+
+@dataclass(frozen=True, slots=True)
 class TokenRevoked:
     """A token was revoked; ``digest`` is its keyed digest."""
 
@@ -74,7 +88,7 @@ class TokenRevoked:
         return json.dumps({"type": "token_revoked", "digest": self.digest})
 
 
-Event = ClientChanged | TokenRevoked
+Event = ClientChanged | UserChanged | TokenRevoked
 
 
 def parse(data: str | bytes | None) -> Event | None:
@@ -88,6 +102,8 @@ def parse(data: str | bytes | None) -> Event | None:
     kind = body.get("type")
     if kind == "client" and isinstance(body.get("client_id"), str):
         return ClientChanged(body["client_id"])
+    if kind == "user" and isinstance(body.get("subject"), str):
+        return UserChanged(body["subject"])
     if kind == "token_revoked" and isinstance(body.get("digest"), str):
         return TokenRevoked(body["digest"])
     return None
@@ -118,6 +134,17 @@ def client_status_entry(client_id: str, *, disabled: bool, actor: str, reason: s
     """A client disabled or enabled by an operator."""
     return {"action": "client.disabled" if disabled else "client.enabled",
             "client_id": client_id, "actor": actor, "reason": reason, "at": at}
+
+
+def user_status_entry(subject: str, *, disabled: bool, actor: str, reason: str, at: str,
+                      username: str | None = None) -> dict[str, str]:
+    """A person disabled or enabled by an operator (``user``: the username they were
+    named by, when a built-in server's)."""
+    entry = {"action": "user.disabled" if disabled else "user.enabled",
+             "subject": subject, "actor": actor, "reason": reason, "at": at}
+    if username is not None:
+        entry["user"] = username
+    return entry
 
 
 def token_revoked_entry(digest: str, *, authorization_server: str) -> dict[str, str]:

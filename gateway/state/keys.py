@@ -15,6 +15,7 @@ The gateway's keys (``README.md`` lists them for security staff):
 | key | type | what |
 |---|---|---|
 | ``client:{id}`` | hash | a client's governance record (and the built-in server's client) |
+| ``user:{subject}`` | hash | a person's governance record (``disabled``), by token subject |
 | ``token:{digest}`` | string | a cached validation result, or the revoked-token pin |
 | ``audit`` | stream | administrative and security events |
 | ``events`` | channel | change notices to every replica |
@@ -112,6 +113,34 @@ class Keys:
         """What a keyspace notification channel of a client record starts with; the
         client id follows."""
         return f"__keyspace@{db}__:{self.prefix}client:"
+
+    def user(self, subject: str) -> str:
+        """Hash, no TTL: a person's record, under the subject of their tokens (an
+        introspection or JWT ``sub``, Anaplan's ``userInfo.userGuid``, the built-in
+        server's user id). ``disabled`` (``"1"`` disables) is what the gateway enforces:
+        every token of that subject is refused. ``updated_at``, ``updated_by``, ``reason``
+        (and ``username``, when named by a built-in server's username) say who changed it,
+        when, why. Written by ``oauth-gateway users disable|enable`` and ``redis-cli``."""
+        return f"{self.prefix}user:{subject}"
+
+    @property
+    def user_pattern(self) -> str:
+        """SCAN pattern matching every :meth:`user` key."""
+        return f"{self.prefix}user:*"
+
+    def user_subject_of(self, key: str) -> str:
+        """The subject in a :meth:`user` key."""
+        return key[len(self.prefix) + len("user:"):]
+
+    def user_notifications(self, db: int) -> str:
+        """Pub/sub pattern: keyspace notifications of every :meth:`user` key in
+        database ``db``."""
+        return f"{self.user_notification_prefix(db)}*"
+
+    def user_notification_prefix(self, db: int) -> str:
+        """What a keyspace notification channel of a person's record starts with; the
+        subject follows."""
+        return f"__keyspace@{db}__:{self.prefix}user:"
 
     def token(self, digest: str) -> str:
         """String: the fleet's cache of a token's validation (``TokenInfo`` JSON, never the

@@ -1,10 +1,12 @@
 """Anaplan's own token check: ``GET https://auth.anaplan.com/token/validate``.
 
 The token travels as ``Authorization: AnaplanAuthToken <token>``. A good token is
-answered with 200 and ``{"status": "SUCCESS", "tokenInfo": {...}}``, whose
-``tokenInfo`` carries ``expiresAt`` (milliseconds since the epoch), ``tokenId``,
-``userId`` and, for tokens issued to OAuth clients, the client's id. A bad or
-expired token is answered with 401 (or ``"status": "FAILURE"``).
+answered with 200 and ``{"status": "SUCCESS", "tokenInfo": {...}, "userInfo": {...}}``,
+whose ``tokenInfo`` carries ``expiresAt`` (milliseconds since the epoch), ``tokenId``
+and, for tokens issued to OAuth clients, the client's id, and whose ``userInfo``
+carries ``userGuid``: the person's stable id, the token's subject (``TokenInfo.sub``,
+what people governance keys on). A bad or expired token is answered with 401 (or
+``"status": "FAILURE"``).
 
 Retries follow :mod:`.introspection`: connection errors and 5xx answers are retried
 a bounded number of times with jittered backoff; 401 and 403 mean the token is no
@@ -91,14 +93,15 @@ class AnaplanValidator:
             return TokenInfo.inactive()
         client_id = next((info[f] for f in _CLIENT_ID_FIELDS if isinstance(info.get(f), str)),
                          None)
-        user_id = info.get("userId")
+        user = data.get("userInfo")
+        user_guid = user.get("userGuid") if isinstance(user, dict) else None
         username = info.get("userName") if isinstance(info.get("userName"), str) else None
         return TokenInfo(
             active=True,
             client_id=client_id,
             scopes=self._scopes,
             exp=exp,
-            sub=str(user_id) if user_id is not None else None,
+            sub=user_guid if isinstance(user_guid, str) and user_guid else None,
             username=username,
         )
 
