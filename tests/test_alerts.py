@@ -3,6 +3,7 @@ really exports, and the alerts fire when they should (promtool unit tests)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -23,6 +24,9 @@ DASHBOARD = CHART / "dashboards" / "oauth-gateway.json"
 ALERT_TESTS = CHART / "ci" / "alerts-tests.yaml"
 #: labels Prometheus adds to every scraped series (ServiceMonitor targets)
 TARGET_LABELS = {"job", "namespace", "pod", "instance", "service", "endpoint", "container"}
+#: where the service identities count their sign-ins and refreshes (``_count("outcome")``)
+SERVICE_CREDENTIALS = (Path(__file__).resolve().parent.parent / "gateway" / "forward"
+                       / "credentials" / "service.py")
 SEVERITIES = {"critical", "warning", "info"}
 
 
@@ -55,6 +59,10 @@ def exported() -> dict[str, Family]:
 def known_label_values() -> dict[str, set[str]]:
     """Values of enumerated labels: the pre-bound children's, and the decisions."""
     values: dict[str, set[str]] = {"decision": set(DECISIONS)}
+    # the credential outcomes are not pre-bound: the ones service.py counts
+    credential_outcomes = set(re.findall(r'_count\("(\w+)"\)', SERVICE_CREDENTIALS.read_text()))
+    assert credential_outcomes, "no credential outcomes found"
+    values["outcome"] = credential_outcomes
     registry = GatewayMetrics().registry
     for family in registry.collect():
         for sample in family.samples:
@@ -105,6 +113,11 @@ def test_the_checker_catches_what_it_should() -> None:
         "grouping by client_id: no metric here has it"]
     assert expression_problems("gateway_client_window_requests{layer=\"local\"}") == [
         "gateway_client_window_requests: no label layer"]
+    assert expression_problems(
+        'gateway_upstream_credential_refreshes_total{outcome="sign_in_refused"}') == []
+    assert expression_problems(
+        'gateway_upstream_credential_refreshes_total{outcome="expired"}') == [
+        "gateway_upstream_credential_refreshes_total: outcome is never 'expired'"]
 
 
 # -- alerts ----------------------------------------------------------------------------
@@ -127,7 +140,8 @@ def test_alerts_cover_the_failure_modes_with_complete_annotations() -> None:
     assert [r["alert"] for r in rules] == [
         "OAuthGatewayClientDenySpike", "OAuthGatewayIntrospectionErrors",
         "OAuthGatewayIntrospectionSlow", "OAuthGatewayUpstream5xx",
-        "OAuthGatewayRedisUnreachable", "OAuthGatewayRefreshTokenReuse"]
+        "OAuthGatewayRedisUnreachable", "OAuthGatewayRefreshTokenReuse",
+        "OAuthGatewayServiceCredentialExpiring", "OAuthGatewayServiceSignInRefused"]
     for rule in rules:
         assert expression_problems(rule["expr"]) == [], rule["alert"]
         assert rule["labels"]["severity"] in SEVERITIES
@@ -142,6 +156,12 @@ def test_alerts_cover_the_failure_modes_with_complete_annotations() -> None:
     assert 'status=~"5.."' in by_name["OAuthGatewayUpstream5xx"]["expr"]
     assert "gateway_redis_errors_total" in by_name["OAuthGatewayRedisUnreachable"]["expr"]
     assert by_name["OAuthGatewayRefreshTokenReuse"]["for"] == "0m"
+    # the gauge is a Unix time: the time left is the fleet's newest minus now
+    expiring = by_name["OAuthGatewayServiceCredentialExpiring"]
+    assert "max by (namespace, identity) (gateway_upstream_credential_expiry_seconds" \
+        in expiring["expr"]
+    assert ") - time()\n    < 300\n" in expiring["expr"] and expiring["for"] == "2m"
+    assert 'outcome="sign_in_refused"' in by_name["OAuthGatewayServiceSignInRefused"]["expr"]
 
 
 def test_alerts_follow_their_values() -> None:
@@ -160,6 +180,15 @@ def test_alerts_follow_their_values() -> None:
     disabled = rendered_rules({"prometheusRule": {"enabled": True, "alerts": {
         "refreshReuse": {"enabled": False}}}})
     assert "OAuthGatewayRefreshTokenReuse" not in [r["alert"] for r in disabled]
+    expiring = by_name["OAuthGatewayServiceCredentialExpiring"]
+    assert expiring["for"] == "5m" and "< 600\n" in expiring["expr"]
+    assert expiring["labels"] == {"severity": "warning", "team": "identity"}
+    refused = by_name["OAuthGatewayServiceSignInRefused"]
+    assert refused["for"] == "1m" and refused["labels"]["severity"] == "warning"
+    off = rendered_rules({"prometheusRule": {"enabled": True, "alerts": {
+        "credentialExpiry": {"enabled": False}, "credentialSignInRefused": {"enabled": False}}}})
+    assert not {"OAuthGatewayServiceCredentialExpiring", "OAuthGatewayServiceSignInRefused"} \
+        & {r["alert"] for r in off}
 
 
 def promtool() -> str:
@@ -175,7 +204,9 @@ def promtool() -> str:
 def test_promtool_checks_the_rules_and_the_alerts_fire_on_synthetic_series(
         tmp_path: Path) -> None:
     """ci/alerts-tests.yaml: refresh reuse (a counter that grows, and one created by its
-    first event), a deny spike (and a busy and a quiet client that must not fire), Redis."""
+    first event), a deny spike (and a busy and a quiet client that must not fire), Redis,
+    a service token expiring while renewals fail (and an idle one that must not fire),
+    refused sign-ins."""
     need_chart_tools()
     exe = promtool()
     objects = render({"prometheusRule": {"enabled": True}}, release="oauth-gateway",
@@ -186,18 +217,28 @@ def test_promtool_checks_the_rules_and_the_alerts_fire_on_synthetic_series(
     check = subprocess.run([exe, "check", "rules", "rules.yaml"], cwd=tmp_path,
                            capture_output=True, text=True, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 6 rules found" in check.stdout
+    assert "SUCCESS: 8 rules found" in check.stdout
     test = subprocess.run([exe, "test", "rules", "alerts-tests.yaml"], cwd=tmp_path,
                           capture_output=True, text=True, check=False)
     assert test.returncode == 0, test.stdout + test.stderr
-    # the same unit tests fail on a refresh-reuse rule that only looks at increase()
-    for rule in rules["groups"][0]["rules"]:
-        if rule["alert"] == "OAuthGatewayRefreshTokenReuse":
-            rule["expr"] = rule["expr"].partition("\nor\n")[0]
-    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules))
-    weaker = subprocess.run([exe, "test", "rules", "alerts-tests.yaml"], cwd=tmp_path,
-                            capture_output=True, text=True, check=False)
-    assert weaker.returncode != 0 and "first-reuse" in weaker.stdout + weaker.stderr
+    # the same unit tests fail on weaker rules: a refresh-reuse rule that only looks at
+    # increase(), expiry rules that take the stalest replica or ignore whether renewals fail
+    by_name = {r["alert"]: r for r in rules["groups"][0]["rules"]}
+    reuse = by_name["OAuthGatewayRefreshTokenReuse"]["expr"]
+    expiring = by_name["OAuthGatewayServiceCredentialExpiring"]["expr"]
+    for alert, wrong, victim in (
+            ("OAuthGatewayRefreshTokenReuse", reuse.partition("\nor\n")[0],
+             'client_id="first-reuse"'),
+            ("OAuthGatewayServiceCredentialExpiring", expiring.replace("max by", "min by"),
+             'identity="busy"'),
+            ("OAuthGatewayServiceCredentialExpiring", expiring.partition("\nand on")[0],
+             'identity="idle"')):
+        weak = copy.deepcopy(rules)
+        next(r for r in weak["groups"][0]["rules"] if r["alert"] == alert)["expr"] = wrong
+        (tmp_path / "rules.yaml").write_text(yaml.safe_dump(weak))
+        weaker = subprocess.run([exe, "test", "rules", "alerts-tests.yaml"], cwd=tmp_path,
+                                capture_output=True, text=True, check=False)
+        assert weaker.returncode != 0 and victim in weaker.stdout + weaker.stderr, victim
 
 
 # -- dashboard -------------------------------------------------------------------------

@@ -36,7 +36,7 @@ HELM_PYTHON = Path(os.environ.get("HELM_CHECK_PYTHON") or ROOT / "build" / "helm
 #: settings the chart sets itself (or refuses), so ``config`` must not carry them
 CHART_OWNED_SETTINGS = {"listen", "admin_listen", "policies", "redis_url",
                         "introspection_client_secret", "token_digest_key", "sso_client_secret",
-                        "workers"}
+                        "secret_keys", "workers"}
 #: values whose content is free-form (a whole Kubernetes or gateway structure)
 OPAQUE_VALUES = {"config", "policies", "behavior", "podSecurityContext", "securityContext",
                  "resources", "commonLabels"}
@@ -206,6 +206,20 @@ def test_schema_accepts_the_default_and_the_full_values() -> None:
     ({"prometheusRule": {"alerts": {"refreshReuse": {"for": "soon"}}}},
      "prometheusRule.alerts.refreshReuse.for"),
     ({"replicas": 3}, ""),                                      # not an option of this chart
+    ({"config": {"secret_keys": "a2V5"}}, "config"),           # from a Secret only
+    ({"secretKeys": {"value": "a2V5"}}, "secretKeys"),          # no keys in values
+    ({"anaplan": {"identities": {"both": {"certificateSecret": "c", "basicAuthSecret": "b"}}}},
+     "anaplan.identities.both"),
+    ({"anaplan": {"identities": {"cert": {"certificateSecret": "c",
+                                          "env": {"username": "U"}}}}},
+     "anaplan.identities.cert"),                                 # env is for basic auth
+    ({"anaplan": {"identities": {"basic": {"basicAuthSecret": "b",
+                                           "env": {"password": "1PASS"}}}}},
+     "anaplan.identities.basic"),
+    ({"anaplan": {"identities": {"pw": {"password": "s3cr3t"}}}}, "anaplan.identities.pw"),
+    ({"anaplan": {"identities": {"-x": {"certificateSecret": "c"}}}}, "anaplan.identities"),
+    ({"anaplan": {"clientSecret": {"existingSecret": "Not_A_Name"}}},
+     "anaplan.clientSecret.existingSecret"),
 ])
 def test_schema_refuses_mistakes(override: dict[str, Any], where: str) -> None:
     errors = schema_errors(merged(default_values(), override))
@@ -473,6 +487,79 @@ def test_chart_secret_holds_the_credentials_and_rolls_the_pods() -> None:
     rotated = render(merged(values, {"credentials": {"introspectionClientSecret": "new"}}))
     assert pod_annotations(rotated)["checksum/secret"] != pod_annotations(objects)[
         "checksum/secret"]
+
+
+def volume_of(objects: list[Manifest], mount_path: str) -> tuple[dict[str, Any], Any]:
+    """The container's mount at ``mount_path`` and the pod volume it mounts."""
+    mount = next(m for m in container(objects)["volumeMounts"] if m["mountPath"] == mount_path)
+    volume = next(v for v in one(objects, "Deployment")["spec"]["template"]["spec"]["volumes"]
+                  if v["name"] == mount["name"])
+    return mount, volume
+
+
+def test_service_identities_and_secret_keys_come_from_their_secrets(tmp_path: Path) -> None:
+    """The certificate and key are files of a Secret volume, at the paths the policy names;
+    the basic-auth pair, GATEWAY_SECRET_KEYS and the Anaplan client secret are variables
+    from Secrets; none of it passes through a ConfigMap or the chart's own Secret."""
+    values = full_values()
+    objects = render(values)
+    # the policy of ci/full-values.yaml names the mounted files and the variables
+    for name, content in one(objects, "ConfigMap", "anaplan-gateway-policies")["data"].items():
+        (tmp_path / name).write_text(content)
+    policy = load_policy(str(tmp_path))
+    integration, reporting = policy.identities["integration"], policy.identities["reporting"]
+    mount, volume = volume_of(objects, "/etc/oauth-gateway/identities/integration")
+    assert mount["readOnly"] is True
+    assert volume["secret"]["secretName"] == "anaplan-integration-cert"
+    assert volume["secret"]["defaultMode"] == 0o440
+    files = {f"{mount['mountPath']}/{item['path']}": item["key"]
+             for item in volume["secret"]["items"]}
+    assert files == {integration.certificate_file: "tls.crt",
+                     integration.private_key_file: "tls.key"}
+    variables = env(objects)
+    assert variables[reporting.username_env] == {"secretKeyRef": {
+        "name": "anaplan-reporting", "key": "user"}}
+    assert variables[reporting.password_env] == {"secretKeyRef": {
+        "name": "anaplan-reporting", "key": "pass"}}
+    assert variables["GATEWAY_SECRET_KEYS"] == {"secretKeyRef": {
+        "name": "gateway-secret-keys", "key": "keys"}}
+    assert variables["GATEWAY_ANAPLAN_CLIENT_SECRET"] == {"secretKeyRef": {
+        "name": "anaplan-oauth-client", "key": "secret"}}
+    # only Secret references: no ConfigMap, no chart Secret carries any of it
+    for obj in objects:
+        if obj["kind"] in ("ConfigMap", "Secret"):
+            text = json.dumps(obj)
+            assert "GATEWAY_SECRET_KEYS" not in text and "ANAPLAN_CLIENT_SECRET" not in text
+            for secret in ("gateway-secret-keys", "anaplan-oauth-client",
+                           "anaplan-integration-cert", "anaplan-reporting"):
+                assert secret not in text, (obj["kind"], obj["metadata"]["name"])
+    assert set(one(objects, "Secret")["data"]) == {"as-secret", "digest-key", "oidc-secret"}
+
+
+def test_identity_defaults_and_what_is_not_asked_for_is_not_wired() -> None:
+    plain = render()
+    assert not {"GATEWAY_SECRET_KEYS", "GATEWAY_ANAPLAN_CLIENT_SECRET"} & set(env(plain))
+    assert [m for m in container(plain)["volumeMounts"]
+            if m["mountPath"].startswith("/etc/oauth-gateway/identities")] == []
+    objects = render({"secretKeys": {"existingSecret": "keys"}, "anaplan": {"identities": {
+        "Integration_1": {"certificateSecret": "cert"},
+        "ops.basic": {"basicAuthSecret": "ops"}}}})
+    _, volume = volume_of(objects, "/etc/oauth-gateway/identities/Integration_1")
+    assert volume["name"] == "identity-integration-1"    # a DNS label made of the name
+    assert [(i["key"], i["path"]) for i in volume["secret"]["items"]] == [
+        ("tls.crt", "certificate.pem"), ("tls.key", "private-key.pem")]
+    variables = env(objects)
+    assert variables["GATEWAY_SECRET_KEYS"] == {"secretKeyRef": {"name": "keys",
+                                                                 "key": "secret-keys"}}
+    assert variables["ANAPLAN_OPS_BASIC_USERNAME"] == {"secretKeyRef": {
+        "name": "ops", "key": "username"}}
+    assert variables["ANAPLAN_OPS_BASIC_PASSWORD"] == {"secretKeyRef": {
+        "name": "ops", "key": "password"}}
+    assert "GATEWAY_ANAPLAN_CLIENT_SECRET" not in variables
+    # two names that make one volume name are refused rather than rendered twice
+    with pytest.raises(RenderError, match="same volume name"):
+        render({"anaplan": {"identities": {"a.b": {"certificateSecret": "x"},
+                                           "a_b": {"certificateSecret": "y"}}}})
 
 
 def test_config_renders_as_settings_the_gateway_accepts() -> None:

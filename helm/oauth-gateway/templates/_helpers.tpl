@@ -130,3 +130,19 @@ the kubelet would SIGKILL requests that the gateway was still finishing.
 {{- printf "job=\"%s-metrics\", namespace=\"%s\"" (include "oauth-gateway.fullname" .) .Release.Namespace }}
 {{- end }}
 {{- end }}
+
+{{/* Volume of a service identity's certificate Secret: a DNS label made of its name. */}}
+{{- define "oauth-gateway.identityVolume" -}}
+{{- printf "identity-%s" (regexReplaceAll "[^a-z0-9-]" (lower .) "-") | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Variable holding a basic-auth identity's username or password (list name identity field):
+the identity's `env` entry, else ANAPLAN_<NAME>_USERNAME / _PASSWORD.
+*/}}
+{{- define "oauth-gateway.identityEnv" -}}
+{{- $name := index . 0 }}
+{{- $id := index . 1 }}
+{{- $field := index . 2 }}
+{{- dig "env" $field (printf "ANAPLAN_%s_%s" (regexReplaceAll "[^A-Z0-9_]" (upper $name) "_") (upper $field)) $id }}
+{{- end }}
