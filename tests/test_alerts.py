@@ -277,13 +277,18 @@ def test_dashboard_shows_what_operators_asked_for() -> None:
                    "gateway_request_duration_seconds_bucket",
                    "gateway_upstream_duration_seconds_bucket",
                    "gateway_introspection_duration_seconds_bucket", "gateway_requests_total",
-                   "gateway_redis_errors_total", "gateway_as_refresh_reuse_detected_total"):
+                   "gateway_redis_errors_total", "gateway_as_refresh_reuse_detected_total",
+                   "gateway_upstream_credential_expiry_seconds",
+                   "gateway_upstream_credential_refreshes_total"):
         assert metric in used, metric
     titles = {p["title"] for p in panels()}
     assert {"Cache hit ratio by layer", "Decisions/s by type", "Requests per client",
             "Distinct tokens per client", "Requests/s by route and status"} <= titles
     assert 'histogram_quantile(0.99, sum by (le) (rate(gateway_request_duration_seconds_bucket' \
         in used
+    # the expiry gauge is a Unix time: shown as the time left on the fleet's newest token
+    assert "max by (identity) (gateway_upstream_credential_expiry_seconds" \
+        "{namespace=~\"$namespace\"}) - time()" in used
 
 
 def test_dashboard_layout_is_sound() -> None:
