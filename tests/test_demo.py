@@ -6,6 +6,7 @@ behind."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import os
 import re
@@ -17,7 +18,10 @@ import sys
 from pathlib import Path
 
 import aiohttp
+from pytest_aiohttp import AiohttpClient
 
+from gateway.demo import anaplan
+from gateway.demo.tokenservice import TokenServiceStandIn, make_ca
 from tests.forms import submit
 from tests.redis_server import free_port
 
@@ -164,3 +168,29 @@ async def test_demo_walkthrough_and_clean_stop(tmp_path: Path) -> None:
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert f":{redis_url.rsplit(':', 1)[1].split('/')[0]}" not in ps
     assert str(workdir) not in ps
+
+
+async def test_api_stand_in_takes_only_tokens_its_token_service_issued(
+        aiohttp_client: AiohttpClient) -> None:
+    ca, _ = make_ca()
+    tokens = TokenServiceStandIn(ca, users={"svc@example.com": "pw"})
+    lines: list[str] = []
+    service = await aiohttp_client(anaplan.token_service_app(tokens, lines.append))
+    api = await aiohttp_client(anaplan.create_app(tokens, lines.append))
+    basic = base64.b64encode(b"svc@example.com:pw").decode()
+    resp = await service.post("/token/authenticate", headers={"Authorization": f"Basic {basic}"})
+    issued = (await resp.json())["tokenInfo"]["tokenValue"]
+    assert lines == ["token service: authenticate #1 with Basic: issued token #1 to "
+                     "svc@example.com"]
+    for refused in (f"Bearer {issued}", "AnaplanAuthToken made-up", ""):
+        assert (await api.get("/2/0/users/me", headers={"Authorization": refused})).status == 401
+    resp = await api.get("/2/0/users/me", headers={"Authorization": f"AnaplanAuthToken {issued}"})
+    assert resp.status == 200
+    assert (await resp.json())["user"]["email"] == "svc@example.com"
+    assert resp.headers["X-Standin-Received"] == (
+        f"AnaplanAuthToken sha256:{anaplan.fingerprint(issued)} = token-service token #1 of "
+        "svc@example.com (sign-ins so far: 1)")
+    assert issued not in "\n".join(lines)
+    tokens.stale()  # as after a logout: refused from then on
+    resp = await api.get("/2/0/users/me", headers={"Authorization": f"AnaplanAuthToken {issued}"})
+    assert resp.status == 401

@@ -26,6 +26,7 @@ from aiohttp.typedefs import Handler, Middleware
 from gateway.demo.tokenservice import TokenServiceStandIn
 
 Log = Callable[[str], None]
+_USER = web.RequestKey("user", str)  # whom the presented token was issued to
 
 WORKSPACE = "8a868cd97f8d0b50017fa0d6bb4f1d4c"
 MODELS = [
@@ -88,6 +89,7 @@ def _require_issued_token(tokens: TokenServiceStandIn, log: Log) -> Middleware:
         number = list(tokens.tokens).index(value) + 1
         received = (f"{seen} = token-service token #{number} of {issued.user} "
                     f"(sign-ins so far: {tokens.calls['authenticate']})")
+        request[_USER] = issued.user
         resp = await handler(request)
         resp.headers["X-Standin-Received"] = received
         log(f"{request.method} {request.path} -> {resp.status}: received {received}")
@@ -130,9 +132,11 @@ class AnaplanStandIn:
         self._ids = itertools.count(1)
 
     async def me(self, request: web.Request) -> web.Response:
-        return _ok(user={"id": "8a80db657068e6de01706d8e3c3d0c2a", "active": True,
-                         "email": "demo@example.com", "emailOptIn": False,
-                         "firstName": "Demo", "lastName": "User",
+        # whom the token was issued to: with the gateway in service mode, its identity
+        user = request[_USER]
+        return _ok(user={"id": uuid.uuid5(uuid.NAMESPACE_OID, user).hex, "active": True,
+                         "email": user, "emailOptIn": False,
+                         "firstName": user.partition("@")[0], "lastName": "",
                          "lastLoginDate": time.strftime("%Y-%m-%dT%H:%M:%S.000+0000")})
 
     async def workspaces(self, request: web.Request) -> web.Response:
