@@ -2,18 +2,31 @@
 
 Shapes follow Anaplan's public API documentation (``meta``/``status`` envelopes,
 workspaces, models, imports and their tasks, files and chunks). It keeps state in
-memory, requires the ``AnaplanAuthToken`` scheme as Anaplan does, and echoes nothing
-of the token.
+memory and, as Anaplan does, answers 401 to anything but ``AnaplanAuthToken`` with a
+live token its token service (:mod:`gateway.demo.tokenservice`) issued.
+
+So that a user can see what reached "Anaplan", each answer carries
+``X-Standin-Received`` and each call is logged: the scheme, a fingerprint of the
+credential (the first 8 hex digits of its SHA-256, nothing to replay) and which
+token-service sign-in issued it. :func:`token_service_app` logs the sign-ins.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from gateway.demo.tokenservice import TokenServiceStandIn
+
+Log = Callable[[str], None]
+_USER = web.RequestKey("user", str)  # whom the presented token was issued to
 
 WORKSPACE = "8a868cd97f8d0b50017fa0d6bb4f1d4c"
 MODELS = [
@@ -54,14 +67,60 @@ def _not_found(what: str) -> web.Response:
                              status=404)
 
 
-@web.middleware
-async def _require_anaplan_token(request: web.Request, handler: Any) -> web.StreamResponse:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme != "AnaplanAuthToken" or not token:
-        return web.json_response({"status": {"code": 401, "message": "Unauthorized"}},
-                                 status=401)
-    resp: web.StreamResponse = await handler(request)
-    return resp
+def fingerprint(credential: str) -> str:
+    """The first 8 hex digits of ``credential``'s SHA-256: tells tokens apart in a log."""
+    return hashlib.sha256(credential.encode()).hexdigest()[:8]
+
+
+def _require_issued_token(tokens: TokenServiceStandIn, log: Log) -> Middleware:
+    """The API's check: a live ``AnaplanAuthToken`` that ``tokens`` issued, else 401."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        value = value.strip()
+        seen = f"{scheme} sha256:{fingerprint(value)}" if value else "no credential"
+        issued = tokens.live(value) if scheme == "AnaplanAuthToken" and value else None
+        if issued is None:
+            log(f"{request.method} {request.path} -> 401: received {seen}, "
+                "not a token the token service issued")
+            return web.json_response({"status": {"code": 401, "message": "Unauthorized"}},
+                                     status=401)
+        number = list(tokens.tokens).index(value) + 1
+        received = (f"{seen} = token-service token #{number} of {issued.user} "
+                    f"(sign-ins so far: {tokens.calls['authenticate']})")
+        request[_USER] = issued.user
+        resp = await handler(request)
+        resp.headers["X-Standin-Received"] = received
+        log(f"{request.method} {request.path} -> {resp.status}: received {received}")
+        return resp
+
+    return check
+
+
+def token_service_app(tokens: TokenServiceStandIn, log: Log) -> web.Application:
+    """The token service of ``tokens``, logging each sign-in and refresh."""
+    app = tokens.app()
+
+    @web.middleware
+    async def note(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resp = await handler(request)
+        name = request.path.removeprefix("/token/")
+        if name in ("authenticate", "refresh"):
+            scheme = request.headers.get("Authorization", "").partition(" ")[0]
+            if resp.status != 200:
+                what = f"refused ({resp.status})"
+            elif name == "refresh":
+                what = "token refreshed"
+            else:
+                issued = list(tokens.tokens.values())[-1]
+                what = f"issued token #{len(tokens.tokens)} to {issued.user}"
+            log(f"token service: {name} #{tokens.calls[name]} with {scheme or 'nothing'}: "
+                + what)
+        return resp
+
+    app.middlewares.append(note)
+    return app
 
 
 class AnaplanStandIn:
@@ -73,9 +132,11 @@ class AnaplanStandIn:
         self._ids = itertools.count(1)
 
     async def me(self, request: web.Request) -> web.Response:
-        return _ok(user={"id": "8a80db657068e6de01706d8e3c3d0c2a", "active": True,
-                         "email": "demo@example.com", "emailOptIn": False,
-                         "firstName": "Demo", "lastName": "User",
+        # whom the token was issued to: with the gateway in service mode, its identity
+        user = request[_USER]
+        return _ok(user={"id": uuid.uuid5(uuid.NAMESPACE_OID, user).hex, "active": True,
+                         "email": user, "emailOptIn": False,
+                         "firstName": user.partition("@")[0], "lastName": "",
                          "lastLoginDate": time.strftime("%Y-%m-%dT%H:%M:%S.000+0000")})
 
     async def workspaces(self, request: web.Request) -> web.Response:
@@ -150,10 +211,12 @@ class AnaplanStandIn:
         return web.Response(body=data, content_type="application/octet-stream")
 
 
-def create_app() -> web.Application:
-    """The stand-in API as an aiohttp app."""
+def create_app(tokens: TokenServiceStandIn, log: Log = lambda line: None
+               ) -> web.Application:
+    """The stand-in API as an aiohttp app, taking the tokens ``tokens`` issued."""
     s = AnaplanStandIn()
-    app = web.Application(middlewares=[_require_anaplan_token], client_max_size=64 * 2**20)
+    app = web.Application(middlewares=[_require_issued_token(tokens, log)],
+                          client_max_size=64 * 2**20)
     base = "/2/0/workspaces/{ws}/models/{model}"
     app.router.add_get("/2/0/users/me", s.me)
     app.router.add_get("/2/0/workspaces", s.workspaces)

@@ -1,13 +1,18 @@
-"""``oauth-gateway demo``: Redis, the authorization server, an Anaplan stand-in, the gateway.
+"""``oauth-gateway demo``: Redis, the authorization server, Anaplan stand-ins, the gateway.
 
 Everything on loopback, in one process (plus an embedded Valkey/Redis when none
-answers at ``GATEWAY_REDIS_URL``). Prints the URLs, credentials and commands to try;
-Ctrl-C stops everything and leaves nothing running.
+answers at ``GATEWAY_REDIS_URL``). The gateway runs as it would against Anaplan: its
+API upstream has ``credentials: service``, so it signs in to the token-service
+stand-in with a certificate of its own (made at start by a throwaway test CA, in a
+temporary directory) and sends the API stand-in that AnaplanAuthToken, which is the
+only kind of token the API stand-in takes. Prints the URLs, credentials and commands
+to try; Ctrl-C stops everything and leaves nothing running.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import secrets
@@ -20,24 +25,35 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from aiohttp import web
+from cryptography import x509
 from redis.exceptions import RedisError
 
 from gateway.config.settings import Settings, load_settings, parse_hostport
 from gateway.demo import anaplan
+from gateway.demo.tokenservice import TokenServiceStandIn, make_ca, make_client_certificate
 from gateway.runtime.app import create_apps
 from gateway.state.connection import connect
 from gateway.state.embedded import EmbeddedRedis, free_port
 
 DEMO_USER = "demo"
+IDENTITY = "integration"  # the policy's name of the gateway's own Anaplan identity
+CERT_USER = "gateway-demo@example.com"  # whom the demo certificate names
 READ_SCOPES = "anaplan:read anaplan:bulk"
 ALL_SCOPES = "anaplan:read anaplan:write anaplan:bulk anaplan:bulk:write"
 
 POLICY = """\
-# The demo's policy: the shipped Anaplan vocabulary, pointed at the local stand-in.
+# The demo's policy: the shipped Anaplan vocabulary, pointed at the local stand-ins.
+identities:
+  {identity}:                  # the gateway's own Anaplan sign-in
+    kind: anaplan-certificate
+    auth_url: {auth_url}
+    certificate_file: {cert}
+    private_key_file: {key}
 upstreams:
   anaplan:
     url: {upstream}
-    scheme: AnaplanAuthToken      # what Anaplan expects
+    credentials: service          # send the identity's AnaplanAuthToken, never the client's
+    identity: {identity}
 routes:
   - name: bulk-imports-read
     upstream: anaplan
@@ -125,28 +141,52 @@ class Demo:
             await asyncio.to_thread(self.embedded.start)
             redis_url, prefix = self.embedded.url, prefix or "gw:"
             redis_note = "embedded Valkey/Redis, stopped on exit"
-        stand_in = web.AppRunner(anaplan.create_app(), access_log=None)
-        await stand_in.setup()
-        upstream_port = free_port()
-        await web.TCPSite(stand_in, "127.0.0.1", upstream_port).start()
-        self.runners.append(stand_in)
-        upstream = f"http://127.0.0.1:{upstream_port}"
-
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        tokens = TokenServiceStandIn(await asyncio.to_thread(self._make_certificate))
+        auth_url = await self._serve(anaplan.token_service_app(tokens, self.log))
+        upstream = await self._serve(anaplan.create_app(tokens, self.log))
         policy = self.workdir / "demo-policy.yaml"
-        policy.write_text(POLICY.format(upstream=upstream))
+        policy.write_text(POLICY.format(
+            upstream=upstream, auth_url=auth_url, identity=IDENTITY,
+            cert=self.workdir / "gateway-cert.pem", key=self.workdir / "gateway-key.pem"))
         listen = _listen(env.get("GATEWAY_LISTEN", "127.0.0.1:8080"), 8080)
         admin_listen = _listen(env.get("GATEWAY_ADMIN_LISTEN", "127.0.0.1:9090"), 9090)
         issuer = f"http://{listen}"
         settings = load_settings(
             environ={}, redis_url=redis_url, key_prefix=prefix, policies=str(policy),
             issuer=issuer, listen=listen, admin_listen=admin_listen, log_format="text",
-            access_log=env.get("GATEWAY_ACCESS_LOG", "true").lower() != "false")
+            access_log=env.get("GATEWAY_ACCESS_LOG", "true").lower() != "false",
+            # the demo's own key for the Anaplan token it keeps in Redis
+            secret_keys=base64.b64encode(secrets.token_bytes(32)).decode())
         await self._start_gateway(settings)
         await self._seed(settings)
         self.info.update(issuer=issuer, admin=f"http://{admin_listen}", upstream=upstream,
-                         redis_url=redis_url, redis_note=redis_note, prefix=prefix)
+                         auth_url=auth_url, redis_url=redis_url, redis_note=redis_note,
+                         prefix=prefix)
         self.print_panel()
+
+    def log(self, line: str) -> None:
+        """A line of the Anaplan stand-ins' log, on the demo's terminal."""
+        print(f"[anaplan stand-in] {line}", file=self.out, flush=True)
+
+    def _make_certificate(self) -> x509.Certificate:
+        """A test CA; the gateway's certificate and key it issued, written to the workdir.
+        The CA's key is dropped: nothing else is ever signed with it."""
+        ca, ca_key = make_ca("oauth-gateway demo CA")
+        pem, key_pem = make_client_certificate(ca, ca_key, user=CERT_USER)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "gateway-cert.pem").write_bytes(pem)
+        key_file = self.workdir / "gateway-key.pem"
+        key_file.touch(mode=0o600)
+        key_file.write_bytes(key_pem)
+        return ca
+
+    async def _serve(self, app: web.Application) -> str:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        self.runners.append(runner)
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return f"http://127.0.0.1:{port}"
 
     async def _start_gateway(self, settings: Settings) -> None:
         proxy, admin = create_apps(settings)
@@ -191,13 +231,20 @@ class Demo:
             f"  API base URL (the gateway)  {i['issuer']}",
             f"  Authorization server        {i['issuer']}/.well-known/oauth-authorization-server",
             f"  Metrics / health            {i['admin']}/metrics  /healthz  /readyz",
-            f"  Anaplan stand-in            {i['upstream']}  (reached only through the gateway)",
+            f"  Anaplan API stand-in        {i['upstream']}  (reached only through the gateway)",
+            f"  Anaplan token service       {i['auth_url']}  (stand-in, trusts the demo CA)",
+            f"  Gateway's Anaplan identity  certificate of {CERT_USER}, signed by a test CA,",
+            f"                              in {self.workdir}  (removed on exit)",
             f"  Redis                       {i['redis_url']}  ({i['redis_note']})",
             "",
             f"  Demo user                   {DEMO_USER} / {i['password']}",
             f"  Device-flow client          {i['device_client']}  (scopes: {READ_SCOPES})",
             f"  Code-flow client            {i['web_client']}",
             f"    its secret (shown once)   {i['web_secret']}",
+            "",
+            "The API upstream has credentials: service: at its first call the gateway signs in to",
+            "the token service with its certificate and sends Anaplan its own AnaplanAuthToken;",
+            "your Bearer token never leaves the gateway (the API stand-in takes no other token).",
             "",
             "Try it, in another terminal:",
             "",
@@ -207,15 +254,21 @@ class Demo:
             "  1. Log in with the device flow (open the URL it prints, sign in, approve):",
             "     oauth-gateway login --client-id $CLIENT",
             "  2. Call the API through the gateway:",
-            f"     curl {bearer} \\",
+            f"     curl -i {bearer} \\",
             f"          {models}",
+            "     X-Standin-Received shows what reached Anaplan: the token service's token (by its",
+            "     SHA-256 prefix), not yours; this terminal logs every call the stand-ins receive.",
+            "     Your token's SHA-256 prefix, to compare:",
+            "     printf %s \"$(oauth-gateway token --client-id $CLIENT)\" | sha256sum | cut -c1-8",
             "  3. A write this client's scopes do not allow (403 insufficient_scope):",
             f"     curl -X POST {bearer} \\",
             f"          {task}",
             "  4. Disable the client, then repeat step 2 (401 invalid_token):",
             "     oauth-gateway clients disable $CLIENT --reason demo",
-            "  5. Metrics:",
-            f"     curl -s {i['admin']}/metrics | grep gateway_auth_decisions_total",
+            "  5. Metrics (gateway_upstream_credential_refreshes_total: the gateway's own sign-ins",
+            "     and refreshes at the token service):",
+            f"     curl -s {i['admin']}/metrics | grep -E \\",
+            "          'gateway_auth_decisions_total|gateway_upstream_credential_refreshes_total'",
             "",
             "Ctrl-C stops everything.",
         ]
