@@ -119,6 +119,9 @@ async def _redis_answers(url: str) -> bool:
         await client.aclose()
 
 
+STOP_TIMEOUT = 10.0  # seconds each listener gets to close on Ctrl-C
+
+
 class Demo:
     """The running demo; :meth:`start` then :meth:`stop`."""
 
@@ -277,8 +280,10 @@ class Demo:
 
     async def stop(self) -> None:
         for runner in reversed(self.runners):
+            # bounded: a listener that will not close must not keep the demo (and its
+            # Redis) running after Ctrl-C
             with contextlib.suppress(Exception):
-                await runner.cleanup()
+                await asyncio.wait_for(runner.cleanup(), timeout=STOP_TIMEOUT)
         self.runners.clear()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
@@ -295,10 +300,22 @@ async def _main(out: TextIO) -> None:
     try:
         await demo.start()
         await stop.wait()
-        print("\nstopping the demo...", file=out, flush=True)
+        print("\nstopping the demo... (Ctrl-C again to stop at once)", file=out, flush=True)
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, _stop_at_once, demo, out)
         await demo.stop()
     print("demo stopped; nothing left running", file=out, flush=True)
+
+
+def _stop_at_once(demo: Demo, out: TextIO) -> None:
+    """A second Ctrl-C: stop the embedded Redis (a process of its own) and exit now."""
+    print("stopping at once", file=out, flush=True)
+    if demo.embedded is not None:
+        with contextlib.suppress(Exception):
+            demo.embedded.stop()
+    shutil.rmtree(demo.workdir, ignore_errors=True)
+    os._exit(130)
 
 
 def run() -> int:
