@@ -149,3 +149,129 @@ async def device_grant(h: AuthHarness, browser: Browser, scope: str = "anaplan:r
         done = await browser.submit(consent, "approve")
         assert done.status == 200, done.text
         return await asyncio.wait_for(waiting, 10)
+
+
+USER_POLICY = """
+upstreams:
+  api:
+    url: {anaplan}
+    credentials: user
+routes:
+  - name: read
+    upstream: api
+    methods: [GET]
+    path: /2/0/**
+    scopes: [anaplan:read]
+"""
+
+
+async def user_gateway(make: AuthGatewayFactory, anaplan: Anaplan, **overrides: Any
+                       ) -> AuthHarness:
+    policy = USER_POLICY.replace("{anaplan}", anaplan.url)
+    return await signin_gateway(make, anaplan, policy, **overrides)
+
+
+async def signed_in_app(h: AuthHarness) -> tuple[dict[str, Any], dict[str, str]]:
+    browser = Browser(h.issuer)
+    try:
+        tokens = await device_grant(h, browser)
+    finally:
+        await browser.http.close()
+    return tokens, {"Authorization": f"Bearer {tokens['access_token']}"}
+
+
+def stored(redis: Redis) -> SignInStore:
+    return SignInStore(redis, Keys("gw:"), [base64.b64decode(KEY_A)])
+
+
+async def test_user_mode_sends_the_persons_anaplan_token_never_the_clients(
+        make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan, redis: Redis) -> None:
+    h = await user_gateway(make_auth_gateway, anaplan)
+    tokens, bearer = await signed_in_app(h)
+    [grant] = await h.auth.list_grants(username=EMAIL)
+    assert grant.username == EMAIL
+    resp = await h.client.get("/2/0/workspaces", headers=bearer)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["user"] == EMAIL
+    mine = await stored(redis).load(GUID)
+    assert mine is not None
+    assert anaplan.standin.api_authorizations == [f"AnaplanAuthToken {mine.signin.access_token}"]
+    assert tokens["access_token"] not in " ".join(anaplan.standin.api_authorizations)
+    assert anaplan.standin.calls["refresh"] == 0
+
+
+async def test_token_of_nobody_or_without_anaplan_sign_in_is_401(
+        make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan, redis: Redis) -> None:
+    h = await user_gateway(make_auth_gateway, anaplan)
+    _, bearer = await signed_in_app(h)
+    await redis.delete(f"gw:anaplan_signin:{GUID}")  # the sign-in is gone
+    resp = await h.client.get("/2/0/workspaces", headers=bearer)
+    assert resp.status == 401
+    assert 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
+    assert anaplan.standin.calls["api"] == 0
+
+
+async def test_stale_anaplan_token_is_refreshed_and_swapped(
+        make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan, redis: Redis) -> None:
+    h = await user_gateway(make_auth_gateway, anaplan)
+    _, bearer = await signed_in_app(h)
+    before = await stored(redis).load(GUID)
+    assert before is not None
+    # past three quarters of its life: refreshed before it is sent
+    old = before.signin
+    aged = type(old)(old.username, old.access_token, old.refresh_token,
+                     old.expires_at - 2000, old.obtained_at - 2000)
+    assert await stored(redis).swap(GUID, before, aged)
+    resp = await h.client.get("/2/0/workspaces", headers=bearer)
+    assert resp.status == 200
+    after = await stored(redis).load(GUID)
+    assert after is not None and anaplan.standin.calls["refresh"] == 1
+    assert after.signin.access_token != old.access_token
+    assert after.signin.refresh_token != old.refresh_token  # rotated
+    assert anaplan.standin.api_authorizations[-1] == \
+        f"AnaplanAuthToken {after.signin.access_token}"
+    # an upstream 401 (the token died at Anaplan) renews it once and retries
+    anaplan.standin.stale()
+    resp = await h.client.get("/2/0/models", headers=bearer)
+    assert resp.status == 200 and anaplan.standin.calls["refresh"] == 2
+
+
+async def test_two_replicas_refreshing_at_once_make_one_call(
+        make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan, redis: Redis) -> None:
+    one = await user_gateway(make_auth_gateway, anaplan)
+    two = await signin_gateway(make_auth_gateway, anaplan,
+                               USER_POLICY.replace("{anaplan}", anaplan.url))
+    _, bearer = await signed_in_app(one)
+    anaplan.standin.stale()
+    anaplan.standin.refresh_delay = 0.3  # both replicas see the 401 while one refreshes
+    answers = await asyncio.gather(*(h.client.get("/2/0/workspaces", headers=bearer)
+                                     for h in (one, two, one, two)))
+    assert [r.status for r in answers] == [200] * 4
+    assert anaplan.standin.calls["refresh"] == 1
+    assert anaplan.standin.calls["reuse_detected"] == 0
+
+
+async def test_anaplan_refusing_the_refresh_ends_the_grant(
+        make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan, redis: Redis) -> None:
+    h = await user_gateway(make_auth_gateway, anaplan)
+    tokens, bearer = await signed_in_app(h)
+    anaplan.standin.stale()
+    anaplan.standin.refuse_refresh = True
+    resp = await h.client.get("/2/0/workspaces", headers=bearer)
+    assert resp.status == 401
+    assert await redis.exists(f"gw:anaplan_signin:{GUID}") == 0
+    [grant] = await h.auth.list_grants(username=EMAIL)
+    assert grant.revoked and grant.revoked_reason == "anaplan_signin_ended"
+    assert (await h.client.get("/2/0/workspaces", headers=bearer)).status == 401
+    refresh = await h.client.post("/oauth/token", data={
+        "grant_type": "refresh_token", "refresh_token": tokens["refresh_token"],
+        "client_id": grant.client_id})
+    assert refresh.status == 400  # the app's next login starts over
+
+
+async def test_user_mode_without_secret_keys_is_refused_at_start(
+        make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan) -> None:
+    from gateway.runtime.app import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"credentials: user.*GATEWAY_SECRET_KEYS"):
+        await user_gateway(make_auth_gateway, anaplan, secret_keys="")
