@@ -13,6 +13,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from gateway.authserver.oidc import OpenIDProvider
     from gateway.authserver.plugin import BuiltinServer
+    from gateway.forward.credentials.anaplan_oauth import AnaplanOAuth
     from gateway.runtime.app import Gateway
 
 #: the gateway process's components, on the proxy app and the admin app
@@ -21,3 +22,5 @@ GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 AUTH_SERVER: web.AppKey[BuiltinServer] = web.AppKey("auth_server")
 #: the upstream OpenID provider of single sign-on, when ``GATEWAY_SSO_ISSUER`` is set
 SSO_PROVIDER: web.AppKey[OpenIDProvider] = web.AppKey("sso_provider")
+#: the client of Anaplan's OAuth service ("Sign in with Anaplan"), when configured
+ANAPLAN_OAUTH: web.AppKey[AnaplanOAuth] = web.AppKey("anaplan_oauth")

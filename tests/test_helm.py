@@ -36,7 +36,7 @@ HELM_PYTHON = Path(os.environ.get("HELM_CHECK_PYTHON") or ROOT / "build" / "helm
 #: settings the chart sets itself (or refuses), so ``config`` must not carry them
 CHART_OWNED_SETTINGS = {"listen", "admin_listen", "policies", "redis_url",
                         "introspection_client_secret", "token_digest_key", "sso_client_secret",
-                        "secret_keys", "workers"}
+                        "secret_keys", "anaplan_client_secret", "workers"}
 #: values whose content is free-form (a whole Kubernetes or gateway structure)
 OPAQUE_VALUES = {"config", "policies", "behavior", "podSecurityContext", "securityContext",
                  "resources", "commonLabels"}
@@ -207,6 +207,7 @@ def test_schema_accepts_the_default_and_the_full_values() -> None:
      "prometheusRule.alerts.refreshReuse.for"),
     ({"replicas": 3}, ""),                                      # not an option of this chart
     ({"config": {"secret_keys": "a2V5"}}, "config"),           # from a Secret only
+    ({"config": {"anaplan_client_secret": "x"}}, "config"),  # from a Secret only
     ({"secretKeys": {"value": "a2V5"}}, "secretKeys"),          # no keys in values
     ({"anaplan": {"identities": {"both": {"certificateSecret": "c", "basicAuthSecret": "b"}}}},
      "anaplan.identities.both"),

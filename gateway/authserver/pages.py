@@ -152,7 +152,8 @@ def _login_form(request: web.Request, next_url: str, error: str = "",
     settings = server_of(request).settings
     return render(request, "login.html", {
         "next_url": next_url, "error": error, "username": username,
-        "local_login": settings.as_local_login, "sso": bool(settings.sso_issuer)},
+        "local_login": settings.as_local_login, "sso": bool(settings.sso_issuer),
+        "anaplan": bool(settings.anaplan_client_id and settings.anaplan_client_secret)},
         status=401 if error else 200)
 
 

@@ -60,6 +60,18 @@ class BuiltinServer:
             raise RuntimeError("the built-in authorization server is not started")
         return BuiltinValidator(self._server.store)
 
+    async def end_grants_of(self, username: str, *, reason: str) -> int:
+        """End every live grant of the person ``username``; how many ended."""
+        server = self._server
+        if server is None or not username:
+            return 0
+        ended = 0
+        for grant in await server.store.list_grants(username=username):
+            if not grant.revoked and await server.issuer.revoke_grant(
+                    grant.grant_id, reason=reason, actor="gateway"):
+                ended += 1
+        return ended
+
     async def stop(self) -> None:
         """Forget the server; its Redis client belongs to the gateway."""
         self._server = None

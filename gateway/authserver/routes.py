@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.authserver import anaplan_token, authorize, pages, rfc8628, rfc9068, sso
+from gateway.authserver import (
+    anaplan_signin,
+    anaplan_token,
+    authorize,
+    pages,
+    rfc8628,
+    rfc9068,
+    sso,
+)
 from gateway.authserver.rfc6749 import token_endpoint
 from gateway.authserver.rfc7009 import revocation_endpoint
 from gateway.authserver.rfc7662 import introspection_endpoint
@@ -23,4 +31,5 @@ def add_routes(app: web.Application) -> None:
     rfc8628.add_routes(app)
     rfc9068.add_routes(app)
     sso.add_routes(app)
+    anaplan_signin.add_routes(app)
     anaplan_token.add_routes(app)

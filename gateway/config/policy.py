@@ -6,12 +6,15 @@ Format (the keys docs/COMPATIBILITY.md promises to keep accepting)::
       api: https://api.anaplan.com          # name -> base URL, or a mapping (below)
       audit:
         url: https://audit.anaplan.com
-        credentials: forward                 # forward | strip | replace | service
+        credentials: forward                 # forward | strip | replace | service | user
         scheme: AnaplanAuthToken             # scheme the token is forwarded in
       admin:
         url: https://api.anaplan.com
         credentials: service                 # the gateway's own Anaplan sign-in
         identity: integration
+      mine:
+        url: https://api.anaplan.com
+        credentials: user                    # the person's own Anaplan sign-in
     identities:                              # who the gateway signs in to Anaplan as
       integration:
         kind: anaplan-certificate            # or anaplan-basic (username_env, password_env)
@@ -47,7 +50,7 @@ HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _NAME = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"}
 _SCOPE = {"type": "string", "pattern": r"^[\x21\x23-\x5B\x5D-\x7E]+$"}  # RFC 6749 3.3
 
-CREDENTIAL_MODES = ["forward", "strip", "replace", "service"]
+CREDENTIAL_MODES = ["forward", "strip", "replace", "service", "user"]
 IDENTITY_KINDS = ["anaplan-certificate", "anaplan-basic"]
 #: the keys each identity kind requires
 IDENTITY_KEYS = {"anaplan-certificate": ("certificate_file", "private_key_file"),

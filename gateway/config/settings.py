@@ -117,6 +117,20 @@ class Settings:
     sso_scopes: str = setting("openid profile email", "scopes asked of the OpenID provider")
     sso_username_claim: str = setting(
         "preferred_username", "ID-token claim that names the user (falls back to `sub`)")
+    anaplan_oauth_url: str = setting(
+        "https://us1a.app.anaplan.com",
+        "Anaplan's OAuth service (`/auth/authorize`, `/oauth/token`): \"Sign in with "
+        "Anaplan\" on the built-in server, and the refresh of `credentials: user` tokens",
+        url=HTTP_URL)
+    anaplan_auth_url: str = setting(
+        "https://auth.anaplan.com",
+        "Anaplan's token service; its `/token/validate` names the person who signed in",
+        url=HTTP_URL)
+    anaplan_client_id: str = setting(
+        "", "the built-in server's OAuth client id at Anaplan; set (with the secret) to offer "
+        "\"Sign in with Anaplan\"")
+    anaplan_client_secret: str = setting(
+        "", "the built-in server's OAuth client secret at Anaplan")
     require_client_record: bool = setting(
         False, "`true`: refuse tokens of clients that have no record in Redis")
     log_format: str = setting("json", "`json` or `text`", choices=("json", "text"))
@@ -127,8 +141,9 @@ class Settings:
         "is created once in Redis (`gw:meta:digest_key`) and shared by the fleet")
     secret_keys: str = setting(
         "", "comma-separated base64 32-byte keys (AES-256-GCM) that encrypt what the gateway "
-        "keeps in Redis for `credentials: service` upstreams; the first encrypts, all decrypt "
-        "(rotation: add the new key first); required when a policy uses `service`")
+        "keeps in Redis for `credentials: service` and `user` upstreams; the first encrypts, all "
+        "decrypt (rotation: add the new key first); required when a policy uses `service` or "
+        "`user`")
     local_cache_ttl: float = setting(
         5.0, "seconds a validation result lives in the in-process layer", above=0)
     local_cache_size: int = setting(

@@ -192,8 +192,8 @@ class UpstreamForwarder:
         return out
 
     async def forward(self, request: web.Request, route: Route, token: PresentedToken,
-                      request_id: str, observe_upstream: Callable[[float, int], None]
-                      ) -> web.StreamResponse:
+                      request_id: str, observe_upstream: Callable[[float, int], None],
+                      subject: str | None = None) -> web.StreamResponse:
         """Send the request upstream and stream the answer back to the client."""
         length = request.content_length
         if length is not None and length > self.max_body_size:
@@ -202,7 +202,7 @@ class UpstreamForwarder:
         upstream = route.upstream
         place = self._place(upstream)
         mode = place.mode
-        credentials = await mode.obtain(token) if mode.awaits else mode.apply(token)
+        credentials = await mode.obtain(token, subject) if mode.awaits else mode.apply(token)
         data: _CappedBody | None = None
         if request.body_exists:
             data = _CappedBody(request, self.max_body_size, self.client_body_timeout)
@@ -215,7 +215,7 @@ class UpstreamForwarder:
                 read_timeout=limit, body=data, content_length=length)
             if resp.status == 401 and mode.renews:
                 resp = await self._renewed(request, place, token, credentials, request_id,
-                                           resp, data, limit)
+                                           resp, data, limit, subject)
         except UpstreamError as exc:
             if data is not None and data.exceeded:
                 raise PayloadTooLarge(
@@ -234,13 +234,14 @@ class UpstreamForwarder:
 
     async def _renewed(self, request: web.Request, place: _Place, token: PresentedToken,
                        sent: Credentials, request_id: str, resp: UpstreamResponse,
-                       data: _CappedBody | None, limit: float) -> UpstreamResponse:
+                       data: _CappedBody | None, limit: float, subject: str | None
+                       ) -> UpstreamResponse:
         """The upstream refused the mode's credentials: renew them, and retry once when
         nothing of the request is lost (no body: a 401 means it was not acted on)."""
         resp.release()
-        retry = await place.mode.refused(sent) and data is None
+        retry = await place.mode.refused(sent, subject) and data is None
         if retry:
-            credentials = await place.mode.obtain(token)
+            credentials = await place.mode.obtain(token, subject)
             resp = await self.pool.request(
                 request.method, place.origin, place.path + request.raw_path,
                 self.upstream_headers(request, place, credentials, request_id),

@@ -63,6 +63,7 @@ class Decision:
     client_id: str | None
     digest: str
     token: PresentedToken
+    subject: str | None = None  # whom the token speaks for (``credentials: user``)
 
 
 class RequestIds:
@@ -177,7 +178,7 @@ class ProxyPipeline:
                 raise InsufficientScope(
                     "The access token lacks a scope this route requires.",
                     required=list(route.scopes))
-        return Decision(route, client_id, digest, token)
+        return Decision(route, client_id, digest, token, subject)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -205,7 +206,7 @@ class ProxyPipeline:
             self.metrics.decision(auth.client_id, "allowed")
             self.usage.record(auth.client_id or "unknown", auth.digest)
             response = await self.forwarder.forward(
-                request, auth.route, auth.token, request_id, observe_upstream)
+                request, auth.route, auth.token, request_id, observe_upstream, auth.subject)
         except GatewayError as exc:
             response = error_response(exc, {"X-Request-Id": request_id})
         except Exception:

@@ -31,8 +31,9 @@ from gateway.authn.validators.base import TokenValidator
 from gateway.authserver import BuiltinServer, DeviceFlowTiming
 from gateway.config.policy import PolicyError, RoutePolicy, load_policy
 from gateway.config.settings import Settings
+from gateway.forward.credentials.anaplan_oauth import AnaplanOAuth
 from gateway.forward.credentials.service import service_modes
-from gateway.forward.credentials.sharing import parse_secret_keys
+from gateway.forward.credentials.user import PeopleTokens, user_modes
 from gateway.forward.forwarder import UpstreamForwarder
 from gateway.forward.upstream import UpstreamPool
 from gateway.observe.accesslog import AccessLog
@@ -45,6 +46,8 @@ from gateway.protocol.tokens import TokenDigester
 from gateway.runtime.fleet import EventSubscriber
 from gateway.state import connection as store
 from gateway.state.keys import Keys
+from gateway.state.sealing import parse_secret_keys
+from gateway.state.signins import SignInStore
 
 log = logging.getLogger(__name__)
 
@@ -158,18 +161,41 @@ def build_validator(settings: Settings, session: aiohttp.ClientSession,
 
 
 def _secret_keys(settings: Settings, policy: RoutePolicy) -> list[bytes]:
-    """``GATEWAY_SECRET_KEYS``, required when an upstream has ``credentials: service``."""
-    users = sorted(u.name for u in policy.upstreams.values() if u.credentials == "service")
+    """``GATEWAY_SECRET_KEYS``, required when an upstream has ``credentials: service`` or
+    ``user``."""
+    users = sorted((u.name, u.credentials) for u in policy.upstreams.values()
+                   if u.credentials in ("service", "user"))
     if not users:
         return []
     if not settings.secret_keys.strip():
+        name, mode = users[0]
         raise ConfigurationError(
-            f"Upstream {users[0]!r} has credentials: service, which needs GATEWAY_SECRET_KEYS "
-            "(comma-separated base64 32-byte keys) to encrypt its token in Redis.")
+            f"Upstream {name!r} has credentials: {mode}, which needs GATEWAY_SECRET_KEYS "
+            "(comma-separated base64 32-byte keys) to encrypt its tokens in Redis.")
     try:
         return parse_secret_keys(settings.secret_keys)
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
+
+
+def _people_tokens(gw: Gateway, redis: Redis, session: aiohttp.ClientSession,
+                   secret_keys: list[bytes]) -> PeopleTokens | None:
+    """People's Anaplan tokens for ``credentials: user`` upstreams (None without keys).
+    A person whose Anaplan sign-in ends has their built-in server's grants ended."""
+    if not secret_keys:
+        return None
+    s = gw.settings
+    oauth = AnaplanOAuth(session, oauth_url=s.anaplan_oauth_url, auth_url=s.anaplan_auth_url,
+                         client_id=s.anaplan_client_id, client_secret=s.anaplan_client_secret)
+    builtin = gw.authserver
+
+    async def end_grants(subject: str, username: str) -> None:
+        if builtin is not None:
+            ended = await builtin.end_grants_of(username, reason="anaplan_signin_ended")
+            log.info("Anaplan refused a person's refresh token: %d grants ended", ended)
+
+    return PeopleTokens(SignInStore(redis, Keys(s.key_prefix), secret_keys), oauth,
+                        gw.metrics, end_grants)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -205,9 +231,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         usage = UsageTracker(redis, key_prefix=s.key_prefix, metrics=gw.metrics,
                              window=s.usage_window, flush_interval=s.usage_flush_interval)
         try:
+            secret_keys = _secret_keys(s, gw.policy)
             credentials = service_modes(
                 gw.policy, redis=redis, session=auth_session, keys=Keys(s.key_prefix),
-                secret_keys=_secret_keys(s, gw.policy), metrics=gw.metrics)
+                secret_keys=secret_keys, metrics=gw.metrics)
+            credentials.update(user_modes(gw.policy, _people_tokens(
+                gw, redis, auth_session, secret_keys)))
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
         forwarder = UpstreamForwarder(

@@ -210,6 +210,18 @@ class Keys:
         ``identity``'s sign-ins; a write carrying an older one than stored is refused."""
         return f"{self.prefix}upstream_cred_fence:{identity}"
 
+    def anaplan_signin(self, subject: str) -> str:
+        """String, no TTL: a person's Anaplan sign-in ("Sign in with Anaplan"): their
+        Anaplan access and refresh tokens, expiry and username (JSON, AES-256-GCM
+        encrypted under ``GATEWAY_SECRET_KEYS``), under their subject (``userGuid``).
+        Replaced by compare-and-set only; deleted when Anaplan refuses its refresh."""
+        return f"{self.prefix}anaplan_signin:{subject}"
+
+    def anaplan_signin_lock(self, subject: str) -> str:
+        """String, SET NX PX: the replica refreshing a person's Anaplan token (a random
+        owner value): one refresh for the fleet. TTL: the refresh's time limit."""
+        return f"{self.prefix}anaplan_signin_lock:{subject}"
+
     @property
     def schema(self) -> str:
         """String, no TTL: :data:`SCHEMA_VERSION` of the layout in this Redis, written with

@@ -39,11 +39,12 @@ class CredentialMode:
         """The credential headers for a request the client made with ``token``."""
         raise NotImplementedError
 
-    async def obtain(self, token: PresentedToken) -> Credentials:
-        """As :meth:`apply`, for modes that may wait."""
+    async def obtain(self, token: PresentedToken, subject: str | None = None) -> Credentials:
+        """As :meth:`apply`, for modes that may wait; ``subject``: whom the token speaks
+        for (the ``user`` mode sends that person's credentials)."""
         return self.apply(token)
 
-    async def refused(self, sent: Credentials) -> bool:
+    async def refused(self, sent: Credentials, subject: str | None = None) -> bool:
         """The upstream answered 401 to ``sent``: renew them. True when new credentials
         are worth a retry."""
         return False

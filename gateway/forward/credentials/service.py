@@ -185,10 +185,10 @@ class ServiceMode(CredentialMode):
     def __init__(self, tokens: IdentityTokens) -> None:
         self.tokens = tokens
 
-    async def obtain(self, token: PresentedToken) -> Credentials:
+    async def obtain(self, token: PresentedToken, subject: str | None = None) -> Credentials:
         return (("Authorization", "AnaplanAuthToken " + await self.tokens.current()),)
 
-    async def refused(self, sent: Credentials) -> bool:
+    async def refused(self, sent: Credentials, subject: str | None = None) -> bool:
         stale = sent[0][1].partition(" ")[2]
         await self.tokens.renew(stale)
         return True

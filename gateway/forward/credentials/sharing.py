@@ -10,18 +10,16 @@ the lock while it was slow cannot overwrite a newer token.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-import os
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.asyncio import Redis
 
 from gateway.forward.credentials.anaplan import AnaplanToken
 from gateway.state.keys import Keys
+from gateway.state.sealing import Sealer, parse_secret_keys
+
+__all__ = ["Shared", "SharedToken", "parse_secret_keys"]
 
 # KEYS[1] the token; ARGV: fencing token, sealed value, TTL ms
 _FENCED_SET = """
@@ -38,24 +36,6 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-
-def parse_secret_keys(text: str) -> list[bytes]:
-    """``GATEWAY_SECRET_KEYS``: comma-separated base64 of 32 bytes each; raise ValueError."""
-    keys = []
-    for i, part in enumerate(p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            key = base64.b64decode(part, validate=True)
-        except binascii.Error:
-            raise ValueError(f"GATEWAY_SECRET_KEYS: key #{i + 1} is not base64") from None
-        if len(key) != 32:
-            raise ValueError(f"GATEWAY_SECRET_KEYS: key #{i + 1} is {len(key)} bytes, not 32")
-        keys.append(key)
-    if not keys:
-        raise ValueError("GATEWAY_SECRET_KEYS: no key")
-    return keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,29 +55,24 @@ class SharedToken:
         self.key = keys.upstream_credential(identity)
         self.lock_key = keys.upstream_credential_lock(identity)
         self.fence_key = keys.upstream_credential_fence(identity)
-        self._ciphers = [AESGCM(k) for k in secret_keys]
+        self._sealer = Sealer(secret_keys)
         self._aad = self.key.encode()
 
     def seal(self, shared: Shared) -> str:
         plain = json.dumps({"value": shared.token.value, "expires_at": shared.token.expires_at,
                             "obtained_at": shared.obtained_at}).encode()
-        nonce = os.urandom(12)
-        return base64.b64encode(nonce + self._ciphers[0].encrypt(nonce, plain, self._aad)
-                                ).decode()
+        return self._sealer.seal(plain, self._aad)
 
     def open(self, sealed: str) -> Shared | None:
         """The token in ``sealed``, or None when no listed key opens it."""
-        try:
-            raw = base64.b64decode(sealed, validate=True)
-        except binascii.Error:
+        plain = self._sealer.open(sealed, self._aad)
+        if plain is None:
             return None
-        for cipher in self._ciphers:
-            try:
-                doc = json.loads(cipher.decrypt(raw[:12], raw[12:], self._aad))
-            except (InvalidTag, ValueError):
-                continue
-            return Shared(AnaplanToken(doc["value"], doc["expires_at"]), doc["obtained_at"])
-        return None
+        try:
+            doc = json.loads(plain)
+        except ValueError:
+            return None
+        return Shared(AnaplanToken(doc["value"], doc["expires_at"]), doc["obtained_at"])
 
     async def read(self) -> Shared | None:
         stored = await self.redis.get(self.key)

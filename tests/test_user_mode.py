@@ -1,0 +1,277 @@
+"""Sign in with Anaplan, and ``credentials: user``: a person signs in at the Anaplan OAuth
+stand-in through the built-in server's login page, an app gets a grant from them (device
+flow), and its calls reach the upstream with the person's own Anaplan token."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
+from redis.asyncio import Redis
+
+from gateway.authserver import DeviceFlowTiming
+from gateway.demo.oauthservice import OAuthStandIn
+from gateway.state.keys import Keys
+from gateway.state.signins import SignInStore
+from tests.conftest import AuthGatewayFactory, AuthHarness
+from tests.test_flow_device import Browser, DevicePoller, device_and_browser
+
+CALLBACK = "/oauth/sso/anaplan/callback"
+KEY_A = base64.b64encode(b"a" * 32).decode()
+KEY_B = base64.b64encode(b"b" * 32).decode()
+EMAIL = "alice@example.com"
+GUID = OAuthStandIn.guid(EMAIL)
+
+
+@dataclass
+class Anaplan:
+    standin: OAuthStandIn
+    server: TestServer
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+async def anaplan(aiohttp_server: AiohttpServer) -> Anaplan:
+    standin = OAuthStandIn("gw-client", "gw-client-secret")
+    return Anaplan(standin, await aiohttp_server(standin.app()))
+
+
+async def signin_gateway(make: AuthGatewayFactory, anaplan: Anaplan, policy: str | None = None,
+                         **overrides: Any) -> AuthHarness:
+    values: dict[str, Any] = {
+        "anaplan_oauth_url": anaplan.url, "anaplan_auth_url": anaplan.url,
+        "anaplan_client_id": "gw-client", "anaplan_client_secret": "gw-client-secret",
+        "secret_keys": KEY_A, **overrides}
+    h = await make(policy, device=DeviceFlowTiming(expires_in=60, interval=1), **values)
+    anaplan.standin.redirect_uris.append(h.issuer + CALLBACK)
+    return h
+
+
+async def sign_in_with_anaplan(browser: Browser, next_path: str) -> str:
+    """From the login page, through the "Sign in with Anaplan" link: where it ends."""
+    page = await browser.get("/oauth/login?next=" + next_path)
+    link = re.search(r'href="(/oauth/sso/anaplan/start\?next=[^"]+)"', page.text)
+    assert link, page.text
+    landed = await browser.get(link.group(1).replace("&amp;", "&"))
+    assert landed.status == 200, landed.text
+    return landed.url
+
+
+async def test_sign_in_with_anaplan_lands_signed_in_as_the_user_guid(
+        make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan, redis: Redis) -> None:
+    h = await signin_gateway(make_auth_gateway, anaplan)
+    browser = Browser(h.issuer)
+    try:
+        landed = await sign_in_with_anaplan(browser, "/oauth/account")
+        page = await browser.get("/oauth/account")
+    finally:
+        await browser.http.close()
+    assert landed == h.issuer + "/oauth/account"
+    assert f"signed in as <strong>{EMAIL}</strong>" in page.text
+    user = await redis.hgetall(f"gw:as:user:{EMAIL}")
+    assert user["sub"] == GUID and user["sso_sub"] == GUID and user["sso"] == anaplan.url
+    assert "password_hash" not in user
+    assert anaplan.standin.calls["token"] == 1 and anaplan.standin.calls["validate"] == 1
+    assert await redis.keys("gw:as:sso_state:*") == []
+    # the person's Anaplan tokens are kept sealed: no token in clear anywhere in Redis
+    sealed = await redis.get(f"gw:anaplan_signin:{GUID}")
+    assert sealed
+    stored = await SignInStore(redis, Keys("gw:"), [base64.b64decode(KEY_A)]).load(GUID)
+    assert stored is not None and stored.signin.username == EMAIL
+    assert anaplan.standin.live(stored.signin.access_token) is not None
+    for key in await redis.keys("*"):
+        value = await redis.get(key) if await redis.type(key) == "string" else ""
+        assert stored.signin.access_token not in (value or "")
+        assert stored.signin.refresh_token not in (value or "")
+    # another key does not open it
+    assert await SignInStore(redis, Keys("gw:"), [base64.b64decode(KEY_B)]).load(GUID) is None
+
+
+async def test_sign_in_link_only_when_configured_and_state_is_checked(
+        make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan) -> None:
+    plain = await make_auth_gateway()
+    browser = Browser(plain.issuer)
+    try:
+        page = await browser.get("/oauth/login")
+        assert "Sign in with Anaplan" not in page.text
+        gone = await browser.get("/oauth/sso/anaplan/start")
+        assert gone.status == 404 and "not configured" in gone.text
+    finally:
+        await browser.http.close()
+    h = await signin_gateway(make_auth_gateway, anaplan)
+    other = Browser(h.issuer)
+    try:
+        forged = await other.get(CALLBACK + "?code=abc&state=" + "x" * 43)
+        assert forged.status == 400 and "unknown, expired or already used" in forged.text
+        async with other.http.get(h.issuer + "/oauth/sso/anaplan/start?next=/oauth/account",
+                                  allow_redirects=False) as resp:
+            authorize = resp.headers["Location"]
+        assert authorize.startswith(anaplan.url + "/auth/authorize?")
+        assert "scope=openid+email+offline_access" in authorize \
+            or "scope=openid%20email%20offline_access" in authorize
+        async with other.http.get(authorize, allow_redirects=False) as resp:
+            back = resp.headers["Location"]
+        victim = Browser(h.issuer)  # login CSRF: another browser cannot finish it
+        try:
+            refused = await victim.get(back)
+            assert refused.status == 400 and "started in another browser" in refused.text
+        finally:
+            await victim.http.close()
+    finally:
+        await other.http.close()
+
+
+async def device_grant(h: AuthHarness, browser: Browser, scope: str = "anaplan:read"
+                       ) -> dict[str, Any]:
+    """An app's device grant, approved by a person who signs in with Anaplan."""
+    client, _ = await h.auth.create_client(
+        name="Anaplan CLI", grant="device_code", redirect_uris=[], scopes=[scope],
+        actor="test")
+    async with device_and_browser(h, client.client_id) as (device, _):
+        status, auth = await device.start(scope=scope)
+        assert status == 200
+        waiting = asyncio.create_task(DevicePoller.wait_for_token(device, auth))
+        page = await browser.get(auth["verification_uri_complete"])
+        if "/oauth/login" in page.url:
+            landed = await sign_in_with_anaplan(
+                browser, "/oauth/device%3Fuser_code%3D" + auth["user_code"])
+            page = await browser.get(landed)
+        consent = await browser.submit(page, user_code=auth["user_code"])
+        done = await browser.submit(consent, "approve")
+        assert done.status == 200, done.text
+        return await asyncio.wait_for(waiting, 10)
+
+
+USER_POLICY = """
+upstreams:
+  api:
+    url: {anaplan}
+    credentials: user
+routes:
+  - name: read
+    upstream: api
+    methods: [GET]
+    path: /2/0/**
+    scopes: [anaplan:read]
+"""
+
+
+async def user_gateway(make: AuthGatewayFactory, anaplan: Anaplan, **overrides: Any
+                       ) -> AuthHarness:
+    policy = USER_POLICY.replace("{anaplan}", anaplan.url)
+    return await signin_gateway(make, anaplan, policy, **overrides)
+
+
+async def signed_in_app(h: AuthHarness) -> tuple[dict[str, Any], dict[str, str]]:
+    browser = Browser(h.issuer)
+    try:
+        tokens = await device_grant(h, browser)
+    finally:
+        await browser.http.close()
+    return tokens, {"Authorization": f"Bearer {tokens['access_token']}"}
+
+
+def stored(redis: Redis) -> SignInStore:
+    return SignInStore(redis, Keys("gw:"), [base64.b64decode(KEY_A)])
+
+
+async def test_user_mode_sends_the_persons_anaplan_token_never_the_clients(
+        make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan, redis: Redis) -> None:
+    h = await user_gateway(make_auth_gateway, anaplan)
+    tokens, bearer = await signed_in_app(h)
+    [grant] = await h.auth.list_grants(username=EMAIL)
+    assert grant.username == EMAIL
+    resp = await h.client.get("/2/0/workspaces", headers=bearer)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["user"] == EMAIL
+    mine = await stored(redis).load(GUID)
+    assert mine is not None
+    assert anaplan.standin.api_authorizations == [f"AnaplanAuthToken {mine.signin.access_token}"]
+    assert tokens["access_token"] not in " ".join(anaplan.standin.api_authorizations)
+    assert anaplan.standin.calls["refresh"] == 0
+
+
+async def test_token_of_nobody_or_without_anaplan_sign_in_is_401(
+        make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan, redis: Redis) -> None:
+    h = await user_gateway(make_auth_gateway, anaplan)
+    _, bearer = await signed_in_app(h)
+    await redis.delete(f"gw:anaplan_signin:{GUID}")  # the sign-in is gone
+    resp = await h.client.get("/2/0/workspaces", headers=bearer)
+    assert resp.status == 401
+    assert 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
+    assert anaplan.standin.calls["api"] == 0
+
+
+async def test_stale_anaplan_token_is_refreshed_and_swapped(
+        make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan, redis: Redis) -> None:
+    h = await user_gateway(make_auth_gateway, anaplan)
+    _, bearer = await signed_in_app(h)
+    before = await stored(redis).load(GUID)
+    assert before is not None
+    # past three quarters of its life: refreshed before it is sent
+    old = before.signin
+    aged = type(old)(old.username, old.access_token, old.refresh_token,
+                     old.expires_at - 2000, old.obtained_at - 2000)
+    assert await stored(redis).swap(GUID, before, aged)
+    resp = await h.client.get("/2/0/workspaces", headers=bearer)
+    assert resp.status == 200
+    after = await stored(redis).load(GUID)
+    assert after is not None and anaplan.standin.calls["refresh"] == 1
+    assert after.signin.access_token != old.access_token
+    assert after.signin.refresh_token != old.refresh_token  # rotated
+    assert anaplan.standin.api_authorizations[-1] == \
+        f"AnaplanAuthToken {after.signin.access_token}"
+    # an upstream 401 (the token died at Anaplan) renews it once and retries
+    anaplan.standin.stale()
+    resp = await h.client.get("/2/0/models", headers=bearer)
+    assert resp.status == 200 and anaplan.standin.calls["refresh"] == 2
+
+
+async def test_two_replicas_refreshing_at_once_make_one_call(
+        make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan, redis: Redis) -> None:
+    one = await user_gateway(make_auth_gateway, anaplan)
+    two = await signin_gateway(make_auth_gateway, anaplan,
+                               USER_POLICY.replace("{anaplan}", anaplan.url))
+    _, bearer = await signed_in_app(one)
+    anaplan.standin.stale()
+    anaplan.standin.refresh_delay = 0.3  # both replicas see the 401 while one refreshes
+    answers = await asyncio.gather(*(h.client.get("/2/0/workspaces", headers=bearer)
+                                     for h in (one, two, one, two)))
+    assert [r.status for r in answers] == [200] * 4
+    assert anaplan.standin.calls["refresh"] == 1
+    assert anaplan.standin.calls["reuse_detected"] == 0
+
+
+async def test_anaplan_refusing_the_refresh_ends_the_grant(
+        make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan, redis: Redis) -> None:
+    h = await user_gateway(make_auth_gateway, anaplan)
+    tokens, bearer = await signed_in_app(h)
+    anaplan.standin.stale()
+    anaplan.standin.refuse_refresh = True
+    resp = await h.client.get("/2/0/workspaces", headers=bearer)
+    assert resp.status == 401
+    assert await redis.exists(f"gw:anaplan_signin:{GUID}") == 0
+    [grant] = await h.auth.list_grants(username=EMAIL)
+    assert grant.revoked and grant.revoked_reason == "anaplan_signin_ended"
+    assert (await h.client.get("/2/0/workspaces", headers=bearer)).status == 401
+    refresh = await h.client.post("/oauth/token", data={
+        "grant_type": "refresh_token", "refresh_token": tokens["refresh_token"],
+        "client_id": grant.client_id})
+    assert refresh.status == 400  # the app's next login starts over
+
+
+async def test_user_mode_without_secret_keys_is_refused_at_start(
+        make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan) -> None:
+    from gateway.runtime.app import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"credentials: user.*GATEWAY_SECRET_KEYS"):
+        await user_gateway(make_auth_gateway, anaplan, secret_keys="")
