@@ -21,6 +21,7 @@ from gateway.authserver.issuance import TokenIssuer
 from gateway.authserver.metrics import AuthServerMetrics
 from gateway.authserver.models import (
     FLOW_NAMES,
+    GRANT_CLIENT_CREDENTIALS,
     GRANT_CODE,
     Grant,
     ModelError,
@@ -58,12 +59,16 @@ class AuthAdmin:
     async def create_client(self, *, name: str, grant: str, redirect_uris: list[str],
                             scopes: list[str], actor: str, confidential: bool | None = None,
                             policy: dict[str, Any] | None = None) -> tuple[OAuthClient, str | None]:
-        """Create a client; returns it and its secret (shown once; None for public ones)."""
+        """Create a client; returns it and its secret (shown once; None for public ones).
+
+        Code-flow and machine (``client_credentials``) clients are confidential unless
+        told otherwise (a machine client must be); device-flow clients are public."""
         grant_type = FLOW_NAMES.get(grant)
         if grant_type is None:
-            raise AdminError("grant must be authorization_code or device_code")
+            raise AdminError("grant must be authorization_code, device_code or "
+                             "client_credentials")
         if confidential is None:
-            confidential = grant_type == GRANT_CODE
+            confidential = grant_type in (GRANT_CODE, GRANT_CLIENT_CREDENTIALS)
         secret = secrets.token_urlsafe(32) if confidential else None
         client = OAuthClient(
             client_id=uuid.uuid4().hex, name=name, grant_type=grant_type,

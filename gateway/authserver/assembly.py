@@ -9,7 +9,12 @@ from redis.asyncio import Redis
 from gateway.authserver import authorize, rfc6749, rfc8628
 from gateway.authserver.issuance import TokenIssuer
 from gateway.authserver.metrics import AuthServerMetrics
-from gateway.authserver.models import GRANT_CODE, GRANT_DEVICE, GRANT_REFRESH
+from gateway.authserver.models import (
+    GRANT_CLIENT_CREDENTIALS,
+    GRANT_CODE,
+    GRANT_DEVICE,
+    GRANT_REFRESH,
+)
 from gateway.authserver.rfc9068 import jwt_signer, load_signing_keys
 from gateway.authserver.server import (
     AuthorizationServer,
@@ -24,11 +29,13 @@ from gateway.protocol.tokens import TokenDigester
 
 
 def grant_types() -> GrantTypes:
-    """The token endpoint's grants: RFC 6749 4.1 (with PKCE), RFC 8628, RFC 6749 6."""
+    """The token endpoint's grants: RFC 6749 4.1 (with PKCE), RFC 8628, RFC 6749 6 and
+    4.4."""
     grants = GrantTypes()
     grants.register(GRANT_CODE, authorize.authorization_code_grant)
     grants.register(GRANT_DEVICE, rfc8628.device_code_grant)
     grants.register(GRANT_REFRESH, rfc6749.refresh_grant)
+    grants.register(GRANT_CLIENT_CREDENTIALS, rfc6749.client_credentials_grant)
     return grants
 
 

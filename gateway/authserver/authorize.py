@@ -125,8 +125,9 @@ async def trusted_client(server: AuthorizationServer, query: MultiMapping[str]
         raise UntrustedRequest("unauthorized_client",
                                f"The application {client.name} is disabled.")
     if client.grant_type != GRANT_CODE:
+        flow = "client credentials (machine)" if client.machine else "device"
         raise UntrustedRequest("unauthorized_client", f"The application {client.name} uses "
-                               "the device flow, not the authorization code flow.")
+                               f"the {flow} flow, not the authorization code flow.")
     if redirect_uri is None:
         if len(client.redirect_uris) != 1:
             raise UntrustedRequest("invalid_request", "The request must name a redirect_uri: "

@@ -65,7 +65,9 @@ class TokenIssuer:
         ttl = min(client.policy.access_token_ttl, max(1, grant.expires_at - now))
         claims = {
             "grant_id": grant.grant_id, "client_id": client.client_id, "scope": scope,
-            "sub": grant.sub, "username": grant.username, "iat": now, "exp": now + ttl,
+            # a machine client's grant has no person: no subject, no username
+            "sub": grant.sub or None, "username": grant.username or None,
+            "iat": now, "exp": now + ttl,
             "token_type": "access_token",
         }
         if self.jwt_signer is not None:
@@ -216,6 +218,6 @@ class TokenIssuer:
                   "scope": record["scope"], "exp": record["exp"], "iat": record["iat"],
                   "iss": self.issuer,
                   "token_type": "Bearer" if kind == "at" else "refresh_token"}
-        if kind == "at":
-            answer.update({"sub": record.get("sub"), "username": record.get("username")})
+        if kind == "at":  # a machine client's token names no person: no sub, no username
+            answer.update({k: record[k] for k in ("sub", "username") if record.get(k)})
         return answer

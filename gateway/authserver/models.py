@@ -16,8 +16,10 @@ from urllib.parse import urlsplit
 GRANT_CODE = "authorization_code"
 GRANT_DEVICE = "urn:ietf:params:oauth:grant-type:device_code"
 GRANT_REFRESH = "refresh_token"
+#: RFC 6749 section 4.4: a machine, no person behind it
+GRANT_CLIENT_CREDENTIALS = "client_credentials"
 FLOW_NAMES = {"authorization_code": GRANT_CODE, "device_code": GRANT_DEVICE,
-              GRANT_DEVICE: GRANT_DEVICE}
+              GRANT_DEVICE: GRANT_DEVICE, "client_credentials": GRANT_CLIENT_CREDENTIALS}
 
 MAX_REDIRECT_URIS = 60
 MAX_REFRESH_TTL = 365 * 24 * 3600
@@ -98,23 +100,36 @@ class OAuthClient:
 
     @property
     def flow(self) -> str:
-        return "device_code" if self.grant_type == GRANT_DEVICE else "authorization_code"
+        if self.grant_type == GRANT_DEVICE:
+            return "device_code"
+        if self.grant_type == GRANT_CLIENT_CREDENTIALS:
+            return "client_credentials"
+        return "authorization_code"
+
+    @property
+    def machine(self) -> bool:
+        """A machine client (RFC 6749 section 4.4): its tokens speak for no person."""
+        return self.grant_type == GRANT_CLIENT_CREDENTIALS
 
     def validate(self) -> OAuthClient:
         if not self.name.strip():
             raise ModelError("a client needs a name")
-        if self.grant_type not in (GRANT_CODE, GRANT_DEVICE):
-            raise ModelError("grant must be authorization_code or device_code")
+        if self.grant_type not in (GRANT_CODE, GRANT_DEVICE, GRANT_CLIENT_CREDENTIALS):
+            raise ModelError("grant must be authorization_code, device_code or "
+                             "client_credentials")
         if self.grant_type == GRANT_CODE and not self.redirect_uris:
             raise ModelError("an authorization_code client needs at least one redirect URI")
-        if self.grant_type == GRANT_DEVICE and self.redirect_uris:
-            raise ModelError("a device_code client has no redirect URIs")
+        if self.grant_type != GRANT_CODE and self.redirect_uris:
+            raise ModelError(f"a {self.flow} client has no redirect URIs")
         if len(self.redirect_uris) > MAX_REDIRECT_URIS:
             raise ModelError(f"at most {MAX_REDIRECT_URIS} redirect URIs")
         for uri in self.redirect_uris:
             check_redirect_uri(uri)
         if self.grant_type == GRANT_DEVICE and self.confidential:
             raise ModelError("device_code clients are public (RFC 8628 section 5.6)")
+        if self.machine and not self.confidential:
+            raise ModelError("client_credentials clients are confidential: the secret is "
+                             "all they have (RFC 6749 section 4.4)")
         self.policy.validate()
         return self
 
@@ -164,7 +179,10 @@ class OAuthClient:
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """One authorization: user + client + device. Revoking it ends that device only."""
+    """One authorization: user + client + device. Revoking it ends that device only.
+
+    A machine client's (``client_credentials``) has no user: one standing grant per
+    client, no ``username``, no ``sub``; each token request reuses it while it lives."""
 
     grant_id: str
     client_id: str

@@ -1,9 +1,16 @@
-"""The token endpoint (RFC 6749 section 3.2) and the refresh grant (section 6).
+"""The token endpoint (RFC 6749 section 3.2), the refresh grant (section 6) and the
+client credentials grant (section 4.4).
 
 Each grant type is handled by the module of its RFC: ``authorization_code`` in
-``authorize``, the device code in ``rfc8628``, and ``refresh_token`` below; the assembly
-registers them on the server instance (:class:`~gateway.authserver.server.GrantTypes`).
-A client may use only the flow it was created for (and refresh).
+``authorize``, the device code in ``rfc8628``, ``refresh_token`` and
+``client_credentials`` below; the assembly registers them on the server instance
+(:class:`~gateway.authserver.server.GrantTypes`). A client may use only the flow it was
+created for (and refresh, which a machine client has no token for).
+
+A machine client's tokens belong to one standing grant per client (no user, no device),
+so revoking it (``grants revoke``), disabling the client and the grant's idle timeout and
+maximum lifetime mean for them what they mean for any other token; a token request after
+the grant ended starts a new one.
 """
 
 from __future__ import annotations
@@ -20,7 +27,13 @@ from gateway.authserver.errors import (
     UnauthorizedClient,
     UnsupportedGrantType,
 )
-from gateway.authserver.models import GRANT_REFRESH, OAuthClient
+from gateway.authserver.models import (
+    GRANT_CLIENT_CREDENTIALS,
+    GRANT_REFRESH,
+    Grant,
+    OAuthClient,
+    narrow_scope,
+)
 from gateway.authserver.server import AuthorizationServer, server_of
 
 log = logging.getLogger(__name__)
@@ -34,6 +47,34 @@ async def refresh_grant(server: AuthorizationServer, request: web.Request,
     if not token:
         raise InvalidRequest("refresh_token is required.")
     return await server.issuer.refresh(client, token, form.get("scope"))
+
+
+async def client_credentials_grant(server: AuthorizationServer, request: web.Request,
+                                   client: OAuthClient, form: MultiDictProxy[str]
+                                   ) -> dict[str, Any]:
+    """Section 4.4: a confidential client asks for a token for itself, with an optional
+    ``scope`` within its own (``invalid_scope`` otherwise). Section 4.4.3: an access
+    token and no refresh token; the client authenticates again for the next one."""
+    if not client.confidential:  # section 4.4: "MUST only be used by confidential clients"
+        raise UnauthorizedClient("Only a confidential client may use client_credentials.")
+    scope = narrow_scope(form.get("scope"), client.scopes)
+    grant = await machine_grant(server, client, request.headers.get("User-Agent", ""))
+    return await server.issuer.issue(client, grant, scope=scope,
+                                     grant_type=GRANT_CLIENT_CREDENTIALS, refresh=False)
+
+
+async def machine_grant(server: AuthorizationServer, client: OAuthClient, label: str
+                        ) -> Grant:
+    """The client's standing grant, its last use now; a new one when none is alive."""
+    alive = [g for g in await server.store.list_grants(client_id=client.client_id)
+             if g.alive(client.policy)]
+    if alive:  # the newest: two first requests at once may each have made one
+        grant = alive[-1]
+        await server.store.touch_grant(grant.grant_id)  # a token exchange is a use
+        return grant
+    return await server.issuer.new_grant(client, username="", sub="",
+                                         scope=" ".join(client.scopes),
+                                         grant_type=GRANT_CLIENT_CREDENTIALS, label=label)
 
 
 def token_response(body: dict[str, Any]) -> web.Response:

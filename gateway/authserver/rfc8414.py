@@ -7,7 +7,12 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.authserver.models import GRANT_CODE, GRANT_DEVICE, GRANT_REFRESH
+from gateway.authserver.models import (
+    GRANT_CLIENT_CREDENTIALS,
+    GRANT_CODE,
+    GRANT_DEVICE,
+    GRANT_REFRESH,
+)
 from gateway.authserver.server import AuthorizationServer, server_of
 
 PATHS = {
@@ -24,7 +29,8 @@ def metadata(server: AuthorizationServer) -> dict[str, Any]:
     return {
         "issuer": server.issuer_url,
         **{name: server.url(path) for name, path in PATHS.items()},
-        "grant_types_supported": [GRANT_CODE, GRANT_DEVICE, GRANT_REFRESH],
+        "grant_types_supported": [GRANT_CODE, GRANT_DEVICE, GRANT_REFRESH,
+                                  GRANT_CLIENT_CREDENTIALS],
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
         "code_challenge_methods_supported": ["S256"],

@@ -148,7 +148,7 @@ async def device_authorization_endpoint(request: web.Request) -> web.Response:
         form = await server.read_form(request, json_body=True)
         client = await server.authenticate_client(request, form)
         if client.grant_type != GRANT_DEVICE:
-            raise UnauthorizedClient("This client may use the authorization_code flow only.")
+            raise UnauthorizedClient(f"This client may use the {client.flow} flow only.")
         scope = narrow_scope(form.get("scope"), client.scopes)
         return token_response(await start(server, client, scope))
     except OAuthError as exc:

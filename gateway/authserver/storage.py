@@ -98,7 +98,8 @@ class AuthStore:
                       mapping=cast(dict[Any, Any], grant.to_fields()))
             pipe.sadd(self.keys.as_grants, grant.grant_id)
             pipe.sadd(self.keys.as_client_grants(grant.client_id), grant.grant_id)
-            pipe.sadd(self.keys.as_user_grants(grant.username), grant.grant_id)
+            if grant.username:  # a machine client's grant has no user
+                pipe.sadd(self.keys.as_user_grants(grant.username), grant.grant_id)
             await pipe.execute()
 
     async def get_grant(self, grant_id: str) -> Grant | None:

@@ -12,6 +12,10 @@ The gateway caches an active answer until its ``exp``; that ``exp`` is the token
 the moment its grant would end (idle deadline, maximum lifetime), whichever comes first,
 so no cached answer outlives the grant. A refresh moves the idle deadline later: past
 the earlier one, the gateway asks again and learns the new one.
+
+A token of a machine client's grant (``client_credentials``) is marked
+``TokenInfo.machine`` and has no ``sub``: the gateway lets it reach only upstreams where
+it presents its own credentials, and people governance has no person to check.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import time
 
 from gateway.authn.validators.base import TokenInfo
+from gateway.authserver.models import GRANT_CLIENT_CREDENTIALS
 from gateway.authserver.storage import AuthStore
 
 
@@ -43,7 +48,8 @@ class BuiltinValidator:
             active=True, client_id=record.get("client_id"),
             scopes=frozenset(str(record.get("scope", "")).split()),
             exp=min(float(record["exp"]), grant.ends_at(client.policy)),
-            sub=record.get("sub"), username=record.get("username"))
+            sub=record.get("sub") or None, username=record.get("username") or None,
+            machine=grant.grant_type == GRANT_CLIENT_CREDENTIALS)
 
     async def close(self) -> None:
         """Nothing of its own to release."""

@@ -1,6 +1,7 @@
 """CLI commands of the built-in authorization server (wired into ``gateway.cli``).
 
-    oauth-gateway clients create --name N --grant authorization_code|device_code
+    oauth-gateway clients create --name N
+                                 --grant authorization_code|device_code|client_credentials
                                  [--redirect-uri URI ...] [--scope "S1 S2"] [--json]
     oauth-gateway clients update ID [...] | rotate-secret ID [--grace S] | delete ID
     oauth-gateway grants list [--client ID] [--user NAME] [--json] | revoke GRANT_ID
@@ -46,16 +47,29 @@ def _policy_of(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_client_commands(csub: Any, common: argparse.ArgumentParser) -> None:
-    p = csub.add_parser("create", parents=[common], help="create an OAuth client (built-in AS)")
+    p = csub.add_parser(
+        "create", parents=[common], help="create an OAuth client (built-in AS)",
+        description="Create an OAuth client of the built-in authorization server. Its "
+        "secret, if it has one, is printed once: only a hash is kept.",
+        epilog="grants: authorization_code (a web app acting for signed-in people; "
+        "confidential, needs --redirect-uri); device_code (a command-line tool or device "
+        "acting for a person; public); client_credentials (a machine with no person "
+        "behind it; confidential; its tokens reach only upstreams with credentials: "
+        "service).")
     p.add_argument("--name", required=True)
-    p.add_argument("--grant", required=True, choices=["authorization_code", "device_code"])
+    p.add_argument("--grant", required=True,
+                   choices=["authorization_code", "device_code", "client_credentials"],
+                   help="the one flow this client may use (see below)")
     p.add_argument("--redirect-uri", action="append", default=[], dest="redirect_uris",
                    help="exact-match redirect URI (repeat, up to 60)")
     p.add_argument("--scope", action="append", default=[], dest="scopes",
                    help='allowed scopes, e.g. "anaplan:read anaplan:write"')
     kind = p.add_mutually_exclusive_group()
-    kind.add_argument("--public", action="store_true", help="no secret (PKCE only)")
-    kind.add_argument("--confidential", action="store_true")
+    kind.add_argument("--public", action="store_true",
+                      help="no secret (PKCE only; the default for device_code)")
+    kind.add_argument("--confidential", action="store_true",
+                      help="a secret (the default for authorization_code and "
+                      "client_credentials)")
     p.add_argument("--actor", help="who (default: user@host)")
     _policy_args(p)
     p.set_defaults(func=run, as_cmd="create")
@@ -162,7 +176,8 @@ async def _dispatch(args: argparse.Namespace, admin: AuthAdmin, out: Printer, ac
         lines = [f"{'GRANT':<20} {'CLIENT':<34} {'USER':<16} {'STATUS':<8} {'LAST USED':<20} "
                  "DEVICE"]
         for r in rows:
-            lines.append(f"{r['grant_id']:<20} {r['client_id']:<34} {r['user']:<16} "
+            user = r["user"] or "(machine)"  # a client_credentials grant has no user
+            lines.append(f"{r['grant_id']:<20} {r['client_id']:<34} {user:<16} "
                          f"{'revoked' if r['revoked'] else 'active':<8} "
                          f"{_when(int(r['last_used_at'])):<20} {r['label']}")
         out(args, "\n".join(lines) if rows else "no grants", rows)

@@ -1,7 +1,8 @@
 """The request pipeline, stage by stage (Oathkeeper's shape):
 
     path hygiene -> match a route -> find the token -> authenticate (cache, validator)
-    -> govern the client and the person -> authorize scopes -> forward -> observe
+    -> govern the client, a machine's reach and the person -> authorize scopes
+    -> forward -> observe
 
 Every refusal is a :class:`~gateway.errors.GatewayError` rendered once, at the end,
 with its RFC status, ``WWW-Authenticate`` and JSON body, and a refused request never
@@ -29,6 +30,7 @@ from aiohttp import web
 
 from gateway.authn.cache import TokenCache
 from gateway.config.policy import Match, Route, RoutePolicy
+from gateway.forward.credentials import MACHINE_MODES
 from gateway.forward.forwarder import UpstreamForwarder
 from gateway.observe.accesslog import AccessLog
 from gateway.observe.metrics import NO_ROUTE, GatewayMetrics
@@ -42,6 +44,7 @@ from gateway.protocol.errors import (
     GatewayError,
     InsufficientScope,
     InvalidToken,
+    MachineTokenRefused,
     MethodNotAllowed,
     NoRoute,
     UserDisabled,
@@ -164,7 +167,11 @@ class ProxyPipeline:
         elif self.require_client_record:
             raise ClientUnknown("The token names no client, and a registered client is "
                                 "required.")
-        subject = info.sub
+        if info.machine and route.upstream.credentials not in MACHINE_MODES:
+            raise MachineTokenRefused(
+                "A machine client's token reaches only upstreams where the gateway "
+                "presents its own credentials.")
+        subject = info.sub  # none on a machine client's token: no person to govern
         if subject:  # most people have no record: the mirror says so in one lookup
             users = self.users
             disabled = users.disabled.get(subject, users.absent)

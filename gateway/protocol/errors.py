@@ -104,6 +104,16 @@ class InsufficientScope(BearerError):
         self.scope = " ".join(required)
 
 
+class MachineTokenRefused(GatewayError):
+    """A machine client's token (RFC 6749 section 4.4: no person behind it) on a route
+    whose upstream would receive the client's own credentials or none of the gateway's:
+    only upstreams where the gateway signs in itself serve machines."""
+
+    status = 403
+    error = "access_denied"
+    decision = "machine_token_refused"
+
+
 class InvalidRequest(GatewayError):
     """A malformed request (RFC 6750 section 3.1 ``invalid_request``)."""
 

@@ -57,6 +57,9 @@ class TokenInfo:
     exp: float | None = None
     sub: str | None = None
     username: str | None = None
+    #: issued to a machine client (RFC 6749 section 4.4): no person behind it, so it
+    #: reaches only upstreams where the gateway presents its own credentials
+    machine: bool = False
 
     @classmethod
     def inactive(cls) -> TokenInfo:
@@ -66,11 +69,14 @@ class TokenInfo:
         return self.exp is not None and self.exp <= (now if now is not None else time.time())
 
     def to_json(self) -> str:
-        return json.dumps({
+        data: dict[str, Any] = {
             "active": self.active, "client_id": self.client_id,
             "scope": " ".join(sorted(self.scopes)), "exp": self.exp, "sub": self.sub,
             "username": self.username,
-        }, separators=(",", ":"))
+        }
+        if self.machine:  # only then: every other entry keeps the form it always had
+            data["machine"] = True
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> TokenInfo:
@@ -83,6 +89,7 @@ class TokenInfo:
             scopes=_scope_set(data.get("scope") or ""),
             exp=float(exp) if exp is not None else None,
             sub=data.get("sub"), username=data.get("username"),
+            machine=data.get("machine") is True,  # absent from older entries: a person's
         )
 
 

@@ -13,8 +13,15 @@ from gateway.forward.credentials.forward import ForwardMode
 from gateway.forward.credentials.replace import ReplaceMode
 from gateway.forward.credentials.strip import StripMode
 
-__all__ = ["CredentialMode", "Credentials", "ForwardMode", "ReplaceMode", "StripMode",
-           "mode_for"]
+__all__ = ["MACHINE_MODES", "CredentialMode", "Credentials", "ForwardMode", "ReplaceMode",
+           "StripMode", "mode_for"]
+
+#: The modes a machine client's token (no person behind it) may reach: those where the
+#: gateway presents credentials of its own choosing, never the client's token nor none.
+#: Anything not named here refuses machines, so a new mode does until it is added; the
+#: planned ``user`` mode (a person's own Anaplan sign-in) must stay out: a machine has
+#: no person to sign in as.
+MACHINE_MODES = frozenset({"service"})
 
 
 def mode_for(upstream: Upstream) -> CredentialMode:
