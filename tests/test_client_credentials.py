@@ -43,6 +43,9 @@ upstreams:
     identity: integration
   api:
     url: {upstream}
+  people:
+    url: {upstream}
+    credentials: user
 routes:
   - name: service
     upstream: anaplan
@@ -51,6 +54,10 @@ routes:
   - name: forwarded
     upstream: api
     path: /fwd/**
+    scopes: [anaplan:read]
+  - name: as-a-person
+    upstream: people
+    path: /user/**
     scopes: [anaplan:read]
 """
 
@@ -254,6 +261,9 @@ async def test_machine_token_reaches_service_upstreams_only(
     metrics = await h.metrics()
     assert (f'gateway_auth_decisions_total{{client_id="{client.client_id}",'
             'decision="machine_token_refused"} 1.0') in metrics
+    # user mode acts for a person, and a machine token has none
+    resp = await h.client.get("/user/x", headers=bearer(token))
+    assert resp.status == 403 and (await resp.json())["error"] == "access_denied"
     # a cached answer says the same: the machine mark survives the cache
     assert (await h.client.get("/fwd/x", headers=bearer(token))).status == 403
     assert (await h.client.get("/2/0/x", headers=bearer(token))).status == 200
