@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from typing import Any
 
+import aiohttp
 from redis.asyncio import Redis
 
 from tests.conftest import AuthGatewayFactory, AuthHarness
@@ -56,10 +58,19 @@ async def test_a_refresh_racing_a_revocation_leaves_no_live_token(
     for trial in range(40):
         client_id, _, body = await _grant(h)
         rt = str(body["refresh_token"])
-        refresh, revoke = await asyncio.gather(
-            _refresh(h, client_id, rt),
-            h.client.post("/oauth/revoke", data={"token": rt, "client_id": client_id,
-                                                 "token_type_hint": "refresh_token"}))
+        def revoking(rt: str = rt, client_id: str = client_id
+                     ) -> Awaitable[aiohttp.ClientResponse]:
+            return h.client.post("/oauth/revoke", data={
+                "token": rt, "client_id": client_id, "token_type_hint": "refresh_token"})
+
+        if trial % 4 == 0:  # each order for sure, then both at once (who wins varies)
+            refresh = await _refresh(h, client_id, rt)
+            revoke = await revoking()
+        elif trial % 4 == 1:
+            revoke = await revoking()
+            refresh = await _refresh(h, client_id, rt)
+        else:
+            refresh, revoke = await asyncio.gather(_refresh(h, client_id, rt), revoking())
         assert revoke.status == 200
         tokens = [str(body["access_token"])]
         if refresh.status == 200:
