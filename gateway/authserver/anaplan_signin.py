@@ -18,10 +18,7 @@ redirect URI) and the login page offers it.
 
 from __future__ import annotations
 
-import hmac
-import json
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
 
@@ -30,10 +27,10 @@ from aiohttp import web
 from yarl import URL
 
 from gateway.appkeys import ANAPLAN_OAUTH, AUTH_SERVER
-from gateway.authserver import pages
+from gateway.authserver import signin_flow as flow
 from gateway.authserver.oidc import SSOError, safe_code
 from gateway.authserver.server import server_of
-from gateway.authserver.sso import BROWSER_COOKIE, STATE_TTL, username_from
+from gateway.authserver.sso import username_from
 from gateway.config.settings import Settings
 from gateway.forward.credentials.anaplan_oauth import AnaplanOAuth, OAuthDown, OAuthRefused
 from gateway.state.keys import Keys
@@ -46,6 +43,7 @@ START_PATH = "/oauth/sso/anaplan/start"
 CALLBACK_PATH = "/oauth/sso/anaplan/callback"
 SCOPE = "openid email offline_access"
 METHOD = "anaplan"
+FLOW = "anaplan:"  # the state prefix of this flow: never completes company SSO's
 
 
 def configured(settings: Settings) -> bool:
@@ -76,21 +74,6 @@ def _client(request: web.Request) -> AnaplanOAuth:
     return client
 
 
-async def _refuse(request: web.Request, err: SSOError) -> web.Response:
-    server = server_of(request)
-    server.metrics.logins.labels(METHOD, err.outcome).inc()
-    await server.store.audit("login.failed", method=METHOD, reason=err.outcome,
-                             remote=request.remote or "?")
-    return pages.render(request, "sso_failed.html", {"message": err.message},
-                        status=err.status)
-
-
-def _state_key(request: web.Request, state: str) -> str:
-    store = server_of(request).store
-    # prefixed: a state of this flow never completes company SSO's, nor the reverse
-    return store.keys.as_sso_state(store.digest("anaplan:" + state))
-
-
 async def start(request: web.Request) -> web.StreamResponse:
     """RFC 6749 4.1.1: the authorization request, sent through the browser."""
     server = server_of(request)
@@ -99,61 +82,27 @@ async def start(request: web.Request) -> web.StreamResponse:
         if await server.store.hit(f"anaplan-start:{request.remote or '?'}", 60) > 60:
             raise SSOError(429, "rate_limited", "Too many sign-in attempts. Wait a minute.")
     except SSOError as exc:
-        return await _refuse(request, exc)
-    state = secrets.token_urlsafe(32)
-    browser = request.cookies.get(BROWSER_COOKIE, "")
-    if len(browser) < 20:
-        browser = secrets.token_urlsafe(24)
-    record = {"browser": server.store.digest(browser),
-              "next": pages.safe_next(request.query.get("next"))}
-    await server.store.redis.set(_state_key(request, state), json.dumps(record), ex=STATE_TTL)
+        return await flow.refuse(request, exc, method=METHOD)
+    state, browser = await flow.new_state(request, {}, flow=FLOW)
     location = URL(client.authorize_url).update_query({
         "response_type": "code", "client_id": client.client_id,
         "redirect_uri": server.url(CALLBACK_PATH), "scope": SCOPE, "state": state})
-    response = web.HTTPFound(str(location))
-    response.headers["Cache-Control"] = "no-store"
-    response.set_cookie(BROWSER_COOKIE, browser, httponly=True, samesite="Lax",
-                        secure=server.issuer_url.startswith("https://"),
-                        path="/oauth/sso/", max_age=STATE_TTL)
-    raise response
+    raise flow.to_provider(request, str(location), browser)
 
 
 async def callback(request: web.Request) -> web.StreamResponse:
     """RFC 6749 4.1.2 and 4.1.3: the answer, the code redeemed; then the local session."""
-    server = server_of(request)
     try:
         client = _client(request)
-        record = await _take_state(request)
+        record = await flow.take_state(request, flow=FLOW)
         username, sub = await _complete(request, client)
     except OAuthDown as exc:
-        return await _refuse(request, SSOError(502, "provider_unavailable",
-                                               f"Anaplan could not be reached. ({exc})"))
+        return await flow.refuse(request, SSOError(502, "provider_unavailable",
+                                                   f"Anaplan could not be reached. ({exc})"),
+                                 method=METHOD)
     except SSOError as exc:
-        return await _refuse(request, exc)
-    server.metrics.logins.labels(METHOD, "success").inc()
-    response = web.HTTPSeeOther(record["next"])
-    await pages.start_session(request, response, username=username, sub=sub, method=METHOD)
-    await server.store.audit("login", user=username, method=METHOD,
-                             remote=request.remote or "?")
-    raise response
-
-
-async def _take_state(request: web.Request) -> dict[str, str]:
-    """RFC 6749 10.12: the state must be one this server issued, unused, to this browser."""
-    state = request.query.get("state", "")
-    if not state or len(state) > 256:
-        raise SSOError(400, "invalid_state", "This sign-in response carries no valid state. "
-                       "Start again from the sign-in page.")
-    raw = await server_of(request).store.redis.getdel(_state_key(request, state))
-    if not raw:
-        raise SSOError(400, "invalid_state", "This sign-in attempt is unknown, expired or "
-                       "already used. Start again from the sign-in page.")
-    record: dict[str, str] = json.loads(raw)
-    browser = request.cookies.get(BROWSER_COOKIE, "")
-    if not hmac.compare_digest(server_of(request).store.digest(browser), record["browser"]):
-        raise SSOError(400, "invalid_state", "This sign-in was started in another browser. "
-                       "Start again from the sign-in page.")
-    return record
+        return await flow.refuse(request, exc, method=METHOD)
+    raise await flow.signed_in(request, record, username=username, sub=sub, method=METHOD)
 
 
 async def _complete(request: web.Request, client: AnaplanOAuth) -> tuple[str, str]:

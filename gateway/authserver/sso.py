@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
-import json
 import re
 import secrets
 import time
@@ -35,7 +33,7 @@ from aiohttp import web
 from yarl import URL
 
 from gateway.appkeys import AUTH_SERVER, SSO_PROVIDER
-from gateway.authserver import pages
+from gateway.authserver import signin_flow as flow
 from gateway.authserver.oidc import (
     OpenIDProvider,
     ProviderError,
@@ -46,9 +44,9 @@ from gateway.authserver.oidc import (
 )
 from gateway.authserver.server import server_of
 
-STATE_TTL = 600
-BROWSER_COOKIE = "gw_sso_browser"
 CALLBACK_PATH = "/oauth/sso/callback"
+METHOD = "sso"
+FLOW = ""  # the state prefix of this flow (company SSO, the first one: none)
 _USERNAME_BAD = re.compile(r"[^a-z0-9._@+-]+")
 # OAuth 2.0 error codes (RFC 6749 section 4.1.2.1, OIDC Core 3.1.2.6) users may see
 _PROVIDER_ERRORS = {
@@ -84,24 +82,6 @@ def _provider(request: web.Request) -> OpenIDProvider:
     return provider
 
 
-def _fail_page(request: web.Request, err: SSOError) -> web.Response:
-    return pages.render(request, "sso_failed.html", {"message": err.message},
-                        status=err.status)
-
-
-async def _refuse(request: web.Request, err: SSOError) -> web.Response:
-    server = server_of(request)
-    server.metrics.logins.labels("sso", err.outcome).inc()
-    await server.store.audit("login.failed", method="sso", reason=err.outcome,
-                             remote=request.remote or "?")
-    return _fail_page(request, err)
-
-
-def _state_key(request: web.Request, state: str) -> str:
-    store = server_of(request).store
-    return store.keys.as_sso_state(store.digest(state))
-
-
 async def sso_start(request: web.Request) -> web.StreamResponse:
     """OIDC Core 3.1.2.1: the authentication request, sent through the browser."""
     server = server_of(request)
@@ -111,30 +91,22 @@ async def sso_start(request: web.Request) -> web.StreamResponse:
             raise SSOError(429, "rate_limited", "Too many sign-in attempts. Wait a minute.")
         meta = await provider.metadata()
     except ProviderError as exc:
-        return await _refuse(request, SSOError(502, "provider_unavailable", str(exc)))
+        return await flow.refuse(request, SSOError(502, "provider_unavailable", str(exc)),
+                                 method=METHOD)
     except SSOError as exc:
-        return await _refuse(request, exc)
-    state, nonce = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        return await flow.refuse(request, exc, method=METHOD)
+    nonce = secrets.token_urlsafe(32)
     verifier = secrets.token_urlsafe(64)  # RFC 7636 4.1: 43 to 128 characters
     challenge = base64.urlsafe_b64encode(
         hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-    browser = request.cookies.get(BROWSER_COOKIE, "")
-    if len(browser) < 20:
-        browser = secrets.token_urlsafe(24)
-    record = {"nonce": nonce, "verifier": verifier, "browser": server.store.digest(browser),
-              "next": pages.safe_next(request.query.get("next"))}
-    await server.store.redis.set(_state_key(request, state), json.dumps(record), ex=STATE_TTL)
+    state, browser = await flow.new_state(request, {"nonce": nonce, "verifier": verifier},
+                                          flow=FLOW)
     location = URL(meta.authorization_endpoint).update_query({
         "response_type": "code", "client_id": server.settings.sso_client_id,
         "redirect_uri": server.url(CALLBACK_PATH), "scope": _scopes(server.settings.sso_scopes),
         "state": state, "nonce": nonce, "code_challenge": challenge,
         "code_challenge_method": "S256"})
-    response = web.HTTPFound(str(location))
-    response.headers["Cache-Control"] = "no-store"
-    response.set_cookie(BROWSER_COOKIE, browser, httponly=True, samesite="Lax",
-                        secure=server.issuer_url.startswith("https://"),
-                        path="/oauth/sso/", max_age=STATE_TTL)
-    raise response
+    raise flow.to_provider(request, str(location), browser)
 
 
 def _scopes(configured: str) -> str:
@@ -145,39 +117,16 @@ def _scopes(configured: str) -> str:
 async def sso_callback(request: web.Request) -> web.StreamResponse:
     """OIDC Core 3.1.2.5 to 3.1.3.7: the authentication response, the code redeemed and
     the ID token validated; then the local session."""
-    server = server_of(request)
     try:
         provider = _provider(request)
-        record = await _take_state(request)
+        record = await flow.take_state(request, flow=FLOW)
         username, sub = await _complete(request, provider, record)
     except ProviderError as exc:
-        return await _refuse(request, SSOError(502, "provider_unavailable", str(exc)))
+        return await flow.refuse(request, SSOError(502, "provider_unavailable", str(exc)),
+                                 method=METHOD)
     except SSOError as exc:
-        return await _refuse(request, exc)
-    server.metrics.logins.labels("sso", "success").inc()
-    response = web.HTTPSeeOther(record["next"])
-    await pages.start_session(request, response, username=username, sub=sub, method="sso")
-    await server.store.audit("login", user=username, method="sso",
-                             remote=request.remote or "?")
-    raise response
-
-
-async def _take_state(request: web.Request) -> dict[str, str]:
-    """RFC 6749 10.12: the state must be one this server issued, unused, to this browser."""
-    state = request.query.get("state", "")
-    if not state or len(state) > 256:
-        raise SSOError(400, "invalid_state", "This sign-in response carries no valid state. "
-                       "Start again from the sign-in page.")
-    raw = await server_of(request).store.redis.getdel(_state_key(request, state))
-    if not raw:
-        raise SSOError(400, "invalid_state", "This sign-in attempt is unknown, expired or "
-                       "already used. Start again from the sign-in page.")
-    record: dict[str, str] = json.loads(raw)
-    browser = request.cookies.get(BROWSER_COOKIE, "")
-    if not hmac.compare_digest(server_of(request).store.digest(browser), record["browser"]):
-        raise SSOError(400, "invalid_state", "This sign-in was started in another browser. "
-                       "Start again from the sign-in page.")
-    return record
+        return await flow.refuse(request, exc, method=METHOD)
+    raise await flow.signed_in(request, record, username=username, sub=sub, method=METHOD)
 
 
 async def _complete(request: web.Request, provider: OpenIDProvider,
