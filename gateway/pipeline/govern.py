@@ -202,6 +202,16 @@ class ClientRegistry:
                 log.exception("client refresh failed")
 
 
+async def write_status(redis: Redis, keys: Keys, key: str, fields: dict[str, str],
+                       entry: dict[str, str], event: events.Event) -> None:
+    """Write a governance record's fields, its audit entry and the event that makes every
+    replica re-read it, together (one transaction on one server)."""
+    async with store.pipeline(redis) as pipe:
+        pipe.hset(key, mapping=cast(dict[Any, Any], fields))
+        events.append_audit(pipe, keys, entry)
+        await events.execute_and_publish(redis, pipe, keys, [event])
+
+
 class ClientAdmin:
     """Operator-side changes to client records: each one audited and published."""
 
@@ -217,12 +227,10 @@ class ClientAdmin:
         now = str(int(time.time()))
         fields = {"disabled": "1" if disabled else "0", "updated_at": now,
                   "updated_by": actor, "reason": reason}
-        async with store.pipeline(self.redis) as pipe:
-            pipe.hset(self.key(client_id), mapping=cast(dict[Any, Any], fields))
-            events.append_audit(pipe, self.keys, events.client_status_entry(
-                client_id, disabled=disabled, actor=actor, reason=reason, at=now))
-            await events.execute_and_publish(self.redis, pipe, self.keys,
-                                             [events.ClientChanged(client_id)])
+        await write_status(self.redis, self.keys, self.key(client_id), fields,
+                           events.client_status_entry(client_id, disabled=disabled,
+                                                      actor=actor, reason=reason, at=now),
+                           events.ClientChanged(client_id))
         return fields
 
     async def show(self, client_id: str) -> dict[str, str]:

@@ -45,6 +45,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.observe.metrics import GatewayMetrics
+from gateway.pipeline.govern import write_status
 from gateway.protocol.errors import ServiceUnavailable
 from gateway.state import connection as store
 from gateway.state import events
@@ -254,13 +255,10 @@ class UserAdmin:
                   "updated_by": actor, "reason": reason}
         if username is not None:
             fields["username"] = username
-        async with store.pipeline(self.redis) as pipe:
-            pipe.hset(self.keys.user(subject), mapping=cast(dict[Any, Any], fields))
-            events.append_audit(pipe, self.keys, events.user_status_entry(
-                subject, disabled=disabled, actor=actor, reason=reason, at=now,
-                username=username))
-            await events.execute_and_publish(self.redis, pipe, self.keys,
-                                             [events.UserChanged(subject)])
+        await write_status(self.redis, self.keys, self.keys.user(subject), fields,
+                           events.user_status_entry(subject, disabled=disabled, actor=actor,
+                                                    reason=reason, at=now, username=username),
+                           events.UserChanged(subject))
         return fields
 
     async def show(self, subject: str) -> dict[str, str]:
