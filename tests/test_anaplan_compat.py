@@ -187,3 +187,24 @@ async def test_apapi_oauth_rotatable_through_the_gateway(
     assert len(seen) == 2
     # forwarded in the scheme this (non-Anaplan) test upstream expects
     assert all(r.headers["Authorization"].startswith("Bearer gwat_") for r in seen)
+
+
+async def test_openid_scopes_anaplan_clients_send_are_accepted_and_ignored(
+        make_auth_gateway: AuthGatewayFactory) -> None:
+    h = await make_auth_gateway()
+    client, _ = await h.auth.create_client(
+        name="cli", grant="device_code", redirect_uris=[], scopes=["anaplan:read"],
+        actor="test")
+    oidc = "openid profile email offline_access"
+    resp = await h.client.post("/oauth/device/code",
+                               json={"client_id": client.client_id, "scope": oidc})
+    assert resp.status == 200, await resp.text()  # neither refused nor narrowed to nothing
+    resp = await h.client.post("/oauth/device/code", json={
+        "client_id": client.client_id, "scope": f"{oidc} anaplan:write"})
+    assert (await resp.json())["error"] == "invalid_scope"  # nor widened
+    client_id, body = await _device_grant(h)
+    resp = await h.client.post("/oauth/token", json={
+        "grant_type": "refresh_token", "client_id": client_id, "scope": oidc,
+        "refresh_token": body["refresh_token"]})
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["scope"] == body["scope"]

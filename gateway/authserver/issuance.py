@@ -26,7 +26,13 @@ from typing import Any
 from gateway.authserver.errors import InvalidGrant, InvalidScope
 from gateway.authserver.hashing import new_token
 from gateway.authserver.metrics import AuthServerMetrics
-from gateway.authserver.models import GRANT_REFRESH, ROTATABLE, Grant, OAuthClient
+from gateway.authserver.models import (
+    GRANT_REFRESH,
+    ROTATABLE,
+    Grant,
+    OAuthClient,
+    requested_scopes,
+)
 from gateway.authserver.storage import AuthStore
 from gateway.state import events
 from gateway.state.keys import Keys
@@ -115,8 +121,8 @@ class TokenIssuer:
                                    client_id=client.client_id, user=grant.username)
             raise InvalidGrant("This refresh token was already used; the grant is revoked.")
         scope = record["scope"]
-        if requested_scope:
-            wanted = requested_scope.split()
+        wanted = requested_scopes(requested_scope)
+        if wanted:
             if not set(wanted) <= set(scope.split()):
                 raise InvalidScope("A refresh may narrow the scope, never widen it.")
             scope = " ".join(wanted)

@@ -235,12 +235,22 @@ class Grant:
         return not self.revoked and now < self.ends_at(policy)
 
 
+#: OpenID scopes that clients written for Anaplan send (Anaplan grants them): accepted and
+#: ignored here, so they neither widen nor narrow a grant
+IGNORED_SCOPES = frozenset({"openid", "profile", "email", "offline_access"})
+
+
+def requested_scopes(requested: str | None) -> list[str]:
+    """The scopes asked for, less :data:`IGNORED_SCOPES`."""
+    return [s for s in (requested or "").split() if s not in IGNORED_SCOPES]
+
+
 def narrow_scope(requested: str | None, allowed: tuple[str, ...]) -> str:
     """Requested scopes must be a subset of the client's (RFC 6749 section 3.3);
     none requested means all of them."""
     from gateway.authserver.errors import InvalidScope
 
-    wanted = (requested or "").split()
+    wanted = requested_scopes(requested)
     if not wanted:
         return " ".join(allowed)
     unknown = [s for s in wanted if s not in allowed]
