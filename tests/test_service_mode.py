@@ -24,6 +24,7 @@ from gateway.config.policy import Identity, PolicyError, load_policy
 from gateway.config.settings import load_settings
 from gateway.demo.tokenservice import TokenServiceStandIn, make_ca, make_client_certificate
 from gateway.forward.credentials.anaplan import AnaplanSignIn, SignInRefused
+from gateway.forward.credentials.service import RETRY_BACKOFF
 from gateway.forward.credentials.sharing import SharedToken, parse_secret_keys
 from gateway.runtime.app import ConfigurationError, create_apps
 from gateway.state.keys import Keys
@@ -234,12 +235,43 @@ async def test_token_service_down_answers_503_and_sends_nothing(
     auth_server.issue(TOKEN)
     anaplan.standin.down = True
     gw = await start(make_gateway, anaplan)
-    resp = await gw.client.get("/2/0/x", headers=AUTH)
-    assert resp.status == 503
-    assert int(resp.headers["Retry-After"]) > 0
+    for _ in range(10):
+        resp = await gw.client.get("/2/0/x", headers=AUTH)
+        assert resp.status == 503
+        assert int(resp.headers["Retry-After"]) > 0
+        assert (await resp.json())["error"] == "temporarily_unavailable"
     assert anaplan.standin.calls["api"] == 0
+    # after a failure the replica waits before trying again: the ten requests made one call
+    assert anaplan.standin.calls["authenticate"] == 1
     anaplan.standin.down = False
+    await asyncio.sleep(RETRY_BACKOFF)
     assert (await gw.client.get("/2/0/x", headers=AUTH)).status == 200
+    assert anaplan.standin.calls["authenticate"] == 2
+
+
+async def test_every_sign_in_and_refusal_is_audited(
+        make_gateway: GatewayFactory, auth_server: AuthServer, anaplan: Anaplan,
+        redis: Redis) -> None:
+    auth_server.issue(TOKEN)
+    gw = await start(make_gateway, anaplan)
+    assert (await gw.client.get("/2/0/x", headers=AUTH)).status == 200
+    anaplan.standin.stale()  # the refresh is refused, the sign-in again works
+    assert (await gw.client.get("/2/0/x", headers=AUTH)).status == 200
+    anaplan.standin.stale()
+    anaplan.standin.refuse = True  # now the certificate is refused too
+    await asyncio.sleep(RETRY_BACKOFF)
+    assert (await gw.client.get("/2/0/x", headers=AUTH)).status == 503
+    entries = [fields for _, fields in await redis.xrange(Keys("gw:").audit)]
+    actions = [(e["action"], e.get("identity"), e.get("actor")) for e in entries
+               if e["action"].startswith("credential.")]
+    assert actions == [("credential.signed_in", "integration", "gateway"),
+                       ("credential.refresh_refused", "integration", "gateway"),
+                       ("credential.signed_in", "integration", "gateway"),
+                       ("credential.refresh_refused", "integration", "gateway"),
+                       ("credential.sign_in_refused", "integration", "gateway")]
+    refused = [e for e in entries if e["action"] == "credential.sign_in_refused"][0]
+    assert "401" in refused["reason"] and all(t not in str(entries)
+                                              for t in anaplan.standin.tokens)
 
 
 async def test_refreshed_before_expiry_and_metrics(
@@ -257,7 +289,8 @@ async def test_refreshed_before_expiry_and_metrics(
                 f'mode="service",outcome="{outcome}"}} 1.0') in metrics
     [expiry] = [line for line in metrics.splitlines()
                 if line.startswith('gateway_upstream_credential_expiry_seconds{identity="integ')]
-    assert float(expiry.split()[-1]) > time.time()
+    # the time left on the token, as the scrape sees it
+    assert 0 < float(expiry.split()[-1]) <= anaplan.standin.lifetime
 
 
 # --- configuration ---------------------------------------------------------------------------

@@ -173,7 +173,8 @@ class GatewayMetrics:
             ["identity", "mode", "outcome"], registry=r)
         self.credential_expiry = Gauge(
             "gateway_upstream_credential_expiry_seconds",
-            "Unix time at which the gateway's upstream credential of an identity expires.",
+            "Seconds left on the gateway's current upstream credential of an identity "
+            "(negative: expired).",
             ["identity"], registry=r)
         self.policy_reloads = Counter(
             "gateway_policy_reloads", "Policy reloads by outcome.", ["outcome"], registry=r)

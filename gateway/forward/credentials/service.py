@@ -9,7 +9,12 @@ replicas starting together cause one sign-in.
 Freshness: past three quarters of its life the token is refreshed
 (``/token/refresh``); a refused refresh signs in again. A 401 from the upstream renews
 it once (:meth:`ServiceMode.refused`). With no valid token and the token service down,
-requests get 503 with ``Retry-After``: a request is never sent without credentials.
+requests get 503 with ``Retry-After``: a request is never sent without credentials. After
+a failed sign-in a replica waits :data:`RETRY_BACKOFF` before the next attempt, so a
+broken certificate or a down service is not hammered by every request.
+
+Every sign-in and every refusal is written to the audit stream (refreshes, routine
+every three quarters of a token's life, only counted).
 """
 
 from __future__ import annotations
@@ -34,12 +39,14 @@ from gateway.forward.credentials.sharing import Shared, SharedToken
 from gateway.observe.metrics import GatewayMetrics
 from gateway.protocol.errors import ServiceUnavailable
 from gateway.protocol.tokens import PresentedToken
+from gateway.state.events import append_audit, audit_entry
 from gateway.state.keys import Keys
 
 log = logging.getLogger(__name__)
 
 LOCK_SECONDS = 15.0  # a sign-in's time limit: the token service's timeout, and some
 RETRY_AFTER = 5  # seconds a client is told to wait when there is no token to send
+RETRY_BACKOFF = 1.0  # seconds a replica waits after a failed sign-in before another
 _POLL = 0.05  # seconds between looks at Redis while another replica signs in
 
 
@@ -67,15 +74,28 @@ class IdentityTokens:
         self.metrics = metrics
         self._current: Shared | None = None
         self._busy: asyncio.Task[Shared] | None = None
-        self._expiry = metrics.credential_expiry.labels(name)
+        self._failed_until = 0.0  # no new sign-in attempt before this time
+        self._gauged = False
+
+    def _seconds_left(self) -> float:
+        return self._current.token.expires_at - time.time() if self._current else 0.0
 
     def _count(self, outcome: str) -> None:
         self.metrics.credential_refreshes.labels(self.name, "service", outcome).inc()
 
     def _adopt(self, shared: Shared) -> Shared:
         self._current = shared
-        self._expiry.set(shared.token.expires_at)
+        if not self._gauged:  # from the first token on: time left, computed when scraped
+            self.metrics.credential_expiry.labels(self.name).set_function(self._seconds_left)
+            self._gauged = True
         return shared
+
+    async def _audit(self, action: str, reason: str | None = None) -> None:
+        try:
+            await append_audit(self.shared.redis, self.shared.keys, audit_entry(
+                action, identity=self.name, mode="service", actor="gateway", reason=reason))
+        except RedisError as exc:
+            log.warning("audit entry %s for %r not written: %s", action, self.name, exc)
 
     async def current(self) -> str:
         """The token to send; raise :class:`ServiceUnavailable` when there is none."""
@@ -92,6 +112,13 @@ class IdentityTokens:
         await self._renew(stale=stale)
 
     async def _renew(self, stale: str | None) -> Shared:
+        if time.time() < self._failed_until:
+            held = self._current
+            if stale is None and _usable(held, time.time()) and held is not None:
+                return held
+            raise ServiceUnavailable(
+                f"The gateway cannot sign in to the upstream as {self.name!r}.",
+                retry_after=RETRY_AFTER)
         # one renewal at a time in this replica, as a task of its own: the requests
         # waiting for it share its outcome, and a client that leaves (its handler
         # cancelled) neither cancels it nor leaves the fleet's lock held
@@ -157,16 +184,20 @@ class IdentityTokens:
                     return Shared(token, now)
                 except SignInRefused:
                     self._count("refresh_refused")
+                    await self._audit("credential.refresh_refused")
             try:
                 token = await self.signin.authenticate()
-            except SignInRefused:
+            except SignInRefused as exc:
                 self._count("sign_in_refused")
+                await self._audit("credential.sign_in_refused", reason=str(exc)[:200])
                 raise
             self._count("signed_in")
+            await self._audit("credential.signed_in")
             return Shared(token, now)
         except (TokenServiceDown, SignInRefused) as exc:
             if isinstance(exc, TokenServiceDown):
                 self._count("unavailable")
+            self._failed_until = time.time() + RETRY_BACKOFF
             log.warning("upstream credential of %r: %s", self.name, exc)
             if stale is None and _usable(held, time.time()) and held is not None:
                 return held  # still valid: keep sending it while the service is away

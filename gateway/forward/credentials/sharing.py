@@ -52,6 +52,7 @@ class SharedToken:
     def __init__(self, redis: Redis, keys: Keys, identity: str, secret_keys: list[bytes]
                  ) -> None:
         self.redis = redis
+        self.keys = keys
         self.key = keys.upstream_credential(identity)
         self.lock_key = keys.upstream_credential_lock(identity)
         self.fence_key = keys.upstream_credential_fence(identity)

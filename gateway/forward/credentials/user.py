@@ -30,6 +30,7 @@ from gateway.forward.credentials.base import CredentialMode, Credentials
 from gateway.observe.metrics import GatewayMetrics
 from gateway.protocol.errors import InvalidToken, ServiceUnavailable
 from gateway.protocol.tokens import PresentedToken
+from gateway.state.events import append_audit, audit_entry
 from gateway.state.signins import AnaplanSignIn, SignInStore, StoredSignIn
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,9 @@ class PeopleTokens:
             self._count("refresh_refused")
             self._current.pop(subject, None)
             await self.store.remove(subject, stored)
+            await append_audit(self.store.redis, self.store.keys, audit_entry(
+                "credential.refresh_refused", subject=subject, user=old.username,
+                mode="user", actor="gateway", reason="anaplan_refused_refresh_token"))
             if self.end_grants is not None:
                 await self.end_grants(subject, old.username)
             raise _gone() from None
