@@ -192,3 +192,22 @@ async def test_a_spent_rotated_refresh_token_is_inactive(
     client_id, _, fixed = await _grant(h, refresh_mode="non_rotatable")
     assert (await _refresh(h, client_id, str(fixed["refresh_token"]))).status == 200
     assert (await introspect(str(fixed["refresh_token"])))["active"] is True
+
+
+async def test_a_refused_refresh_does_not_spend_the_refresh_token(
+        make_auth_gateway: AuthGatewayFactory) -> None:
+    """A refresh asking for more scope is refused before the rotated token is spent: the
+    same token then refreshes normally, and its grant is not taken for a replayed one."""
+    h = await make_auth_gateway()
+    client_id, _, body = await _grant(h)
+    rt = str(body["refresh_token"])
+    wider = await h.client.post("/oauth/token", data={
+        "grant_type": "refresh_token", "refresh_token": rt, "client_id": client_id,
+        "scope": "anaplan:read anaplan:write"})
+    assert wider.status == 400 and (await wider.json())["error"] == "invalid_scope"
+    again = await _refresh(h, client_id, rt)
+    assert again.status == 200, await again.text()
+    new = await again.json()
+    assert await _at_gateway(h, str(new["access_token"])) == 200
+    [grant] = await h.auth.list_grants(client_id=client_id)
+    assert not grant.revoked

@@ -229,3 +229,49 @@ async def test_cli_failures_exit_non_zero(
     monkeypatch.setenv("GATEWAY_REDIS_URL", f"redis://{url['host']}:{url['port']}/0")
     assert await asyncio.to_thread(cli.main, ["users", "disable", ""]) == 1
     assert "subject" in capsys.readouterr().err
+
+
+async def test_a_disabled_builtin_person_gets_nothing_from_the_server_either(
+        make_auth_gateway: AuthGatewayFactory, redis: Redis) -> None:
+    """The server answers as the gateway does: no session, no new token, introspection
+    inactive; enabled again, all of it works."""
+    from tests.test_authserver_core import _refresh
+    from tests.test_flow_code import Forms
+
+    h = await make_auth_gateway()
+    await h.auth.add_user("erin", "erin-password-1", actor="test")
+    subject = (await h.auth.store.get_user("erin"))["sub"]
+    client, _ = await h.auth.create_client(name="erin's app", grant="device_code",
+                                           redirect_uris=[], scopes=["anaplan:read"],
+                                           actor="test")
+    grant = await h.auth.issuer.new_grant(client, username="erin", sub=subject,
+                                          scope="anaplan:read", grant_type=client.grant_type,
+                                          label="laptop")
+    body = await h.auth.issuer.issue(client, grant, scope="anaplan:read",
+                                     grant_type=client.grant_type)
+    access, refresh = str(body["access_token"]), str(body["refresh_token"])
+
+    async def sign_in() -> tuple[int, str]:
+        page = Forms(await (await h.client.get("/oauth/login")).text()).one()
+        resp = await h.client.post("/oauth/login", allow_redirects=False, data={
+            **page["fields"], "username": "erin", "password": "erin-password-1"})
+        return resp.status, await resp.text()
+
+    await h.auth.set_user_disabled("erin", True, actor="test", reason="left")
+    assert await h.until_status(401, 1.0, bearer(access)) < 1.0
+    assert await h.auth.issuer.introspect(access) == {"active": False}
+    assert await h.auth.issuer.introspect(refresh) == {"active": False}
+    resp = await _refresh(h, client.client_id, refresh)
+    assert resp.status == 400 and (await resp.json())["error"] == "invalid_grant"
+    status, text = await sign_in()
+    assert status == 403 and "This account is disabled" in text
+    assert "gw_session" not in {c.key for c in h.client.session.cookie_jar}
+    stream: Any = await redis.xrange("gw:audit")
+    assert (stream[-1][1]["action"], stream[-1][1]["reason"]) == ("login.failed",
+                                                                  "user_disabled")
+
+    await h.auth.set_user_disabled("erin", False, actor="test")
+    await h.until_status(200, 1.0, bearer(access))
+    assert (await h.auth.issuer.introspect(access))["active"] is True
+    assert (await _refresh(h, client.client_id, refresh)).status == 200
+    assert (await sign_in())[0] == 303

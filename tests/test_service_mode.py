@@ -10,6 +10,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -261,7 +262,8 @@ async def test_every_sign_in_and_refusal_is_audited(
     anaplan.standin.refuse = True  # now the certificate is refused too
     await asyncio.sleep(RETRY_BACKOFF)
     assert (await gw.client.get("/2/0/x", headers=AUTH)).status == 503
-    entries = [fields for _, fields in await redis.xrange(Keys("gw:").audit)]
+    stream: Any = await redis.xrange(Keys("gw:").audit)
+    entries: list[dict[str, str]] = [fields for _, fields in stream]
     actions = [(e["action"], e.get("identity"), e.get("actor")) for e in entries
                if e["action"].startswith("credential.")]
     assert actions == [("credential.signed_in", "integration", "gateway"),
@@ -269,7 +271,7 @@ async def test_every_sign_in_and_refusal_is_audited(
                        ("credential.signed_in", "integration", "gateway"),
                        ("credential.refresh_refused", "integration", "gateway"),
                        ("credential.sign_in_refused", "integration", "gateway")]
-    refused = [e for e in entries if e["action"] == "credential.sign_in_refused"][0]
+    refused = next(e for e in entries if e["action"] == "credential.sign_in_refused")
     assert "401" in refused["reason"] and all(t not in str(entries)
                                               for t in anaplan.standin.tokens)
 

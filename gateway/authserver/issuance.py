@@ -67,6 +67,9 @@ class TokenIssuer:
     async def issue(self, client: OAuthClient, grant: Grant, *, scope: str,
                     grant_type: str, refresh: bool = True) -> dict[str, Any]:
         """The RFC 6749 section 5.1 token response for a new access (+ refresh) token."""
+        if await self.store.person_disabled(grant.sub):
+            # people governance: a disabled person gets no new token (code, device, refresh)
+            raise InvalidGrant("The person this grant belongs to is disabled.")
         now = int(time.time())
         ttl = min(client.policy.access_token_ttl, max(1, grant.expires_at - now))
         claims = {
@@ -111,6 +114,16 @@ class TokenIssuer:
         grant = await self.store.get_grant(record["grant_id"])
         if grant is None or not grant.alive(client.policy):
             raise InvalidGrant("The grant behind this refresh token has ended.")
+        # every refusal comes before the token is spent: a refused refresh leaves the
+        # client's refresh token as it was (a later retry is no replay)
+        if await self.store.person_disabled(grant.sub):
+            raise InvalidGrant("The person this grant belongs to is disabled.")
+        scope = record["scope"]
+        wanted = requested_scopes(requested_scope)
+        if wanted:
+            if not set(wanted) <= set(scope.split()):
+                raise InvalidScope("A refresh may narrow the scope, never widen it.")
+            scope = " ".join(wanted)
         rotatable = record.get("mode", ROTATABLE) == ROTATABLE
         if rotatable and not await self.store.spend_refresh(
                 digest, int(record["exp"]) - int(time.time())):
@@ -120,12 +133,6 @@ class TokenIssuer:
             await self.store.audit("refresh.reuse_detected", grant_id=grant.grant_id,
                                    client_id=client.client_id, user=grant.username)
             raise InvalidGrant("This refresh token was already used; the grant is revoked.")
-        scope = record["scope"]
-        wanted = requested_scopes(requested_scope)
-        if wanted:
-            if not set(wanted) <= set(scope.split()):
-                raise InvalidScope("A refresh may narrow the scope, never widen it.")
-            scope = " ".join(wanted)
         await self.store.touch_grant(grant.grant_id)
         body = await self.issue(client, grant, scope=scope, grant_type=GRANT_REFRESH,
                                 refresh=rotatable)
@@ -220,6 +227,8 @@ class TokenIssuer:
         grant = await self.store.get_grant(record["grant_id"])
         if grant is None or not grant.alive(client.policy):
             return {"active": False}
+        if await self.store.person_disabled(grant.sub):
+            return {"active": False}  # as the gateway answers: the person is refused
         answer = {"active": True, "client_id": record["client_id"],
                   "scope": record["scope"], "exp": record["exp"], "iat": record["iat"],
                   "iss": self.issuer,

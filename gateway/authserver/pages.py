@@ -126,6 +126,17 @@ async def current_user(request: web.Request) -> dict[str, Any] | None:
 async def start_session(request: web.Request, response: web.StreamResponse, *, username: str,
                         sub: str, method: str) -> None:
     server = server_of(request)
+    if await server.store.person_disabled(sub):
+        # every way of signing in ends here: a person disabled by people governance
+        # gets no session, whatever their password or identity provider says
+        server.metrics.logins.labels(method, "user_disabled").inc()
+        await server.store.audit("login.failed", user=username, method=method,
+                                 reason="user_disabled", remote=request.remote or "?")
+        page = render(request, "sso_failed.html", {
+            "message": "This account is disabled. Ask an administrator to enable it."},
+            status=403)
+        raise web.HTTPForbidden(text=page.text, content_type="text/html", headers={
+            k: v for k, v in page.headers.items() if k.lower() != "content-type"})
     token = secrets.token_urlsafe(32)
     data = {"username": username, "sub": sub, "auth_time": int(time.time()), "method": method}
     await server.store.redis.set(server.store.keys.as_session(server.store.digest(token)),

@@ -83,6 +83,10 @@ class AuthStore:
     async def get_user(self, username: str) -> dict[str, str]:
         return cast(dict[str, str], await self.redis.hgetall(self.keys.as_user(username)))
 
+    async def person_disabled(self, sub: str | None) -> bool:
+        """True when people governance (``users disable``) refuses the person ``sub``."""
+        return bool(sub) and await self.redis.hget(self.keys.user(str(sub)), "disabled") == "1"
+
     async def sso_username(self, issuer: str, sub: str) -> str | None:
         value = await self.redis.get(self.keys.as_sso(issuer, sub))
         return str(value) if value is not None else None
