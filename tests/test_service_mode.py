@@ -189,6 +189,21 @@ async def test_three_replicas_starting_together_sign_in_once(
     assert len(set(anaplan.standin.api_authorizations)) == 1
 
 
+async def test_three_replicas_renewing_together_call_the_token_service_once(
+        make_gateway: GatewayFactory, auth_server: AuthServer, anaplan: Anaplan) -> None:
+    auth_server.issue(TOKEN)
+    replicas = [await start(make_gateway, anaplan) for _ in range(3)]
+    for r in replicas:
+        assert (await r.client.get("/2/0/x", headers=AUTH)).status == 200
+    anaplan.standin.stale()  # every replica's next request is refused upstream at once
+    answers = await asyncio.gather(*[r.client.get("/2/0/x", headers=AUTH)
+                                     for r in replicas for _ in range(2)])
+    assert [a.status for a in answers] == [200] * 6
+    # one renewal for the fleet: the refresh (refused: the token is dead), one sign-in
+    assert (anaplan.standin.calls["refresh"], anaplan.standin.calls["authenticate"]) == (1, 2)
+    assert len(set(anaplan.standin.api_authorizations[3:])) <= 2  # the dead one, the new one
+
+
 async def test_token_in_redis_is_sealed_and_survives_key_rotation(
         make_gateway: GatewayFactory, auth_server: AuthServer, anaplan: Anaplan,
         redis: Redis) -> None:

@@ -236,17 +236,16 @@ async def test_stale_anaplan_token_is_refreshed_and_swapped(
     assert resp.status == 200 and anaplan.standin.calls["refresh"] == 2
 
 
-async def test_two_replicas_refreshing_at_once_make_one_call(
+async def test_three_replicas_refreshing_at_once_make_one_call(
         make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan, redis: Redis) -> None:
     one = await user_gateway(make_auth_gateway, anaplan)
-    two = await signin_gateway(make_auth_gateway, anaplan,
-                               USER_POLICY.replace("{anaplan}", anaplan.url))
+    others = [await user_gateway(make_auth_gateway, anaplan) for _ in range(2)]
     _, bearer = await signed_in_app(one)
     anaplan.standin.stale()
-    anaplan.standin.refresh_delay = 0.3  # both replicas see the 401 while one refreshes
+    anaplan.standin.refresh_delay = 0.3  # every replica sees the 401 while one refreshes
     answers = await asyncio.gather(*(h.client.get("/2/0/workspaces", headers=bearer)
-                                     for h in (one, two, one, two)))
-    assert [r.status for r in answers] == [200] * 4
+                                     for h in (one, *others) * 2))
+    assert [r.status for r in answers] == [200] * 6
     assert anaplan.standin.calls["refresh"] == 1
     assert anaplan.standin.calls["reuse_detected"] == 0
 
@@ -275,3 +274,71 @@ async def test_user_mode_without_secret_keys_is_refused_at_start(
 
     with pytest.raises(ConfigurationError, match=r"credentials: user.*GATEWAY_SECRET_KEYS"):
         await user_gateway(make_auth_gateway, anaplan, secret_keys="")
+
+
+async def test_the_persons_tokens_are_sealed_and_open_after_key_rotation(
+        make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan, redis: Redis) -> None:
+    h = await user_gateway(make_auth_gateway, anaplan)
+    _, bearer = await signed_in_app(h)
+    mine = await stored(redis).load(GUID)
+    assert mine is not None
+    raw = str(await redis.get(f"gw:anaplan_signin:{GUID}"))
+    assert mine.signin.access_token not in raw and mine.signin.refresh_token not in raw
+    assert EMAIL not in raw
+    keys = Keys("gw:")
+    assert await SignInStore(redis, keys, [base64.b64decode(KEY_B)]).load(GUID) is None
+    rotated = SignInStore(redis, keys, [base64.b64decode(KEY_B), base64.b64decode(KEY_A)])
+    opened = await rotated.load(GUID)
+    assert opened is not None and opened.signin.access_token == mine.signin.access_token
+    # a replica started with the new key first serves the same person without a refresh
+    after = await user_gateway(make_auth_gateway, anaplan, secret_keys=f"{KEY_B},{KEY_A}")
+    assert (await after.client.get("/2/0/workspaces", headers=bearer)).status == 200
+    assert anaplan.standin.calls["refresh"] == 0
+
+
+@pytest.mark.parametrize("cut", ["client", "person", "grant"])
+async def test_a_disable_stops_the_persons_credential_at_once(
+        make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan, redis: Redis,
+        cut: str) -> None:
+    replicas = [await user_gateway(make_auth_gateway, anaplan) for _ in range(2)]
+    h = replicas[0]
+    _, bearer = await signed_in_app(h)
+    for r in replicas:
+        assert (await r.client.get("/2/0/workspaces", headers=bearer)).status == 200
+    [grant] = await h.auth.list_grants(username=EMAIL)
+    if cut == "client":
+        await h.auth.set_disabled(grant.client_id, True, actor="test")
+    elif cut == "person":
+        await h.auth.set_user_disabled(GUID, True, actor="test")
+    else:
+        await h.auth.revoke_grant(grant.grant_id, actor="test")
+    delays = await asyncio.gather(*(r.until_status(401, 1.0, bearer, "/2/0/workspaces")
+                                    for r in replicas))
+    assert max(delays) < 0.1, delays
+    calls = anaplan.standin.calls["api"]
+    for r in replicas:
+        resp = await r.client.get("/2/0/workspaces", headers=bearer)
+        assert resp.status == 401
+    assert anaplan.standin.calls["api"] == calls  # the Anaplan token is not sent again
+
+
+async def test_anaplan_down_with_no_live_token_answers_503_and_sends_nothing(
+        make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan, redis: Redis) -> None:
+    h = await user_gateway(make_auth_gateway, anaplan)
+    _, bearer = await signed_in_app(h)
+    before = await stored(redis).load(GUID)
+    assert before is not None
+    old = before.signin
+    expired = type(old)(old.username, old.access_token, old.refresh_token,
+                        old.obtained_at - 1, old.obtained_at - 3600)
+    assert await stored(redis).swap(GUID, before, expired)
+    await anaplan.server.close()  # Anaplan's OAuth service is unreachable
+    calls = anaplan.standin.calls["api"]
+    resp = await h.client.get("/2/0/workspaces", headers=bearer)
+    assert resp.status == 503, await resp.text()
+    assert int(resp.headers["Retry-After"]) > 0
+    assert (await resp.json())["error"] == "temporarily_unavailable"
+    assert anaplan.standin.calls["api"] == calls
+    # the grant stands: Anaplan did not refuse the refresh token, it was only away
+    [grant] = await h.auth.list_grants(username=EMAIL)
+    assert not grant.revoked and await stored(redis).load(GUID) is not None
