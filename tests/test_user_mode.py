@@ -342,3 +342,46 @@ async def test_anaplan_down_with_no_live_token_answers_503_and_sends_nothing(
     # the grant stands: Anaplan did not refuse the refresh token, it was only away
     [grant] = await h.auth.list_grants(username=EMAIL)
     assert not grant.revoked and await stored(redis).load(GUID) is not None
+
+
+async def test_secret_keys_reseal_lets_the_old_key_go(
+        make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan, redis: Redis,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rotation's middle step: every sealed value (a person's sign-in, a service
+    identity's token) sealed again under the new first key, its TTL kept."""
+    import json
+    import time
+
+    from gateway.cli import commands as cli
+    from gateway.forward.credentials.anaplan import AnaplanToken
+    from gateway.forward.credentials.sharing import Shared, SharedToken
+
+    h = await user_gateway(make_auth_gateway, anaplan)
+    await signed_in_app(h)
+    keys = Keys("gw:")
+    old, new = [base64.b64decode(KEY_A)], [base64.b64decode(KEY_B)]
+    service = SharedToken(redis, keys, "integration", old)
+    fence = await service.lock(5)
+    assert fence is not None
+    assert await service.write(Shared(AnaplanToken("svc-token", time.time() + 600), time.time()),
+                               fence, time.time())
+    assert await SignInStore(redis, keys, new).load(GUID) is None  # not yet
+
+    monkeypatch.setenv("GATEWAY_REDIS_URL", h.gw.settings.redis_url)
+    monkeypatch.setenv("GATEWAY_SECRET_KEYS", f"{KEY_B},{KEY_A}")
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli.main, ["secret-keys", "reseal", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"resealed": 2, "current": 0, "unreadable": 0}
+    person = await SignInStore(redis, keys, new).load(GUID)  # the old key is not needed
+    assert person is not None and person.signin.username == EMAIL
+    shared = await SharedToken(redis, keys, "integration", new).read()
+    assert shared is not None and shared.token.value == "svc-token"
+    assert 590_000 < await redis.pttl(keys.upstream_credential("integration")) <= 600_000
+    stream: Any = await redis.xrange(keys.audit)
+    assert stream[-1][1]["action"] == "secret_keys.resealed"
+    # again: nothing to do; with a key that opens nothing: said, and a failing exit code
+    assert await asyncio.to_thread(cli.main, ["secret-keys", "reseal", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["current"] == 2
+    monkeypatch.setenv("GATEWAY_SECRET_KEYS", base64.b64encode(b"c" * 32).decode())
+    assert await asyncio.to_thread(cli.main, ["secret-keys", "reseal"]) == 1
+    assert "2 that no listed key opens" in capsys.readouterr().out

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 
 from gateway import __version__
 from gateway.cli import authserver as authserver_commands
+from gateway.cli import secrets as secrets_commands
 from gateway.cli.terminal import EXIT_FAIL, EXIT_OK, EXIT_USAGE, actor, err, out, with_redis
 from gateway.config.policy import PolicyError, load_policy
 from gateway.config.settings import Settings, SettingsError, load_settings
@@ -296,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = asub.add_parser("tail", parents=[common], help="the latest audit entries")
     p.add_argument("-n", type=int, default=20, help="how many (default 20)")
     p.set_defaults(func=cmd_audit_tail)
+    secrets_commands.add_commands(sub, common)
     return parser
 
 

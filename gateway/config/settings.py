@@ -142,8 +142,8 @@ class Settings:
     secret_keys: str = setting(
         "", "comma-separated base64 32-byte keys (AES-256-GCM) that encrypt what the gateway "
         "keeps in Redis for `credentials: service` and `user` upstreams; the first encrypts, all "
-        "decrypt (rotation: add the new key first); required when a policy uses `service` or "
-        "`user`")
+        "decrypt (rotation: add the new key first, run `oauth-gateway secret-keys reseal`, then "
+        "drop the old one); required when a policy uses `service` or `user`")
     local_cache_ttl: float = setting(
         5.0, "seconds a validation result lives in the in-process layer", above=0)
     local_cache_size: int = setting(

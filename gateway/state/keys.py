@@ -217,6 +217,12 @@ class Keys:
         Replaced by compare-and-set only; deleted when Anaplan refuses its refresh."""
         return f"{self.prefix}anaplan_signin:{subject}"
 
+    @property
+    def sealed_patterns(self) -> tuple[str, ...]:
+        """SCAN patterns of every value sealed under ``GATEWAY_SECRET_KEYS``
+        (:meth:`upstream_credential`, :meth:`anaplan_signin`), for re-sealing."""
+        return (f"{self.prefix}upstream_cred:*", f"{self.prefix}anaplan_signin:*")
+
     def anaplan_signin_lock(self, subject: str) -> str:
         """String, SET NX PX: the replica refreshing a person's Anaplan token (a random
         owner value): one refresh for the fleet. TTL: the refresh's time limit."""

@@ -11,11 +11,15 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from redis.asyncio import Redis
 
-__all__ = ["Sealer", "parse_secret_keys"]
+from gateway.state.keys import Keys
+
+__all__ = ["Resealed", "Sealer", "parse_secret_keys", "reseal"]
 
 
 def parse_secret_keys(text: str) -> list[bytes]:
@@ -51,15 +55,69 @@ class Sealer:
 
     def open(self, sealed: str, aad: bytes) -> bytes | None:
         """The plain bytes, or None when no listed key opens ``sealed`` (or it is garbled)."""
+        opened = self.open_index(sealed, aad)
+        return opened[0] if opened is not None else None
+
+    def open_index(self, sealed: str, aad: bytes) -> tuple[bytes, int] | None:
+        """The plain bytes and the position of the key that opened them, or None."""
         try:
             raw = base64.b64decode(sealed, validate=True)
         except binascii.Error:
             return None
         if len(raw) < 28:
             return None
-        for cipher in self._ciphers:
+        for index, cipher in enumerate(self._ciphers):
             try:
-                return cipher.decrypt(raw[:12], raw[12:], aad)
+                return cipher.decrypt(raw[:12], raw[12:], aad), index
             except InvalidTag:
                 continue
         return None
+
+
+# -- key rotation: seal again under the first key ------------------------------
+
+# replace the value only if it is still the one read, keeping its time to live: a
+# replica that wrote a newer token meanwhile wins
+_RESEAL = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
+else redis.call('SET', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+
+@dataclass
+class Resealed:
+    """What :func:`reseal` found: values sealed again under the first key, values
+    already under it, and values no listed key opens (left as they are)."""
+
+    resealed: int = 0
+    current: int = 0
+    unreadable: int = 0
+
+
+async def reseal(redis: Redis, keys: Keys, sealer: Sealer) -> Resealed:
+    """Seal every sealed value in Redis again under the first key, so that the keys
+    after it can be retired. A value is replaced only if unchanged since it was read."""
+    found = Resealed()
+    for pattern in keys.sealed_patterns:
+        async for key in redis.scan_iter(match=pattern, count=500):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            stored = await redis.get(name)
+            if stored is None:
+                continue
+            text = stored.decode() if isinstance(stored, bytes) else str(stored)
+            # a shared service token carries its fencing token first ("7:<sealed>")
+            head, sep, sealed = text.rpartition(":")
+            opened = sealer.open_index(sealed, name.encode())
+            if opened is None:
+                found.unreadable += 1
+            elif opened[1] == 0:
+                found.current += 1
+            elif await redis.eval(_RESEAL, 1, name, text,
+                                  head + sep + sealer.seal(opened[0], name.encode())):
+                found.resealed += 1
+            else:
+                found.current += 1  # a replica replaced it meanwhile, under the first key
+    return found
