@@ -178,6 +178,17 @@ async def test_upstream_never_receives_the_clients_token(
     assert anaplan.standin.calls["api"] == 3
 
 
+async def test_the_v2_certificate_payload_is_chosen_in_the_policy(
+        make_gateway: GatewayFactory, auth_server: AuthServer, anaplan: Anaplan) -> None:
+    auth_server.issue(TOKEN)
+    policy = anaplan.policy().replace(
+        f"    private_key_file: {anaplan.key}\n",
+        f"    private_key_file: {anaplan.key}\n    certificate_payload: v2\n")
+    gw = await make_gateway(policy.replace("{", "{{").replace("}", "}}"), secret_keys=KEY_A)
+    assert (await gw.client.get("/2/0/x", headers=AUTH)).status == 200
+    assert anaplan.standin.calls["authenticate_v2"] == 1
+
+
 async def test_three_replicas_starting_together_sign_in_once(
         make_gateway: GatewayFactory, auth_server: AuthServer, anaplan: Anaplan) -> None:
     auth_server.issue(TOKEN)
@@ -331,6 +342,8 @@ def test_service_without_secret_keys_is_refused_at_start(tmp_path: Path) -> None
      "identity 'integration', key kind: expected one of"),
     (("    identity: integration\n", ""), "upstream 'api': key identity: required when"),
     (("    private_key_file: k\n", ""), "identity 'integration': key private_key_file: required"),
+    (("    private_key_file: k\n", "    private_key_file: k\n    certificate_payload: v3\n"),
+     "identity 'integration', key certificate_payload: expected one of"),
 ])
 def test_policy_refuses_bad_identities(tmp_path: Path, change: tuple[str, str],
                                        message: str) -> None:

@@ -21,6 +21,7 @@ Format (the keys docs/COMPATIBILITY.md promises to keep accepting)::
         auth_url: https://auth.anaplan.com
         certificate_file: /etc/oauth-gateway/anaplan-cert.pem
         private_key_file: /etc/oauth-gateway/anaplan-key.pem
+        certificate_payload: classic         # or v2 (timestamped signed data)
     routes:                                  # first match in file order wins
       - name: integration-read
         upstream: api
@@ -55,6 +56,9 @@ IDENTITY_KINDS = ["anaplan-certificate", "anaplan-basic"]
 #: the keys each identity kind requires
 IDENTITY_KEYS = {"anaplan-certificate": ("certificate_file", "private_key_file"),
                  "anaplan-basic": ("username_env", "password_env")}
+#: the keys each identity kind may also have
+IDENTITY_OPTIONAL = {"anaplan-certificate": ("certificate_payload",), "anaplan-basic": ()}
+CERTIFICATE_PAYLOADS = ["classic", "v2"]
 _TEXT = {"type": "string", "minLength": 1}
 
 POLICY_SCHEMA: dict[str, Any] = {
@@ -75,6 +79,7 @@ POLICY_SCHEMA: dict[str, Any] = {
                     "private_key_file": _TEXT,
                     "username_env": _TEXT,
                     "password_env": _TEXT,
+                    "certificate_payload": {"enum": CERTIFICATE_PAYLOADS},
                 },
             },
         },
@@ -133,7 +138,8 @@ class PolicyError(ValueError):
 class Identity:
     """Who the gateway signs in to Anaplan as, for upstreams with ``credentials: service``.
 
-    ``anaplan-certificate`` reads ``certificate_file`` and ``private_key_file``;
+    ``anaplan-certificate`` reads ``certificate_file`` and ``private_key_file`` and signs
+    the ``certificate_payload`` form (``classic``, or the timestamped ``v2``);
     ``anaplan-basic`` reads the user and password from the environment variables
     ``username_env`` and ``password_env``."""
 
@@ -144,6 +150,7 @@ class Identity:
     private_key_file: str = ""
     username_env: str = ""
     password_env: str = ""
+    certificate_payload: str = "classic"  # or "v2": the signed data starts with a timestamp
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,7 +350,8 @@ def load_policy(location: str | Path) -> RoutePolicy:
                 if key not in spec:
                     raise PolicyError(f"{file}: identity {name!r}: key {key}: required when "
                                       f"kind is {spec['kind']}")
-            extra = sorted(set(spec) - {"kind", "auth_url", *IDENTITY_KEYS[spec["kind"]]})
+            extra = sorted(set(spec) - {"kind", "auth_url", *IDENTITY_KEYS[spec["kind"]],
+                                        *IDENTITY_OPTIONAL[spec["kind"]]})
             if extra:
                 raise PolicyError(f"{file}: identity {name!r}: key {extra[0]}: not used by "
                                   f"kind {spec['kind']}")

@@ -141,6 +141,7 @@ class TokenServiceStandIn:
             return None
         random = data
         if payload.get("encodedDataFormat") == "v2":
+            self.calls["authenticate_v2"] += 1
             stamp = int.from_bytes(data[:8], "big")
             if abs(stamp - time.time()) > V2_CLOCK_SKEW:
                 return None

@@ -239,7 +239,7 @@ def service_modes(policy: RoutePolicy, *, redis: Redis, session: aiohttp.ClientS
         if name not in tokens:
             identity = policy.identities[name]
             tokens[name] = IdentityTokens(
-                name, AnaplanSignIn(identity, session),
+                name, AnaplanSignIn(identity, session, v2=identity.certificate_payload == "v2"),
                 SharedToken(redis, keys, name, secret_keys), metrics)
         modes[upstream.name] = ServiceMode(tokens[name])
     return modes
