@@ -29,7 +29,7 @@ from gateway.forward.credentials.service import RETRY_BACKOFF
 from gateway.forward.credentials.sharing import SharedToken, parse_secret_keys
 from gateway.runtime.app import ConfigurationError, create_apps
 from gateway.state.keys import Keys
-from tests.conftest import AuthServer, GatewayFactory, Harness
+from tests.conftest import AuthGatewayFactory, AuthServer, GatewayFactory, Harness
 
 TOKEN = "tok-client-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -364,3 +364,42 @@ def test_policy_reads_identities(tmp_path: Path) -> None:
     assert policy.identities["integration"] == Identity(
         "integration", "anaplan-certificate", "https://auth.anaplan.com", "c", "k")
     assert json.dumps(sorted(policy.identities)) == '["integration"]'
+
+
+async def test_an_apapi_script_reaches_anaplan_with_only_a_gateway_client_id(
+        make_auth_gateway: AuthGatewayFactory, anaplan: Anaplan) -> None:
+    """What an admin promises app developers: a script written with apapi's OAuth classes,
+    its URLs changed, holds a gateway refresh token only; the gateway signs in to
+    Anaplan (the stand-in accepts nothing else) with its service certificate."""
+    from apapi import TransactionalConnection
+    from apapi.authentication import OAuth2Rotatable
+    from apapi.utils import get_generic_session
+
+    from tests.test_anaplan_compat import _device_grant
+
+    policy = anaplan.policy().replace("    path: /**", "    path: /2/0/**")
+    h = await make_auth_gateway(policy.replace("{", "{{").replace("}", "}}"),
+                                secret_keys=KEY_A)
+    client_id, body = await _device_grant(h)
+    saved = {"refresh_token": body["refresh_token"]}
+
+    def script() -> list[int]:
+        auth = OAuth2Rotatable(
+            client_id, lambda: saved["refresh_token"],
+            lambda token: saved.__setitem__("refresh_token", token),
+            oauth2_url=h.issuer, auth_url=h.issuer, session=get_generic_session(0))
+        try:
+            conn = TransactionalConnection(auth, api_url=h.issuer)
+            first = conn.get_workspaces().status_code
+            auth.refresh_token()
+            return [first, conn.get_workspaces().status_code]
+        finally:
+            auth.close()
+
+    assert await asyncio.to_thread(script) == [200, 200]
+    assert saved["refresh_token"] != body["refresh_token"]
+    sent = anaplan.standin.api_authorizations
+    assert len(sent) == 2 and len(set(sent)) == 1
+    [token] = anaplan.standin.tokens
+    assert sent[0] == f"AnaplanAuthToken {token}"  # the gateway's own, one sign-in
+    assert anaplan.standin.calls["authenticate"] == 1
