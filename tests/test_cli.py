@@ -444,3 +444,33 @@ async def test_console_script_revoke_from_stdin(script_env: dict[str, str], tmp_
     assert TOKEN.encode() not in out + err
     pinned = await redis.get(f"gw:token:{await _digest(redis, TOKEN)}")
     assert pinned is not None and json.loads(pinned)["revoked"] is True
+
+
+async def test_clients_introspect_permission_create_show_list_update(
+        on_redis: Redis, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--introspect`` makes a resource server; the record keeps it, ``clients show`` and
+    ``clients list`` say so, ``clients update --no-introspect`` takes it back."""
+    code, out, err = await arun(capsys, "clients", "create", "--name", "orders API",
+                                "--grant", "client_credentials", "--introspect", "--json")
+    assert code == 0, err
+    view = json.loads(out)
+    assert view["introspect"] is True
+    client_id = view["client_id"]
+    assert (await on_redis.hgetall(f"gw:client:{client_id}"))["introspect"] == "1"
+    code, out, _ = await arun(capsys, "clients", "show", client_id, "--json")
+    assert json.loads(out)["introspect"] is True
+    code, out, _ = await arun(capsys, "clients", "show", client_id)
+    assert any(line.split() == ["introspect", "True"] for line in out.splitlines())
+    code, out, _ = await arun(capsys, "clients", "list")
+    header, row = out.splitlines()
+    assert header.split()[:5] == ["CLIENT", "NAME", "FLOW", "STATUS", "INTROSPECT"]
+    assert "any" in row.split()
+    code, out, err = await arun(capsys, "clients", "update", client_id, "--no-introspect")
+    assert code == 0, err
+    assert (await on_redis.hgetall(f"gw:client:{client_id}"))["introspect"] == "0"
+    code, out, _ = await arun(capsys, "clients", "list", "--json")
+    assert json.loads(out)[0]["introspect"] is False
+    # a public client cannot be one: introspection needs a secret
+    code, _, err = await arun(capsys, "clients", "create", "--name", "cli", "--grant",
+                              "device_code", "--introspect")
+    assert code == 1 and "confidential" in err

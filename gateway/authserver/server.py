@@ -132,6 +132,11 @@ class AuthorizationServer:
             except (binascii.Error, UnicodeDecodeError):
                 raise InvalidClient("Malformed Basic credentials.") from None
             client_id, secret = unquote_plus(raw_id), unquote_plus(raw_secret)
+            if "client_secret" in form:
+                # section 2.3: "MUST NOT use more than one authentication method in each
+                # request"; which secret would count is no guess to make
+                raise InvalidRequest("Client credentials in both the Authorization header "
+                                     "and the body: send them once.")
             if form.get("client_id") not in (None, client_id):
                 raise InvalidRequest("client_id differs from the authenticated client.")
         elif "client_secret" in form:

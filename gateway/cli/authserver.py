@@ -2,7 +2,8 @@
 
     oauth-gateway clients create --name N
                                  --grant authorization_code|device_code|client_credentials
-                                 [--redirect-uri URI ...] [--scope "S1 S2"] [--json]
+                                 [--redirect-uri URI ...] [--scope "S1 S2"] [--introspect]
+                                 [--json]
     oauth-gateway clients update ID [...] | rotate-secret ID [--grace S] | delete ID
     oauth-gateway grants list [--client ID] [--user NAME] [--json] | revoke GRANT_ID
     oauth-gateway users add USERNAME            (password on standard input)
@@ -70,6 +71,9 @@ def add_client_commands(csub: Any, common: argparse.ArgumentParser) -> None:
     kind.add_argument("--confidential", action="store_true",
                       help="a secret (the default for authorization_code and "
                       "client_credentials)")
+    p.add_argument("--introspect", action="store_true",
+                   help="a resource server: may introspect any token (confidential "
+                   "clients only; others learn only about their own tokens)")
     p.add_argument("--actor", help="who (default: user@host)")
     _policy_args(p)
     p.set_defaults(func=run, as_cmd="create")
@@ -80,6 +84,8 @@ def add_client_commands(csub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--redirect-uri", action="append", dest="redirect_uris",
                    help="replaces the list (repeat)")
     p.add_argument("--scope", action="append", dest="scopes", help="replaces the scopes")
+    p.add_argument("--introspect", action=argparse.BooleanOptionalAction, default=None,
+                   help="may (or, with --no-introspect, may no longer) introspect any token")
     p.add_argument("--actor")
     _policy_args(p)
     p.set_defaults(func=run, as_cmd="update")
@@ -140,7 +146,7 @@ async def _dispatch(args: argparse.Namespace, admin: AuthAdmin, out: Printer, ac
             name=args.name, grant=args.grant, redirect_uris=args.redirect_uris,
             scopes=args.scopes, actor=actor,
             confidential=True if args.confidential else False if args.public else None,
-            policy=_policy_of(args))
+            policy=_policy_of(args), introspect=args.introspect)
         view = client.public_view()
         if secret:
             view["client_secret"] = secret
@@ -149,12 +155,13 @@ async def _dispatch(args: argparse.Namespace, admin: AuthAdmin, out: Printer, ac
             lines += [f"client_secret: {secret}",
                       "               (shown once: store it now; only a hash is kept)"]
         lines += [f"flow:          {client.flow}",
-                  f"scopes:        {' '.join(client.scopes) or '(none)'}"]
+                  f"scopes:        {' '.join(client.scopes) or '(none)'}",
+                  f"introspect:    {'any token' if client.introspect else 'own tokens only'}"]
         out(args, "\n".join(lines), view)
     elif cmd == "update":
         client = await admin.update_client(
             args.client_id, actor=actor, name=args.name, redirect_uris=args.redirect_uris,
-            scopes=args.scopes, policy=_policy_of(args))
+            scopes=args.scopes, policy=_policy_of(args), introspect=args.introspect)
         out(args, f"client {client.client_id} updated", client.public_view())
     elif cmd == "rotate-secret":
         secret = await admin.rotate_secret(args.client_id, actor=actor, grace=args.grace)

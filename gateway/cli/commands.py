@@ -141,8 +141,12 @@ _HIDDEN_FIELDS = {"disabled", "secret_hash", "old_secret_hash", "managed"}
 
 def _record_view(client_id: str, fields: dict[str, str]) -> dict[str, Any]:
     """A client record as shown to operators: never a secret hash."""
-    return {"client_id": client_id, "disabled": fields.get("disabled", "0") == "1",
-            **{k: v for k, v in fields.items() if k not in _HIDDEN_FIELDS}}
+    view: dict[str, Any] = {
+        "client_id": client_id, "disabled": fields.get("disabled", "0") == "1",
+        **{k: v for k, v in fields.items() if k not in _HIDDEN_FIELDS}}
+    if fields.get("managed") == "1":  # a built-in server's client: may it introspect all?
+        view["introspect"] = fields.get("introspect") == "1"
+    return view
 
 
 def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
@@ -151,7 +155,7 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
         if args.clients_cmd == "list":
             rows = [_record_view(cid, f) for cid, f in await admin.list()]
             lines = [f"{'CLIENT':<34} {'NAME':<24} {'FLOW':<18} {'STATUS':<9} "
-                     f"{'SCOPES':<30} UPDATED"]
+                     f"{'INTROSPECT':<10} {'SCOPES':<30} UPDATED"]
             for r in rows:
                 updated = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(
                     int(r["updated_at"]))) + f" by {r.get('updated_by', '?')}" \
@@ -161,6 +165,7 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
                 lines.append(f"{r['client_id']:<34} {r.get('name', '-')[:24]:<24} "
                              f"{flow:<18} "
                              f"{'disabled' if r['disabled'] else 'enabled':<9} "
+                             f"{'any' if r.get('introspect') else '-':<10} "
                              f"{r.get('scopes', '(token)'):<30} {updated}")
             out(args, "\n".join(lines) if rows else "no client records", rows)
             return EXIT_OK
