@@ -21,7 +21,7 @@ from multidict import MultiDict, MultiDictProxy
 
 from gateway.appkeys import AUTH_SERVER
 from gateway.authserver.errors import InvalidClient, InvalidRequest
-from gateway.authserver.hashing import verify_secret
+from gateway.authserver.hashing import verify_secret, verify_secret_evenly
 from gateway.authserver.issuance import TokenIssuer
 from gateway.authserver.metrics import AuthServerMetrics
 from gateway.authserver.models import OAuthClient, TokenPolicy
@@ -147,6 +147,8 @@ class AuthorizationServer:
             raise InvalidClient("Client authentication is required.")
         client = await self.store.get_client(client_id)
         if client is None:
+            if secret is not None:  # as slow as a known client's wrong secret
+                await asyncio.to_thread(verify_secret_evenly, secret, None)
             raise InvalidClient("Unknown client or bad credentials.")
         if client.confidential or require_secret:
             if secret is None or not client.confidential:
