@@ -474,3 +474,44 @@ async def test_clients_introspect_permission_create_show_list_update(
     code, _, err = await arun(capsys, "clients", "create", "--name", "cli", "--grant",
                               "device_code", "--introspect")
     assert code == 1 and "confidential" in err
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in a JSON value."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+EVIL = "\x1b]0;owned\x07\x1b[2J\x9b31m\u202egnp.exe\x7f\nforged line"
+EVIL_SHOWN = "\\x1b]0;owned\\x07\\x1b[2J\\x9b31m\\u202egnp.exe\\x7f\\x0aforged line"
+
+
+async def test_stored_text_reaches_the_terminal_escaped_and_json_as_is(
+        on_redis: Redis, make_auth_gateway: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """A user name typed at the login page, a device's name, a client's name: kept as
+    typed, printed with every control character, line break and bidi mark visible, so
+    none of them drives the operator's terminal; ``--json`` keeps the true values."""
+    h = await make_auth_gateway()
+    page = await h.client.get("/oauth/login")
+    csrf = page.cookies["gw_csrf"].value
+    resp = await h.client.post("/oauth/login", data={
+        "csrf_token": csrf, "username": EVIL, "password": "x", "next": "/oauth/account"})
+    assert resp.status == 401
+    client, _ = await h.auth.create_client(
+        name=EVIL, grant="device_code", redirect_uris=[], scopes=["anaplan:read"], actor="t")
+    await h.auth.issuer.new_grant(client, username=EVIL, sub="u1", scope="anaplan:read",
+                                  grant_type=client.grant_type, label=EVIL)
+    for argv in (["audit", "tail"], ["grants", "list"], ["clients", "list"],
+                 ["clients", "show", client.client_id]):
+        code, out, err = await arun(capsys, *argv)
+        assert code == 0, err
+        assert EVIL_SHOWN[:24] in out, (argv, out)  # a list cuts a name at 24
+        assert not any(c in out for c in "\x1b\x07\x9b\x7f\u202e"), argv
+        assert "\nforged line" not in out, argv
+        code, out, _ = await arun(capsys, *argv, "--json")
+        assert out.isascii()  # JSON escapes whatever is not plain text itself
+        assert EVIL in _strings(json.loads(out)), argv
+    assert (await on_redis.hgetall(f"gw:client:{client.client_id}"))["name"] == EVIL

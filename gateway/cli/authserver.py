@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.authserver import AdminError, AuthAdmin
-from gateway.cli.terminal import EXIT_FAIL, EXIT_OK, actor, err, out, redis_failed
+from gateway.cli.terminal import EXIT_FAIL, EXIT_OK, actor, err, out, redis_failed, shown
 from gateway.config.settings import Settings
 from gateway.protocol.tokens import TokenDigester
 from gateway.state import connection as gwstore
@@ -150,7 +150,7 @@ async def _dispatch(args: argparse.Namespace, admin: AuthAdmin, out: Printer, ac
         view = client.public_view()
         if secret:
             view["client_secret"] = secret
-        lines = [f"client created: {client.name}", f"client_id:     {client.client_id}"]
+        lines = [f"client created: {shown(client.name)}", f"client_id:     {client.client_id}"]
         if secret:
             lines += [f"client_secret: {secret}",
                       "               (shown once: store it now; only a hash is kept)"]
@@ -183,10 +183,10 @@ async def _dispatch(args: argparse.Namespace, admin: AuthAdmin, out: Printer, ac
         lines = [f"{'GRANT':<20} {'CLIENT':<34} {'USER':<16} {'STATUS':<8} {'LAST USED':<20} "
                  "DEVICE"]
         for r in rows:
-            user = r["user"] or "(machine)"  # a client_credentials grant has no user
-            lines.append(f"{r['grant_id']:<20} {r['client_id']:<34} {user:<16} "
+            user = shown(r["user"]) or "(machine)"  # a client_credentials grant has no user
+            lines.append(f"{shown(r['grant_id']):<20} {shown(r['client_id']):<34} {user:<16} "
                          f"{'revoked' if r['revoked'] else 'active':<8} "
-                         f"{_when(int(r['last_used_at'])):<20} {r['label']}")
+                         f"{_when(int(r['last_used_at'])):<20} {shown(r['label'])}")
         out(args, "\n".join(lines) if rows else "no grants", rows)
     elif cmd == "grants-revoke":
         await admin.revoke_grant(args.grant_id, actor=actor, reason=args.reason or "")
@@ -195,12 +195,13 @@ async def _dispatch(args: argparse.Namespace, admin: AuthAdmin, out: Printer, ac
     elif cmd == "users-add":
         password = sys.stdin.readline().rstrip("\n")
         await admin.add_user(args.username, password, actor=actor)
-        out(args, f"user {args.username} saved", {"username": args.username})
+        out(args, f"user {shown(args.username)} saved", {"username": args.username})
     elif cmd in ("users-disable", "users-enable"):
         disabled = cmd == "users-disable"
         subject, username, fields = await admin.set_user_disabled(
             args.person, disabled, actor=actor, reason=args.reason or "")
-        who = f"user {username} (subject {subject})" if username else f"subject {subject}"
+        who = f"user {shown(username)} (subject {shown(subject)})" if username \
+            else f"subject {shown(subject)}"
         out(args, f"{who} {'disabled' if disabled else 'enabled'}; every gateway replica "
             "enforces it within 100 ms",
             {"subject": subject, "username": username, "disabled": disabled,
