@@ -42,9 +42,10 @@ class _Fields(HTMLParser):
 class Browser:
     """A browser with cookies, connecting from one loopback source address."""
 
-    def __init__(self, h: AuthHarness, source: str) -> None:
+    def __init__(self, h: AuthHarness, source: str, forwarded_for: str = "") -> None:
         self.h = h
         self.session = aiohttp.ClientSession(
+            headers={"X-Forwarded-For": forwarded_for} if forwarded_for else None,
             cookie_jar=aiohttp.CookieJar(unsafe=True),
             connector=aiohttp.TCPConnector(local_addr=(source, 0), force_close=True))
 
@@ -213,3 +214,25 @@ async def test_an_unknown_client_costs_as_much_as_a_wrong_secret(
             assert resp.status == 401
     assert statistics.median(times["unknown"][1:]) >= \
         0.5 * statistics.median(times["known"][1:]), times
+
+
+async def test_behind_a_load_balancer_the_source_is_the_forwarded_address(
+        make_auth_gateway: AuthGatewayFactory, redis: Redis) -> None:
+    """With ``GATEWAY_TRUSTED_PROXIES=1`` every request comes from the balancer; the
+    throttle counts the address it forwarded, so a stranger still slows only themselves."""
+    h = await make_auth_gateway(trusted_proxies=1)
+    await h.auth.add_user(USER, PASSWORD, actor="t")
+    stranger = Browser(h, "127.0.0.1", "10.9.8.7, 203.0.113.9")
+    alice = Browser(h, "127.0.0.1", "198.51.100.7")
+    try:
+        statuses = [(await stranger.sign_in(USER, f"guess {i}"))[0]
+                    for i in range(throttle.FREE_FAILURES + 1)]
+        assert statuses[-2:] == [401, 429]
+        assert (await alice.sign_in(USER, PASSWORD))[0] == 303
+    finally:
+        await stranger.session.close()
+        await alice.session.close()
+    stream: Any = await redis.xrange("gw:audit")
+    remotes = {f["remote"] for _, f in stream if f.get("action") in (
+        "login.throttled", "login")}
+    assert remotes == {"203.0.113.9", "198.51.100.7"}

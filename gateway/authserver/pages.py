@@ -173,7 +173,7 @@ async def login_post(request: web.Request) -> web.StreamResponse:
         return _login_form(request, next_url, "Local sign-in is turned off.")
     username = str(form.get("username", ""))[:128]
     password = str(form.get("password", ""))[:1024]
-    peer = request.remote or "?"
+    peer = server.source(request)
     session = await current_user(request)
     throttle = LoginThrottle(server, request, username, session=request.cookies.get(
         SESSION_COOKIE, "") if session and session.get("username") == username else "")

@@ -97,6 +97,21 @@ class AuthorizationServer:
     def url(self, path: str) -> str:
         return self.issuer_url + path
 
+    def source(self, request: web.Request) -> str:
+        """The address a request comes from, for rate limits and the audit stream: with
+        ``GATEWAY_TRUSTED_PROXIES`` = N, the address the outermost of those N proxies saw
+        (the N-th entry of ``X-Forwarded-For`` from its end), else the TCP peer. Behind a
+        load balancer the peer is the balancer, which every user shares."""
+        peer = request.remote or "?"
+        hops = self.settings.trusted_proxies
+        if hops <= 0 or "X-Forwarded-For" not in request.headers:
+            return peer
+        chain = [a.strip() for a in ",".join(request.headers.getall("X-Forwarded-For"))
+                 .split(",") if a.strip()]
+        # the last proxy's own append is its TCP peer, not in the header it received
+        chain.append(peer)
+        return chain[-hops - 1] if len(chain) > hops else chain[0]
+
     async def read_form(self, request: web.Request, *, json_body: bool = False
                         ) -> MultiDictProxy[str]:
         """RFC 6749 section 3.2: POST with ``application/x-www-form-urlencoded``. With

@@ -68,7 +68,7 @@ class LoginThrottle:
         self.server, self.request, self.username = server, request, username
         self.session = session
         self.store = server.store
-        self.peer = request.remote or "?"
+        self.peer = server.source(request)
         self.user_digest = self.store.digest("login-user\0" + username)
         self.device = ""  # the known browser's nonce, when it is one for this user
 
