@@ -121,7 +121,7 @@ async def test_introspection_requires_a_confidential_client(
     device_client, _, body = await _grant(h)
     rs, rs_secret = await h.auth.create_client(
         name="resource server", grant="authorization_code",
-        redirect_uris=["https://rs.example.com/cb"], scopes=[], actor="t")
+        redirect_uris=["https://rs.example.com/cb"], scopes=[], actor="t", introspect=True)
     assert rs_secret
     token = body["access_token"]
     resp = await h.client.post("/oauth/introspect", data={"token": token})
@@ -145,6 +145,89 @@ async def test_introspection_requires_a_confidential_client(
     resp = await h.client.post("/oauth/introspect", data={"token": token},
                                headers={"Authorization": basic(rs.client_id, rs_secret)})
     assert await resp.json() == {"active": False}
+
+
+async def _introspect(h: AuthHarness, client_id: str, secret: str, token: object
+                      ) -> dict[str, object]:
+    resp = await h.client.post("/oauth/introspect", data={"token": str(token)},
+                               headers={"Authorization": basic(client_id, secret)})
+    assert resp.status == 200
+    answer: dict[str, object] = await resp.json()
+    return answer
+
+
+async def test_a_plain_confidential_client_introspects_only_its_own_tokens(
+        make_auth_gateway: AuthGatewayFactory) -> None:
+    """RFC 7662 section 2.1: only a client made a resource server (``--introspect``)
+    learns about any token; another confidential client learns only about its own, and
+    another client's token is ``{"active": false}`` to it (no subject, no scope)."""
+    h = await make_auth_gateway()
+    _, _, theirs = await _grant(h)
+    mine_id, mine_secret, mine = await _grant(h, grant="authorization_code")
+    assert mine_secret
+    assert await _introspect(h, mine_id, mine_secret, theirs["access_token"]) \
+        == {"active": False}
+    assert await _introspect(h, mine_id, mine_secret, theirs["refresh_token"]) \
+        == {"active": False}
+    own = await _introspect(h, mine_id, mine_secret, mine["access_token"])
+    assert own["active"] is True and own["client_id"] == mine_id and own["sub"] == "u1"
+    # made a resource server, it learns about every token; and back
+    await h.auth.update_client(mine_id, actor="t", introspect=True)
+    assert (await _introspect(h, mine_id, mine_secret, theirs["access_token"]))["active"]
+    await h.auth.update_client(mine_id, actor="t", introspect=False)
+    assert await _introspect(h, mine_id, mine_secret, theirs["access_token"]) \
+        == {"active": False}
+
+
+async def test_open_introspection_restores_the_older_rule(
+        make_auth_gateway: AuthGatewayFactory) -> None:
+    h = await make_auth_gateway(as_open_introspection=True)
+    _, _, theirs = await _grant(h)
+    mine_id, mine_secret, _ = await _grant(h, grant="authorization_code")
+    assert mine_secret
+    answer = await _introspect(h, mine_id, mine_secret, theirs["access_token"])
+    assert answer["active"] is True and answer["sub"] == "u1"
+
+
+async def test_only_a_confidential_client_may_be_a_resource_server(
+        make_auth_gateway: AuthGatewayFactory) -> None:
+    from gateway.authserver import AdminError
+
+    h = await make_auth_gateway()
+    with pytest.raises(AdminError, match="confidential"):
+        await h.auth.create_client(name="x", grant="device_code", redirect_uris=[],
+                                   scopes=[], actor="t", introspect=True)
+
+
+async def test_credentials_in_header_and_body_are_refused(
+        make_auth_gateway: AuthGatewayFactory) -> None:
+    """RFC 6749 section 2.3: one authentication method per request. A secret in the body
+    beside a Basic header is refused (400 invalid_request) at every endpoint that
+    authenticates clients, whichever of the two secrets is right."""
+    h = await make_auth_gateway()
+    client_id, secret, body = await _grant(h, grant="authorization_code")
+    device_id, _, _ = await _grant(h)
+    assert secret
+    cases = [
+        ("/oauth/token", {"grant_type": "refresh_token",
+                          "refresh_token": str(body["refresh_token"])}, client_id),
+        ("/oauth/introspect", {"token": str(body["access_token"])}, client_id),
+        ("/oauth/revoke", {"token": str(body["access_token"])}, client_id),
+        ("/oauth/device_authorization", {}, device_id),
+        ("/oauth/device/code", {}, device_id),
+    ]
+    for path, data, cid in cases:
+        for extra in ({"client_secret": secret}, {"client_id": cid, "client_secret": secret},
+                      {"client_secret": "wrong"}):
+            resp = await h.client.post(path, data={**data, **extra},
+                                       headers={"Authorization": basic(cid, secret)})
+            assert resp.status == 400, (path, extra)
+            answer = await resp.json()
+            assert answer["error"] == "invalid_request", (path, answer)
+    # nothing was revoked or used along the way
+    assert (await _introspect(h, client_id, secret, body["access_token"]))["active"]
+    resp = await _refresh(h, client_id, str(body["refresh_token"]), secret)
+    assert resp.status == 200
 
 
 async def test_revoking_a_refresh_token_kills_the_grants_access_tokens(
@@ -232,7 +315,7 @@ async def test_cli_tokens_revoke_ends_tokens_at_the_builtin_server(
     client_id, _, body = await _grant(h)
     rs, rs_secret = await h.auth.create_client(
         name="resource server", grant="authorization_code",
-        redirect_uris=["https://rs.example.com/cb"], scopes=[], actor="t")
+        redirect_uris=["https://rs.example.com/cb"], scopes=[], actor="t", introspect=True)
     assert rs_secret
     monkeypatch.setenv("GATEWAY_REDIS_URL", h.gw.settings.redis_url)
     monkeypatch.setenv("GATEWAY_ISSUER", h.issuer)

@@ -444,3 +444,74 @@ async def test_console_script_revoke_from_stdin(script_env: dict[str, str], tmp_
     assert TOKEN.encode() not in out + err
     pinned = await redis.get(f"gw:token:{await _digest(redis, TOKEN)}")
     assert pinned is not None and json.loads(pinned)["revoked"] is True
+
+
+async def test_clients_introspect_permission_create_show_list_update(
+        on_redis: Redis, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--introspect`` makes a resource server; the record keeps it, ``clients show`` and
+    ``clients list`` say so, ``clients update --no-introspect`` takes it back."""
+    code, out, err = await arun(capsys, "clients", "create", "--name", "orders API",
+                                "--grant", "client_credentials", "--introspect", "--json")
+    assert code == 0, err
+    view = json.loads(out)
+    assert view["introspect"] is True
+    client_id = view["client_id"]
+    assert (await on_redis.hgetall(f"gw:client:{client_id}"))["introspect"] == "1"
+    code, out, _ = await arun(capsys, "clients", "show", client_id, "--json")
+    assert json.loads(out)["introspect"] is True
+    code, out, _ = await arun(capsys, "clients", "show", client_id)
+    assert any(line.split() == ["introspect", "True"] for line in out.splitlines())
+    code, out, _ = await arun(capsys, "clients", "list")
+    header, row = out.splitlines()
+    assert header.split()[:5] == ["CLIENT", "NAME", "FLOW", "STATUS", "INTROSPECT"]
+    assert "any" in row.split()
+    code, out, err = await arun(capsys, "clients", "update", client_id, "--no-introspect")
+    assert code == 0, err
+    assert (await on_redis.hgetall(f"gw:client:{client_id}"))["introspect"] == "0"
+    code, out, _ = await arun(capsys, "clients", "list", "--json")
+    assert json.loads(out)[0]["introspect"] is False
+    # a public client cannot be one: introspection needs a secret
+    code, _, err = await arun(capsys, "clients", "create", "--name", "cli", "--grant",
+                              "device_code", "--introspect")
+    assert code == 1 and "confidential" in err
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in a JSON value."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+EVIL = "\x1b]0;owned\x07\x1b[2J\x9b31m\u202egnp.exe\x7f\nforged line"
+EVIL_SHOWN = "\\x1b]0;owned\\x07\\x1b[2J\\x9b31m\\u202egnp.exe\\x7f\\x0aforged line"
+
+
+async def test_stored_text_reaches_the_terminal_escaped_and_json_as_is(
+        on_redis: Redis, make_auth_gateway: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """A user name typed at the login page, a device's name, a client's name: kept as
+    typed, printed with every control character, line break and bidi mark visible, so
+    none of them drives the operator's terminal; ``--json`` keeps the true values."""
+    h = await make_auth_gateway()
+    page = await h.client.get("/oauth/login")
+    csrf = page.cookies["gw_csrf"].value
+    resp = await h.client.post("/oauth/login", data={
+        "csrf_token": csrf, "username": EVIL, "password": "x", "next": "/oauth/account"})
+    assert resp.status == 401
+    client, _ = await h.auth.create_client(
+        name=EVIL, grant="device_code", redirect_uris=[], scopes=["anaplan:read"], actor="t")
+    await h.auth.issuer.new_grant(client, username=EVIL, sub="u1", scope="anaplan:read",
+                                  grant_type=client.grant_type, label=EVIL)
+    for argv in (["audit", "tail"], ["grants", "list"], ["clients", "list"],
+                 ["clients", "show", client.client_id]):
+        code, out, err = await arun(capsys, *argv)
+        assert code == 0, err
+        assert EVIL_SHOWN[:24] in out, (argv, out)  # a list cuts a name at 24
+        assert not any(c in out for c in "\x1b\x07\x9b\x7f\u202e"), argv
+        assert "\nforged line" not in out, argv
+        code, out, _ = await arun(capsys, *argv, "--json")
+        assert out.isascii()  # JSON escapes whatever is not plain text itself
+        assert EVIL in _strings(json.loads(out)), argv
+    assert (await on_redis.hgetall(f"gw:client:{client.client_id}"))["name"] == EVIL

@@ -156,7 +156,7 @@ async def test_token_has_no_refresh_token_and_no_person(
     # introspection names no person either
     rs, rs_secret = await h.auth.create_client(
         name="rs", grant="authorization_code", redirect_uris=["https://rs.example.com/cb"],
-        scopes=[], actor="t")
+        scopes=[], actor="t", introspect=True)
     assert rs_secret
     resp = await h.client.post("/oauth/introspect", data={"token": token["access_token"]},
                                headers=basic(rs.client_id, rs_secret))

@@ -29,7 +29,7 @@ class _Introspector:
     async def create(cls, h: AuthHarness) -> _Introspector:
         rs, secret = await h.auth.create_client(
             name="resource server", grant="authorization_code",
-            redirect_uris=["https://rs.example.com/cb"], scopes=[], actor="t")
+            redirect_uris=["https://rs.example.com/cb"], scopes=[], actor="t", introspect=True)
         assert secret
         return cls(h, rs.client_id, secret)
 

@@ -148,7 +148,7 @@ async def test_introspection_and_revocation_work_unchanged(
     token = body["access_token"]
     rs, rs_secret = await h.auth.create_client(
         name="rs", grant="authorization_code", redirect_uris=["https://rs.example.com/cb"],
-        scopes=[], actor="t")
+        scopes=[], actor="t", introspect=True)
     assert rs_secret
     rs_auth = {"Authorization": aiohttp.encode_basic_auth(rs.client_id, rs_secret)}
     resp = await h.client.post("/oauth/introspect", data={"token": token}, headers=rs_auth)

@@ -58,7 +58,8 @@ class AuthAdmin:
 
     async def create_client(self, *, name: str, grant: str, redirect_uris: list[str],
                             scopes: list[str], actor: str, confidential: bool | None = None,
-                            policy: dict[str, Any] | None = None) -> tuple[OAuthClient, str | None]:
+                            policy: dict[str, Any] | None = None, introspect: bool = False
+                            ) -> tuple[OAuthClient, str | None]:
         """Create a client; returns it and its secret (shown once; None for public ones).
 
         Code-flow and machine (``client_credentials``) clients are confidential unless
@@ -74,7 +75,7 @@ class AuthAdmin:
             client_id=uuid.uuid4().hex, name=name, grant_type=grant_type,
             redirect_uris=tuple(dict.fromkeys(redirect_uris)),
             scopes=tuple(dict.fromkeys(s for scope in scopes for s in scope.split())),
-            confidential=confidential,
+            confidential=confidential, introspect=introspect,
             secret_hash=await asyncio.to_thread(hash_secret, secret) if secret else "",
             policy=self._policy(self.store.defaults, policy or {}),
             created_at=int(time.time()), created_by=actor)
@@ -105,7 +106,8 @@ class AuthAdmin:
     async def update_client(self, client_id: str, *, actor: str, name: str | None = None,
                             redirect_uris: list[str] | None = None,
                             scopes: list[str] | None = None,
-                            policy: dict[str, Any] | None = None) -> OAuthClient:
+                            policy: dict[str, Any] | None = None,
+                            introspect: bool | None = None) -> OAuthClient:
         client = await self.get(client_id)
         changes: dict[str, Any] = {}
         if name is not None:
@@ -116,6 +118,8 @@ class AuthAdmin:
             changes["scopes"] = tuple(dict.fromkeys(s for sc in scopes for s in sc.split()))
         if policy:
             changes["policy"] = self._policy(client.policy, policy)
+        if introspect is not None:
+            changes["introspect"] = introspect
         updated = replace(client, **changes)
         try:
             updated.validate()

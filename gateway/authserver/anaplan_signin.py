@@ -79,7 +79,7 @@ async def start(request: web.Request) -> web.StreamResponse:
     server = server_of(request)
     try:
         client = _client(request)
-        if await server.store.hit(f"anaplan-start:{request.remote or '?'}", 60) > 60:
+        if await server.store.hit(f"anaplan-start:{server.source(request)}", 60) > 60:
             raise SSOError(429, "rate_limited", "Too many sign-in attempts. Wait a minute.")
     except SSOError as exc:
         return await flow.refuse(request, exc, method=METHOD)

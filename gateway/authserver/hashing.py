@@ -37,6 +37,26 @@ def verify_secret(secret: str, stored: str) -> bool:
     return hmac.compare_digest(got, base64.b64decode(digest))
 
 
+_DECOY: list[str] = []
+
+
+def _decoy_hash() -> str:
+    """A hash of nothing anyone knows, made once: what an absent one is checked against."""
+    if not _DECOY:
+        _DECOY.append(hash_secret(secrets.token_urlsafe(32)))
+    return _DECOY[0]
+
+
+def verify_secret_evenly(secret: str, stored: str | None) -> bool:
+    """:func:`verify_secret`, taking as long when there is no hash to check (an unknown
+    user or client, a user with no password): the same scrypt work is done against a
+    decoy and the answer is False, so the time taken does not tell who exists."""
+    if not stored or not stored.startswith("scrypt$"):
+        verify_secret(secret, _decoy_hash())
+        return False
+    return verify_secret(secret, stored)
+
+
 def new_token(prefix: str, nbytes: int = 32) -> str:
     """A high-entropy opaque token; the prefix lets secret scanners recognise it."""
     return prefix + secrets.token_urlsafe(nbytes)

@@ -209,12 +209,16 @@ class TokenIssuer:
             await self.store.delete_tokens([Keys.grant_token_member("at", digest)])
             await self.purge_gateway_cache([digest])
 
-    async def introspect(self, token: str, *, hint: str | None = None) -> dict[str, Any]:
-        """RFC 7662 section 2.2; ``{"active": false}`` and nothing more when not active."""
+    async def introspect(self, token: str, *, hint: str | None = None,
+                         only_client: str | None = None) -> dict[str, Any]:
+        """RFC 7662 section 2.2; ``{"active": false}`` and nothing more when not active.
+        With ``only_client``, a token of any other client is ``{"active": false}`` too."""
         found = await self._find(token, hint)
         if found is None:
             return {"active": False}
         kind, digest, record = found
+        if only_client is not None and record.get("client_id") != only_client:
+            return {"active": False}
         if int(record.get("exp", 0)) <= time.time():
             return {"active": False}
         if kind == "rt" and record.get("mode", ROTATABLE) == ROTATABLE \

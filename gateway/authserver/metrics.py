@@ -21,6 +21,11 @@ class AuthServerMetrics:
         self.logins = Counter(
             "gateway_as_logins", "Interactive logins by method and outcome.",
             ["method", "outcome"], registry=registry)
+        self.login_throttled = Counter(
+            "gateway_as_login_throttled",
+            "Sign-in attempts refused unchecked while throttled, by reason (user_source: "
+            "one user from one source; source: one address; user: one user from browsers "
+            "it never signed in from).", ["reason"], registry=registry)
         self.grants_revoked = Counter(
             "gateway_as_grants_revoked", "Grants revoked, by reason.", ["reason"],
             registry=registry)

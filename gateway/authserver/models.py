@@ -94,6 +94,8 @@ class OAuthClient:
     old_secret_hash: str = ""
     old_secret_expires_at: int = 0
     disabled: bool = False
+    #: a resource server: may introspect any token (RFC 7662 section 2.1), not only its own
+    introspect: bool = False
     policy: TokenPolicy = field(default_factory=TokenPolicy)
     created_at: int = 0
     created_by: str = ""
@@ -127,6 +129,9 @@ class OAuthClient:
             check_redirect_uri(uri)
         if self.grant_type == GRANT_DEVICE and self.confidential:
             raise ModelError("device_code clients are public (RFC 8628 section 5.6)")
+        if self.introspect and not self.confidential:
+            raise ModelError("only a confidential client may introspect: introspection "
+                             "needs a secret (RFC 7662 section 2.1)")
         if self.machine and not self.confidential:
             raise ModelError("client_credentials clients are confidential: the secret is "
                              "all they have (RFC 6749 section 4.4)")
@@ -140,7 +145,8 @@ class OAuthClient:
             "scopes": " ".join(self.scopes), "confidential": "1" if self.confidential else "0",
             "secret_hash": self.secret_hash, "old_secret_hash": self.old_secret_hash,
             "old_secret_expires_at": str(self.old_secret_expires_at),
-            "disabled": "1" if self.disabled else "0", "created_at": str(self.created_at),
+            "disabled": "1" if self.disabled else "0",
+            "introspect": "1" if self.introspect else "0", "created_at": str(self.created_at),
             "created_by": self.created_by, **self.policy.to_fields(),
         }
 
@@ -160,6 +166,7 @@ class OAuthClient:
             old_secret_hash=data.get("old_secret_hash", ""),
             old_secret_expires_at=int(data.get("old_secret_expires_at") or 0),
             disabled=data.get("disabled", "0").strip() == "1",
+            introspect=data.get("introspect") == "1",
             policy=TokenPolicy.from_fields(data, defaults),
             created_at=int(data.get("created_at") or 0), created_by=data.get("created_by", ""),
         )
@@ -170,7 +177,7 @@ class OAuthClient:
             "client_id": self.client_id, "name": self.name, "flow": self.flow,
             "grant_type": self.grant_type, "redirect_uris": list(self.redirect_uris),
             "scopes": list(self.scopes), "confidential": self.confidential,
-            "disabled": self.disabled, "policy": {
+            "disabled": self.disabled, "introspect": self.introspect, "policy": {
                 f.name: getattr(self.policy, f.name) for f in fields(self.policy)},
             "secret_rotation_grace_until": self.old_secret_expires_at or None,
             "created_at": self.created_at, "created_by": self.created_by,

@@ -29,8 +29,9 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from gateway.authserver.hashing import verify_secret
+from gateway.authserver.hashing import verify_secret_evenly
 from gateway.authserver.server import AuthorizationServer, server_of
+from gateway.authserver.throttle import LoginThrottle
 
 SESSION_COOKIE = "gw_session"
 CSRF_COOKIE = "gw_csrf"
@@ -159,13 +160,14 @@ def login_redirect(request: web.Request) -> web.HTTPSeeOther:
 # -- the login page ------------------------------------------------------------
 
 def _login_form(request: web.Request, next_url: str, error: str = "",
-                username: str = "") -> web.Response:
+                username: str = "", *, status: int | None = None,
+                headers: Mapping[str, str] | None = None) -> web.Response:
     settings = server_of(request).settings
     return render(request, "login.html", {
         "next_url": next_url, "error": error, "username": username,
         "local_login": settings.as_local_login, "sso": bool(settings.sso_issuer),
         "anaplan": bool(settings.anaplan_client_id and settings.anaplan_client_secret)},
-        status=401 if error else 200)
+        status=status or (401 if error else 200), headers=headers)
 
 
 async def login_get(request: web.Request) -> web.Response:
@@ -182,22 +184,32 @@ async def login_post(request: web.Request) -> web.StreamResponse:
         return _login_form(request, next_url, "Local sign-in is turned off.")
     username = str(form.get("username", ""))[:128]
     password = str(form.get("password", ""))[:1024]
-    peer = request.remote or "?"
-    if await server.store.hit(f"login:{peer}", 300) > 30 or \
-            await server.store.hit(f"login-user:{username}", 300) > 10:
+    peer = server.source(request)
+    session = await current_user(request)
+    throttle = LoginThrottle(server, request, username, session=request.cookies.get(
+        SESSION_COOKIE, "") if session and session.get("username") == username else "")
+    refusal = await throttle.check()
+    if refusal is not None:
         server.metrics.logins.labels("local", "rate_limited").inc()
-        return _login_form(request, next_url, "Too many attempts. Wait a few minutes.",
-                           username)
+        minutes = max(1, -(-refusal.retry_after // 60))
+        return _login_form(
+            request, next_url, "Too many failed sign-ins from here. Try again in "
+            f"{minutes} minute{'s' if minutes > 1 else ''}.", username, status=429,
+            headers={"Retry-After": str(refusal.retry_after)})
     user = await server.store.get_user(username) if username else {}
-    ok = bool(user) and await asyncio.to_thread(verify_secret, password,
-                                                user.get("password_hash", ""))
+    # an unknown user, or one without a password (signed up through SSO), costs the same
+    # scrypt work as a wrong password: the answer's timing names no one
+    ok = await asyncio.to_thread(verify_secret_evenly, password,
+                                 user.get("password_hash")) and bool(user)
     if not ok:
+        await throttle.failed()
         server.metrics.logins.labels("local", "failure").inc()
         await server.store.audit("login.failed", user=username, method="local", remote=peer)
         return _login_form(request, next_url, "Wrong username or password.", username)
     server.metrics.logins.labels("local", "success").inc()
     response = web.HTTPSeeOther(next_url)
     await start_session(request, response, username=username, sub=user["sub"], method="local")
+    await throttle.succeeded(response)
     await server.store.audit("login", user=username, method="local", remote=peer)
     raise response
 

@@ -270,7 +270,7 @@ async def _lookup(request: web.Request, server: AuthorizationServer, raw: str
     """Rate-limited look-up of a pending authorization by user code (section 5.1)."""
     code = normalize_user_code(raw[:64])
     well_formed = len(code) == USER_CODE_LENGTH and all(c in USER_CODE_ALPHABET for c in code)
-    peer = request.remote or "?"
+    peer = server.source(request)
     if await server.store.hit(f"device-entry:{peer}", ENTRY_WINDOW) > ENTRY_LIMIT_SOURCE or (
             well_formed and await server.store.hit(f"device-code:{code}", ENTRY_WINDOW)
             > ENTRY_LIMIT_CODE):
@@ -320,7 +320,7 @@ async def device_post(request: web.Request) -> web.StreamResponse:
     if not hmac.compare_digest(ref, str(form.get("device_ref", ""))):
         return _invalid_code(request)
     approved = "approve" in form and "deny" not in form
-    peer = request.remote or "?"
+    peer = server.source(request)
     if approved:
         agent = request.headers.get("User-Agent", "")[:120]
         label = " ".join(str(form.get("device_name", "")).split())[:100] or (

@@ -21,7 +21,7 @@ from multidict import MultiDict, MultiDictProxy
 
 from gateway.appkeys import AUTH_SERVER
 from gateway.authserver.errors import InvalidClient, InvalidRequest
-from gateway.authserver.hashing import verify_secret
+from gateway.authserver.hashing import verify_secret, verify_secret_evenly
 from gateway.authserver.issuance import TokenIssuer
 from gateway.authserver.metrics import AuthServerMetrics
 from gateway.authserver.models import OAuthClient, TokenPolicy
@@ -97,6 +97,21 @@ class AuthorizationServer:
     def url(self, path: str) -> str:
         return self.issuer_url + path
 
+    def source(self, request: web.Request) -> str:
+        """The address a request comes from, for rate limits and the audit stream: with
+        ``GATEWAY_TRUSTED_PROXIES`` = N, the address the outermost of those N proxies saw
+        (the N-th entry of ``X-Forwarded-For`` from its end), else the TCP peer. Behind a
+        load balancer the peer is the balancer, which every user shares."""
+        peer = request.remote or "?"
+        hops = self.settings.trusted_proxies
+        if hops <= 0 or "X-Forwarded-For" not in request.headers:
+            return peer
+        chain = [a.strip() for a in ",".join(request.headers.getall("X-Forwarded-For"))
+                 .split(",") if a.strip()]
+        # the last proxy's own append is its TCP peer, not in the header it received
+        chain.append(peer)
+        return chain[-hops - 1] if len(chain) > hops else chain[0]
+
     async def read_form(self, request: web.Request, *, json_body: bool = False
                         ) -> MultiDictProxy[str]:
         """RFC 6749 section 3.2: POST with ``application/x-www-form-urlencoded``. With
@@ -132,6 +147,11 @@ class AuthorizationServer:
             except (binascii.Error, UnicodeDecodeError):
                 raise InvalidClient("Malformed Basic credentials.") from None
             client_id, secret = unquote_plus(raw_id), unquote_plus(raw_secret)
+            if "client_secret" in form:
+                # section 2.3: "MUST NOT use more than one authentication method in each
+                # request"; which secret would count is no guess to make
+                raise InvalidRequest("Client credentials in both the Authorization header "
+                                     "and the body: send them once.")
             if form.get("client_id") not in (None, client_id):
                 raise InvalidRequest("client_id differs from the authenticated client.")
         elif "client_secret" in form:
@@ -142,6 +162,8 @@ class AuthorizationServer:
             raise InvalidClient("Client authentication is required.")
         client = await self.store.get_client(client_id)
         if client is None:
+            if secret is not None:  # as slow as a known client's wrong secret
+                await asyncio.to_thread(verify_secret_evenly, secret, None)
             raise InvalidClient("Unknown client or bad credentials.")
         if client.confidential or require_secret:
             if secret is None or not client.confidential:

@@ -34,7 +34,7 @@ async def refuse(request: web.Request, err: SSOError, *, method: str) -> web.Res
     server = server_of(request)
     server.metrics.logins.labels(method, err.outcome).inc()
     await server.store.audit("login.failed", method=method, reason=err.outcome,
-                             remote=request.remote or "?")
+                             remote=server.source(request))
     return pages.render(request, "sso_failed.html", {"message": err.message},
                         status=err.status)
 
@@ -93,5 +93,5 @@ async def signed_in(request: web.Request, record: dict[str, Any], *, username: s
     response = web.HTTPSeeOther(record["next"])
     await pages.start_session(request, response, username=username, sub=sub, method=method)
     await server.store.audit("login", user=username, method=method,
-                             remote=request.remote or "?")
+                             remote=server.source(request))
     return response

@@ -87,7 +87,7 @@ async def sso_start(request: web.Request) -> web.StreamResponse:
     server = server_of(request)
     try:
         provider = _provider(request)
-        if await server.store.hit(f"sso-start:{request.remote or '?'}", 60) > 60:
+        if await server.store.hit(f"sso-start:{server.source(request)}", 60) > 60:
             raise SSOError(429, "rate_limited", "Too many sign-in attempts. Wait a minute.")
         meta = await provider.metadata()
     except ProviderError as exc:

@@ -2,7 +2,8 @@
 
     oauth-gateway clients create --name N
                                  --grant authorization_code|device_code|client_credentials
-                                 [--redirect-uri URI ...] [--scope "S1 S2"] [--json]
+                                 [--redirect-uri URI ...] [--scope "S1 S2"] [--introspect]
+                                 [--json]
     oauth-gateway clients update ID [...] | rotate-secret ID [--grace S] | delete ID
     oauth-gateway grants list [--client ID] [--user NAME] [--json] | revoke GRANT_ID
     oauth-gateway users add USERNAME            (password on standard input)
@@ -22,7 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.authserver import AdminError, AuthAdmin
-from gateway.cli.terminal import EXIT_FAIL, EXIT_OK, actor, err, out, redis_failed
+from gateway.cli.terminal import EXIT_FAIL, EXIT_OK, actor, err, out, redis_failed, shown
 from gateway.config.settings import Settings
 from gateway.protocol.tokens import TokenDigester
 from gateway.state import connection as gwstore
@@ -70,6 +71,9 @@ def add_client_commands(csub: Any, common: argparse.ArgumentParser) -> None:
     kind.add_argument("--confidential", action="store_true",
                       help="a secret (the default for authorization_code and "
                       "client_credentials)")
+    p.add_argument("--introspect", action="store_true",
+                   help="a resource server: may introspect any token (confidential "
+                   "clients only; others learn only about their own tokens)")
     p.add_argument("--actor", help="who (default: user@host)")
     _policy_args(p)
     p.set_defaults(func=run, as_cmd="create")
@@ -80,6 +84,8 @@ def add_client_commands(csub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--redirect-uri", action="append", dest="redirect_uris",
                    help="replaces the list (repeat)")
     p.add_argument("--scope", action="append", dest="scopes", help="replaces the scopes")
+    p.add_argument("--introspect", action=argparse.BooleanOptionalAction, default=None,
+                   help="may (or, with --no-introspect, may no longer) introspect any token")
     p.add_argument("--actor")
     _policy_args(p)
     p.set_defaults(func=run, as_cmd="update")
@@ -140,21 +146,22 @@ async def _dispatch(args: argparse.Namespace, admin: AuthAdmin, out: Printer, ac
             name=args.name, grant=args.grant, redirect_uris=args.redirect_uris,
             scopes=args.scopes, actor=actor,
             confidential=True if args.confidential else False if args.public else None,
-            policy=_policy_of(args))
+            policy=_policy_of(args), introspect=args.introspect)
         view = client.public_view()
         if secret:
             view["client_secret"] = secret
-        lines = [f"client created: {client.name}", f"client_id:     {client.client_id}"]
+        lines = [f"client created: {shown(client.name)}", f"client_id:     {client.client_id}"]
         if secret:
             lines += [f"client_secret: {secret}",
                       "               (shown once: store it now; only a hash is kept)"]
         lines += [f"flow:          {client.flow}",
-                  f"scopes:        {' '.join(client.scopes) or '(none)'}"]
+                  f"scopes:        {' '.join(client.scopes) or '(none)'}",
+                  f"introspect:    {'any token' if client.introspect else 'own tokens only'}"]
         out(args, "\n".join(lines), view)
     elif cmd == "update":
         client = await admin.update_client(
             args.client_id, actor=actor, name=args.name, redirect_uris=args.redirect_uris,
-            scopes=args.scopes, policy=_policy_of(args))
+            scopes=args.scopes, policy=_policy_of(args), introspect=args.introspect)
         out(args, f"client {client.client_id} updated", client.public_view())
     elif cmd == "rotate-secret":
         secret = await admin.rotate_secret(args.client_id, actor=actor, grace=args.grace)
@@ -176,10 +183,10 @@ async def _dispatch(args: argparse.Namespace, admin: AuthAdmin, out: Printer, ac
         lines = [f"{'GRANT':<20} {'CLIENT':<34} {'USER':<16} {'STATUS':<8} {'LAST USED':<20} "
                  "DEVICE"]
         for r in rows:
-            user = r["user"] or "(machine)"  # a client_credentials grant has no user
-            lines.append(f"{r['grant_id']:<20} {r['client_id']:<34} {user:<16} "
+            user = shown(r["user"]) or "(machine)"  # a client_credentials grant has no user
+            lines.append(f"{shown(r['grant_id']):<20} {shown(r['client_id']):<34} {user:<16} "
                          f"{'revoked' if r['revoked'] else 'active':<8} "
-                         f"{_when(int(r['last_used_at'])):<20} {r['label']}")
+                         f"{_when(int(r['last_used_at'])):<20} {shown(r['label'])}")
         out(args, "\n".join(lines) if rows else "no grants", rows)
     elif cmd == "grants-revoke":
         await admin.revoke_grant(args.grant_id, actor=actor, reason=args.reason or "")
@@ -188,12 +195,13 @@ async def _dispatch(args: argparse.Namespace, admin: AuthAdmin, out: Printer, ac
     elif cmd == "users-add":
         password = sys.stdin.readline().rstrip("\n")
         await admin.add_user(args.username, password, actor=actor)
-        out(args, f"user {args.username} saved", {"username": args.username})
+        out(args, f"user {shown(args.username)} saved", {"username": args.username})
     elif cmd in ("users-disable", "users-enable"):
         disabled = cmd == "users-disable"
         subject, username, fields = await admin.set_user_disabled(
             args.person, disabled, actor=actor, reason=args.reason or "")
-        who = f"user {username} (subject {subject})" if username else f"subject {subject}"
+        who = f"user {shown(username)} (subject {shown(subject)})" if username \
+            else f"subject {shown(subject)}"
         out(args, f"{who} {'disabled' if disabled else 'enabled'}; every gateway replica "
             "enforces it within 100 ms",
             {"subject": subject, "username": username, "disabled": disabled,

@@ -24,7 +24,16 @@ from redis.asyncio import Redis
 from gateway import __version__
 from gateway.cli import authserver as authserver_commands
 from gateway.cli import secrets as secrets_commands
-from gateway.cli.terminal import EXIT_FAIL, EXIT_OK, EXIT_USAGE, actor, err, out, with_redis
+from gateway.cli.terminal import (
+    EXIT_FAIL,
+    EXIT_OK,
+    EXIT_USAGE,
+    actor,
+    err,
+    out,
+    shown,
+    with_redis,
+)
 from gateway.config.policy import PolicyError, load_policy
 from gateway.config.settings import Settings, SettingsError, load_settings
 from gateway.pipeline.govern import ClientAdmin
@@ -76,7 +85,7 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
         err("give --issuer (or GATEWAY_ISSUER) and --client-id")
         return EXIT_USAGE
     try:
-        print(asyncio.run(current_token(issuer, args.client_id)))
+        print(shown(asyncio.run(current_token(issuer, args.client_id))))
     except LoginError as exc:
         err(str(exc))
         return EXIT_FAIL
@@ -142,8 +151,12 @@ _HIDDEN_FIELDS = {"disabled", "secret_hash", "old_secret_hash", "managed"}
 
 def _record_view(client_id: str, fields: dict[str, str]) -> dict[str, Any]:
     """A client record as shown to operators: never a secret hash."""
-    return {"client_id": client_id, "disabled": fields.get("disabled", "0") == "1",
-            **{k: v for k, v in fields.items() if k not in _HIDDEN_FIELDS}}
+    view: dict[str, Any] = {
+        "client_id": client_id, "disabled": fields.get("disabled", "0") == "1",
+        **{k: v for k, v in fields.items() if k not in _HIDDEN_FIELDS}}
+    if fields.get("managed") == "1":  # a built-in server's client: may it introspect all?
+        view["introspect"] = fields.get("introspect") == "1"
+    return view
 
 
 def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
@@ -152,17 +165,18 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
         if args.clients_cmd == "list":
             rows = [_record_view(cid, f) for cid, f in await admin.list()]
             lines = [f"{'CLIENT':<34} {'NAME':<24} {'FLOW':<18} {'STATUS':<9} "
-                     f"{'SCOPES':<30} UPDATED"]
+                     f"{'INTROSPECT':<10} {'SCOPES':<30} UPDATED"]
             for r in rows:
                 updated = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(
-                    int(r["updated_at"]))) + f" by {r.get('updated_by', '?')}" \
+                    int(r["updated_at"]))) + f" by {shown(r.get('updated_by', '?'))}" \
                     if r.get("updated_at", "").isdigit() else "-"
                 flow = "device_code" if r.get("grant_type", "").endswith("device_code") \
                     else r.get("grant_type", "-")
-                lines.append(f"{r['client_id']:<34} {r.get('name', '-')[:24]:<24} "
-                             f"{flow:<18} "
+                lines.append(f"{shown(r['client_id']):<34} {shown(r.get('name', '-'))[:24]:<24} "
+                             f"{shown(flow):<18} "
                              f"{'disabled' if r['disabled'] else 'enabled':<9} "
-                             f"{r.get('scopes', '(token)'):<30} {updated}")
+                             f"{'any' if r.get('introspect') else '-':<10} "
+                             f"{shown(r.get('scopes', '(token)')):<30} {updated}")
             out(args, "\n".join(lines) if rows else "no client records", rows)
             return EXIT_OK
         if args.clients_cmd == "show":
@@ -172,7 +186,7 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
                      "the tokens alone)")
                 return EXIT_FAIL
             view = _record_view(args.client_id, fields)
-            out(args, "\n".join(f"{k:<12} {v}" for k, v in view.items()), view)
+            out(args, "\n".join(f"{k:<12} {shown(v)}" for k, v in view.items()), view)
             return EXIT_OK
         disabled = args.clients_cmd == "disable"
         fields = await admin.set_disabled(args.client_id, disabled, actor=actor(args),
@@ -221,8 +235,9 @@ def cmd_audit_tail(args: argparse.Namespace, settings: Settings) -> int:
             at = row.get("at", "")
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(at))) \
                 if at.isdigit() else "?"
-            rest = " ".join(f"{k}={v}" for k, v in row.items() if k not in ("id", "at", "action"))
-            lines.append(f"{when} {row.get('action', '?'):<18} {rest}")
+            rest = " ".join(f"{shown(k)}={shown(v)}" for k, v in row.items()
+                            if k not in ("id", "at", "action"))
+            lines.append(f"{when} {shown(row.get('action', '?')):<18} {rest}")
         out(args, "\n".join(lines) or "the audit stream is empty", rows)
         return EXIT_OK
 

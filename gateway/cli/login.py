@@ -20,6 +20,8 @@ from typing import Any
 
 import aiohttp
 
+from gateway.cli.terminal import shown
+
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 
 
@@ -83,7 +85,9 @@ async def device_login(issuer: str, client_id: str, scope: str | None = None, *,
                 raise LoginError(f"device authorization refused: {body.get('error')}: "
                                  f"{body.get('error_description', '')}")
         complete = body.get("verification_uri_complete") or body["verification_uri"]
-        print(f"\nOpen {complete}\nand confirm the code {body['user_code']}\n", file=out,
+        # the server's words, shown so that none of them drives the terminal
+        print(f"\nOpen {shown(complete)}\nand confirm the code {shown(body['user_code'])}\n",
+              file=out,
               flush=True)
         interval = float(body.get("interval", 5))
         deadline = time.monotonic() + min(float(body.get("expires_in", 600)), max_wait)

@@ -24,18 +24,35 @@ from gateway.state.keys import Keys
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
+#: what a terminal would act on rather than show: C0 controls, DEL, C1 controls, and the
+#: Unicode marks that reorder text (bidi embeddings, overrides, isolates, marks)
+_BIDI = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+_VISIBLE = str.maketrans({
+    **{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))},
+    **{ord(c): f"\\u{ord(c):04x}" for c in _BIDI}})
+
+
+def shown(text: object) -> str:
+    """``text`` as a terminal may print it: control characters, line breaks and bidi
+    marks written visibly (ESC as ``\\x1b``, U+202E as ``\\u202e``), so stored text
+    (a user name typed at a login page, a device's name) cannot move the cursor, recolour,
+    clear the screen, hide or reorder what follows. What is stored stays as typed, and
+    ``--json`` output carries the true values (JSON escapes them itself)."""
+    return str(text).translate(_VISIBLE)
+
 
 def out(args: argparse.Namespace, human: str, machine: Any) -> None:
-    """Print ``machine`` as JSON under ``--json``, else the ``human`` text."""
+    """Print ``machine`` as JSON under ``--json``, else the ``human`` text, each of its
+    lines through :func:`shown`."""
     if getattr(args, "json", False):
         print(json.dumps(machine, indent=2, sort_keys=True))
     else:
-        print(human)
+        print("\n".join(shown(line) for line in human.split("\n")))
 
 
 def err(message: str) -> None:
-    """One error line on standard error, named for the command."""
-    print(f"oauth-gateway: error: {message}", file=sys.stderr)
+    """One error line on standard error, named for the command (through :func:`shown`)."""
+    print(f"oauth-gateway: error: {shown(message)}", file=sys.stderr)
 
 
 def actor(args: argparse.Namespace) -> str:

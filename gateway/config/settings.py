@@ -108,6 +108,10 @@ class Settings:
         choices=("opaque", "jwt"))
     as_local_login: bool = setting(
         True, "built-in server: offer the local username/password login")
+    as_open_introspection: bool = setting(
+        False, "built-in server: any confidential client may introspect any token (the "
+        "older rule); false: only clients created with `--introspect`, others learn only "
+        "about their own tokens")
     sso_issuer: str = setting(
         "", "OpenID Connect provider for single sign-on (its issuer URL); empty: no SSO",
         url=HTTP_URL)

@@ -349,3 +349,9 @@ class Keys:
         """String, TTL two windows: a rate-limit counter (logins, user-code entries, SSO
         starts) for the fixed window number ``window``."""
         return f"{self.prefix}as:rate:{name}:{window}"
+
+    def as_login_backoff(self, digest: str) -> str:
+        """Hash, TTL one day after the last failure: failed sign-ins of one user from one
+        source (or one known browser), under the digest of the pair: ``failures``, ``last``
+        (epoch seconds of the latest)."""
+        return f"{self.prefix}as:login_backoff:{digest}"
