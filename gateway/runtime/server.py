@@ -12,6 +12,8 @@
   worker). Worker 0 passes SIGTERM, SIGINT (as SIGTERM) and SIGHUP on to the others;
   when any worker exits on its own, worker 0 stops them all and exits non-zero, for
   the supervisor to restart the set; a worker whose parent is gone stops by itself.
+- The proxy listener's connections are guarded by :mod:`gateway.runtime.listener`
+  (``GATEWAY_HEADER_TIMEOUT``, ``GATEWAY_KEEPALIVE_TIMEOUT``, ``GATEWAY_MAX_CONNECTIONS``).
 """
 
 from __future__ import annotations
