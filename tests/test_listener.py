@@ -65,7 +65,8 @@ async def gateway(redis_server: RedisServer, auth_server: AuthServer, upstream: 
         policy.write_text(DEFAULT_POLICY.format(upstream=upstream.url))
         port, admin_port = free_port(), free_port()
         full = {**{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
-                "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+                "PYTHONPATH": os.pathsep.join(filter(None, (
+                    str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")))),
                 "GATEWAY_LISTEN": f"127.0.0.1:{port}",
                 "GATEWAY_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
                 "GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_POLICIES": str(policy),
@@ -275,8 +276,8 @@ MALFORMED = {
                  + TOKEN.encode() + b"\r\n\r\n", "bad_header"),
     "NUL": (b"GET /2/0/x HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer " + TOKEN.encode()
             + b"\x00\r\n\r\n", "bad_header"),
-    "request line": (b"GET /2/0/\x01" + TOKEN.encode() + b" HTTP/1.1\r\nHost: gw\r\n\r\n",
-                     "bad_request_line"),
+    "request line": (b"GET /2/0/x?access_token=" + TOKEN.encode()
+                     + b" HTTP/1.1x\r\nHost: gw\r\n\r\n", "bad_request_line"),
     "too long": (b"GET /2/0/x HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "
                  + TOKEN.encode() * 400 + b"\r\n\r\n", "too_large"),
     "chunking": (b"POST /2/0/x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n"

@@ -201,14 +201,28 @@ class GuardedHandler(RequestHandler):
             self._head_started = False
 
     def _cut_at(self, when: float) -> None:
-        """Close the connection at ``when`` if it is still waiting for a request then
-        (aiohttp's keep-alive timer, which re-arms itself when it fires early)."""
+        """Close the connection at ``when`` if it is still waiting for a request then.
+
+        The timer is aiohttp's keep-alive one (its handle and its deadline), which aiohttp
+        re-aims after each response; one that fires early re-arms itself."""
         handle = self._keepalive_handle
         if handle is None or when < self._next_keepalive_close_time:
             if handle is not None:
                 handle.cancel()
-            self._keepalive_handle = self._loop.call_at(when, self._process_keepalive)
+            self._keepalive_handle = self._loop.call_at(when, self._deadline_reached)
         self._next_keepalive_close_time = when
+
+    def _deadline_reached(self) -> None:
+        # aiohttp's _process_keepalive, but also before a first request (older aiohttp
+        # versions only time a connection out once it has been kept alive)
+        self._keepalive_handle = None
+        if self._force_close:
+            return
+        close_time = self._next_keepalive_close_time
+        if self._loop.time() < close_time:
+            self._keepalive_handle = self._loop.call_at(close_time, self._deadline_reached)
+        elif self._waiter is not None and not self._waiter.done():
+            self.force_close()
 
     def handle_error(self, request: BaseRequest, status: int = 500,
                      exc: BaseException | None = None, message: str | None = None
