@@ -191,6 +191,15 @@ class Settings:
     workers: int = setting(
         1, "number of worker processes sharing the listener with SO_REUSEPORT; worker `i` "
         "serves its own admin listener on the admin port + `i`", above=0)
+    header_timeout: float = setting(
+        10, "seconds a client may take to send a request's headers, counted from the "
+        "connection's opening or the request's first byte, however slowly they trickle in "
+        "(the connection is closed beyond)", above=0)
+    keepalive_timeout: float = setting(
+        75, "seconds an idle keep-alive connection stays open", above=0)
+    max_connections: int = setting(
+        10000, "open client connections per process; past it, new ones are answered 503 and "
+        "closed at once (lowered at start when the open-file limit leaves less room)", above=0)
 
     @property
     def resolved_validator(self) -> str:

@@ -32,6 +32,8 @@ DECISIONS = (
     "registry_unavailable", "user_disabled",
 )
 NO_ROUTE = "(none)"
+#: why a request could not be parsed (``gateway_bad_requests_total{reason}``)
+BAD_REQUEST_REASONS = ("bad_header", "bad_request_line", "too_large", "bad_chunking", "other")
 _LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
 
 
@@ -178,6 +180,23 @@ class GatewayMetrics:
             ["identity"], registry=r)
         self.policy_reloads = Counter(
             "gateway_policy_reloads", "Policy reloads by outcome.", ["outcome"], registry=r)
+        # the proxy listener's connections (gateway.runtime.listener keeps them)
+        self.open_connections = Gauge(
+            "gateway_open_connections", "Client connections open on the proxy listener.",
+            registry=r)
+        self.connections_refused = Counter(
+            "gateway_connections_refused",
+            "Client connections refused at GATEWAY_MAX_CONNECTIONS (answered 503, closed).",
+            registry=r)
+        self.accept_errors = Counter(
+            "gateway_accept_errors",
+            "Connections the listener could not accept (out of file descriptors or memory).",
+            registry=r)
+        self.bad_requests = Counter(
+            "gateway_bad_requests", "Malformed requests answered 400 before any handling.",
+            ["reason"], registry=r)
+        for reason in BAD_REQUEST_REASONS:
+            self.bad_requests.labels(reason)
         self.cache_local_hit = self.cache_requests.labels("local", "hit")
         self.cache_local_miss = self.cache_requests.labels("local", "miss")
         self.cache_redis_hit = self.cache_requests.labels("redis", "hit")

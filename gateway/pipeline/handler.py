@@ -16,6 +16,7 @@ and the access log only record values that are formatted later.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import logging
@@ -54,6 +55,8 @@ from gateway.protocol.errors import (
 from gateway.protocol.tokens import PresentedToken, extract_token
 
 log = logging.getLogger(__name__)
+#: the status recorded for a client that left before its answer (nginx's)
+CLIENT_GONE = 499
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _NO_QUERY: Mapping[str, str] = MappingProxyType({})
 
@@ -216,15 +219,30 @@ class ProxyPipeline:
                 request, auth.route, auth.token, request_id, observe_upstream, auth.subject)
         except GatewayError as exc:
             response = error_response(exc, {"X-Request-Id": request_id})
-        except Exception:
-            log.exception("unexpected error handling request %s", request_id)
-            decision = "error"
-            response = json_error(500, "server_error", "The gateway failed unexpectedly.",
-                                  {"X-Request-Id": request_id})
+        except asyncio.CancelledError:
+            if request.transport is None:  # the client left, and aiohttp cancelled the handler
+                self._record(request, request_id, state, CLIENT_GONE, decision, started,
+                             upstream_seconds)
+            raise
+        except Exception as exc:
+            if isinstance(exc, ConnectionError) and request.transport is None:
+                # the client left before its answer was written: normal traffic, recorded
+                # as 499 (as nginx does); this answer is never sent
+                response = web.Response(status=CLIENT_GONE)
+            else:
+                log.exception("unexpected error handling request %s", request_id)
+                decision = "error"
+                response = json_error(500, "server_error", "The gateway failed unexpectedly.",
+                                      {"X-Request-Id": request_id})
+        self._record(request, request_id, state, response.status, decision, started,
+                     upstream_seconds)
+        return response
+
+    def _record(self, request: web.Request, request_id: str, state: RequestState,
+                status: int, decision: str, started: float, upstream_seconds: float) -> None:
+        """The request's metrics and access-log line."""
         elapsed = time.perf_counter() - started
         route = state.route
-        self.metrics.observe_request(route, request.method, response.status, elapsed)
+        self.metrics.observe_request(route, request.method, status, elapsed)
         self.access_log.record(request_id, request.method, route, state.client_id or "unknown",
-                               response.status, decision, elapsed, upstream_seconds,
-                               request.remote)
-        return response
+                               status, decision, elapsed, upstream_seconds, request.remote)

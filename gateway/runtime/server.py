@@ -12,6 +12,8 @@
   worker). Worker 0 passes SIGTERM, SIGINT (as SIGTERM) and SIGHUP on to the others;
   when any worker exits on its own, worker 0 stops them all and exits non-zero, for
   the supervisor to restart the set; a worker whose parent is gone stops by itself.
+- The proxy listener's connections are guarded by :mod:`gateway.runtime.listener`
+  (``GATEWAY_HEADER_TIMEOUT``, ``GATEWAY_KEEPALIVE_TIMEOUT``, ``GATEWAY_MAX_CONNECTIONS``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from aiohttp import web
 from gateway.appkeys import GATEWAY
 from gateway.config.settings import Settings, parse_hostport
 from gateway.runtime.app import ConfigurationError, create_apps
+from gateway.runtime.listener import ConnectionGuard, GuardedRunner, descriptor_room
 
 log = logging.getLogger("gateway")
 _YOUNG_GENERATION = 10_000  # objects allocated between two young collections (default 700)
@@ -94,7 +97,15 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None,
     """
     proxy, admin = create_apps(settings)
     gw = proxy[GATEWAY]
-    proxy_runner = web.AppRunner(proxy, access_log=None, shutdown_timeout=settings.shutdown_timeout,
+    guard = ConnectionGuard(
+        header_timeout=settings.header_timeout, metrics=gw.metrics, access_log=gw.access_log,
+        max_connections=descriptor_room(settings.max_connections,
+                                        settings.upstream_pool_size or 1024))
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(guard.exception_handler(loop.get_exception_handler()))
+    proxy_runner = GuardedRunner(proxy, guard=guard, access_log=None,
+                                 keepalive_timeout=settings.keepalive_timeout,
+                                 shutdown_timeout=settings.shutdown_timeout,
                                  handler_cancellation=True)
     admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
     await proxy_runner.setup()
@@ -118,7 +129,6 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None,
         gc.freeze()
         gc.set_threshold(_YOUNG_GENERATION, *gc.get_threshold()[1:])
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
 
         def stopping(sig: signal.Signals) -> None:
             stop.set()
