@@ -136,7 +136,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         [server_binary(), "--port", str(port), "--cluster-port", str(bus_port),
          "--cluster-enabled", "yes", "--cluster-config-file", str(workdir / f"nodes-{port}.conf"),
          "--requirepass", CLUSTER_PASSWORD, "--masterauth", CLUSTER_PASSWORD,
-         "--save", "", "--appendonly", "no", "--bind", "127.0.0.1", "--dir", str(workdir),
+         "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction",
+         "--bind", "127.0.0.1", "--dir", str(workdir),
          "--loglevel", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for port, bus_port in zip(data, bus, strict=True)]
     try:
