@@ -158,10 +158,11 @@ def _rewrite(path: Path, header: dict[str, Any] | None = None,
 
 
 @pytest.mark.parametrize(("change", "said"), [
-    ({"version": 2}, "format version 2"), ({"schema": 99}, "schema version 99")])
+    ({"version": 2}, "format version 2"), ({"schema": 99}, "schema version 99"),
+    ({"prefix": "acme:"}, "set GATEWAY_KEY_PREFIX")])
 async def test_import_refuses_a_newer_file(
         f: Flow, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        change: dict[str, int], said: str) -> None:
+        change: dict[str, Any], said: str) -> None:
     await a_grant(f)
     backup = tmp_path / "b.jsonl"
     assert (await run(capsys, "export", str(backup)))[0] == 0

@@ -33,10 +33,11 @@ instead, atomic too; Redis serves nothing else while it runs. Redis Cluster is r
 a transaction cannot span its slots.
 
 **Restore** checks everything before it writes: the format and schema versions (a newer
-one is refused), the key count, every key name (only durable keys: a file cannot plant a
-cache entry), the digest key. Existing keys are refused unless ``replace``. The writes
-go in one MULTI/EXEC; each TTL is what was left at export time minus the time since, so a
-token expires when it would have (already expired ones are left out).
+one is refused), the prefix (the same: sealed values are bound to their keys), the key
+count, every key name (only durable keys: a file cannot plant a cache entry), the digest
+key. Existing keys are refused unless ``replace``. The writes go in one MULTI/EXEC; each
+TTL is what was left at export time minus the time since, so a token expires when it
+would have (already expired ones are left out).
 """
 
 from __future__ import annotations
@@ -338,6 +339,10 @@ async def restore(redis: Redis, keys: Keys, lines: Iterable[str], *, replace: bo
         raise BackupError("Redis Cluster: a restore is one transaction, which cannot span "
                           "the cluster's slots")
     header, records = _parse(lines)
+    if header.get("prefix") != keys.prefix:  # sealed values are bound to their full key
+        raise BackupError(f"the backup's keys are under {header.get('prefix')!r}, this "
+                          f"Redis's under {keys.prefix!r}: set GATEWAY_KEY_PREFIX to the "
+                          "backup's (sealed values are bound to their keys)")
     plan: list[tuple[str, str, Any, int]] = []  # name, type, value, pttl (-1: none)
     elapsed = max(0, int(time.time() * 1000) - int(header["at"]))
     result = Imported()
