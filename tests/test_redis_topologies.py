@@ -136,7 +136,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         [server_binary(), "--port", str(port), "--cluster-port", str(bus_port),
          "--cluster-enabled", "yes", "--cluster-config-file", str(workdir / f"nodes-{port}.conf"),
          "--requirepass", CLUSTER_PASSWORD, "--masterauth", CLUSTER_PASSWORD,
-         "--save", "", "--appendonly", "no", "--bind", "127.0.0.1", "--dir", str(workdir),
+         "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction",
+         "--bind", "127.0.0.1", "--dir", str(workdir),
          "--loglevel", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for port, bus_port in zip(data, bus, strict=True)]
     try:
@@ -365,3 +366,29 @@ async def test_cluster_concurrent_new_tokens(
     responses = await asyncio.gather(*[
         gw.client.get("/2/0/x", headers={"Authorization": f"Bearer {t}"}) for t in tokens])
     assert [r.status for r in responses] == [200] * len(tokens)
+
+
+async def test_the_eviction_check_asks_every_primary(cluster: Cluster,
+                                                     cluster_redis: Redis) -> None:
+    """One primary of three evicting is enough to be told (and, with the built-in server,
+    refused)."""
+    from gateway.state import durability
+
+    assert (await durability.inspect(cluster_redis)).policy == "noeviction"
+    with _node(cluster.ports[2]) as node:
+        node.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        found = await durability.inspect(cluster_redis)
+        assert found.policy == "allkeys-lru" and not found.refused
+        assert found.assess(builtin=True, allow_eviction=False)[1] is not None
+    finally:
+        with _node(cluster.ports[2]) as node:
+            node.config_set("maxmemory-policy", "noeviction")
+
+
+async def test_a_backup_is_refused_on_a_cluster(cluster_redis: Redis) -> None:
+    from gateway.state import backup
+    from gateway.state.keys import Keys
+
+    with pytest.raises(backup.BackupError, match="Redis Cluster"):
+        await backup.export(cluster_redis, Keys(), secret_keys=[], configured_digest_key=None)

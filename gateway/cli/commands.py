@@ -6,6 +6,7 @@
     oauth-gateway clients list | show ID | disable ID [--reason TEXT] | enable ID
     oauth-gateway tokens revoke TOKEN|-
     oauth-gateway audit tail [-n N]
+    oauth-gateway export [FILE|-] | import FILE|- [--replace]
 
 Every command reads the same settings as ``serve`` (``--config``, then ``GATEWAY_*``),
 prints human-readable output, ``--json`` for machines, and exits non-zero on failure.
@@ -23,6 +24,7 @@ from redis.asyncio import Redis
 
 from gateway import __version__
 from gateway.cli import authserver as authserver_commands
+from gateway.cli import backup as backup_commands
 from gateway.cli import secrets as secrets_commands
 from gateway.cli.terminal import (
     EXIT_FAIL,
@@ -313,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=20, help="how many (default 20)")
     p.set_defaults(func=cmd_audit_tail)
     secrets_commands.add_commands(sub, common)
+    backup_commands.add_commands(sub, common)
     return parser
 
 

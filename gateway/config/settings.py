@@ -163,6 +163,10 @@ class Settings:
     keyspace_notifications: bool = setting(
         True, "ask Redis (CONFIG SET, best effort) for keyspace notifications on hashes, so a "
         "`redis-cli HSET` on a client record reaches every replica in milliseconds")
+    redis_allow_eviction: bool = setting(
+        False, "`true`: start the built-in server even though Redis's `maxmemory-policy` "
+        "can evict its clients, users, grants and tokens (anything but `noeviction`); "
+        "`false` refuses to start")
     max_body_size: int = setting(
         100 * 1024 * 1024, "largest request body forwarded, in bytes (413 beyond)", above=0)
     max_auth_header: int = setting(

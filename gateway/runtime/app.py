@@ -45,6 +45,7 @@ from gateway.pipeline.people import UserRegistry
 from gateway.protocol.tokens import TokenDigester
 from gateway.runtime.fleet import EventSubscriber
 from gateway.state import connection as store
+from gateway.state import durability
 from gateway.state.keys import Keys
 from gateway.state.sealing import parse_secret_keys
 from gateway.state.signins import SignInStore
@@ -212,9 +213,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             await store.wait_for_redis(redis, within=30.0)
             await store.claim_schema(redis, Keys(s.key_prefix))
             key = await store.digest_key(redis, s.key_prefix, s.token_digest_key)
+            kept = await durability.inspect(redis)
         except RedisError as exc:
             raise ConfigurationError(f"Redis at GATEWAY_REDIS_URL cannot be reached: {exc}"
                                      ) from None
+        warnings, refusal = kept.assess(builtin=gw.authserver is not None,
+                                        allow_eviction=s.redis_allow_eviction)
+        for line in warnings:
+            log.warning("%s", line)
+        if refusal is not None:
+            raise ConfigurationError(refusal)
         digester = TokenDigester(key)
         if gw.authserver is not None:
             await gw.authserver.start(redis, digester)

@@ -41,7 +41,8 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    """``start()`` a throw-away server on loopback (no persistence); ``stop()`` it."""
+    """``start()`` a throw-away server on loopback (no persistence, no eviction);
+    ``stop()`` it."""
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -57,7 +58,8 @@ class EmbeddedRedis:
         self._dir = tempfile.mkdtemp(prefix="oauth-gateway-redis-")
         self.proc = subprocess.Popen(
             [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", self._dir, "--loglevel", "warning"],
+             "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction",
+             "--dir", self._dir, "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:

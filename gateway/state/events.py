@@ -29,7 +29,9 @@ without its field, and the subscriber ignores it: a newer release may publish ne
   ``user.password_set``, ``login``, ``login.failed``, ``grant.created``,
   ``grant.revoked``, ``refresh.reuse_detected``, ``authorization.denied``,
   ``code.issued``, ``code.redeemed``, ``code.replay_detected``, ``device.approved``,
-  ``device.denied``, ``device.code_entry_limited``, with the fields each one names.
+  ``device.denied``, ``device.code_entry_limited``, with the fields each one names;
+  ``backup.exported`` (``actor``, ``file``, ``keys``, ``digest_key``) and
+  ``backup.imported`` (``actor``, ``file``, ``keys``, ``expired``, ``replaced``).
 
 **The revocation pin** (:func:`pin_revoked`) writes :data:`REVOKED_MARKER` at a token's
 cache key, so no replica re-validates a revoked token while it would still be cached.

@@ -355,3 +355,28 @@ class Keys:
         source (or one known browser), under the digest of the pair: ``failures``, ``last``
         (epoch seconds of the latest)."""
         return f"{self.prefix}as:login_backoff:{digest}"
+
+    # -- what a backup holds -----------------------------------------------------
+
+    @property
+    def durable_patterns(self) -> tuple[str, ...]:
+        """SCAN patterns of the keys ``oauth-gateway export`` copies and ``import``
+        accepts: client and person records, people's sealed Anaplan sign-ins, and the
+        built-in server's clients, users, SSO links, signing keys, grants, their indexes
+        and the live token records (with the spent-refresh and used-code markers that
+        detect replays). Not caches, sessions, flows in progress, counters or the audit
+        stream; the digest key (:attr:`digest_key`) is handled apart, sealed."""
+        p = self.prefix
+        return (f"{p}client:*", f"{p}user:*", f"{p}anaplan_signin:*", f"{p}as:clients",
+                f"{p}as:user:*", f"{p}as:sso:*", f"{p}as:signing_keys", f"{p}as:grant:*",
+                f"{p}as:grants", f"{p}as:client_grants:*", f"{p}as:user_grants:*",
+                f"{p}as:grant_tokens:*", f"{p}as:at:*", f"{p}as:rt:*", f"{p}as:rt_spent:*",
+                f"{p}as:code_used:*")
+
+    def relative(self, key: str) -> str:
+        """``key`` without the prefix (a backup names keys so, to restore under another)."""
+        return key[len(self.prefix):] if key.startswith(self.prefix) else key
+
+    def absolute(self, name: str) -> str:
+        """The key a :meth:`relative` name stands for under this prefix."""
+        return f"{self.prefix}{name}"
