@@ -62,7 +62,7 @@ class Options:
     connections: int = 32
     generator: str = "wrk"
     scenarios: tuple[str, ...] = ("steady", "many-tokens", "cold", "bodies", "scaling",
-                                  "latency", "memory")
+                                  "latency", "memory", "rate-limit")
     bodies: tuple[str, ...] = ("1 KiB down", "1 MiB down", "1 KiB up", "1 MiB up")
     #: the proxy under test alone on one CPU, everything else on the others
     pin: bool = True

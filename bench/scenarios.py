@@ -20,6 +20,9 @@ the same workload in alternating runs (:meth:`bench.harness.Bench.pair`). ``stea
 - ``scaling``: one process against two (``GATEWAY_WORKERS=2``; two bare-proxy processes
   on one port with ``SO_REUSEPORT``).
 - ``latency``: added latency at half the bare proxy's saturation rate, open loop.
+- ``rate-limit``: ``steady`` twice, on gateways without and with
+  ``GATEWAY_DEFAULT_RATE_LIMIT`` (a limit never reached), so each of the 300 clients is
+  counted, and synced with Redis every 0.1 s: what a limit costs on the hot path.
 - ``memory``: RSS growth of 100,000 tokens in the in-process layer
   (:mod:`bench.memory`, in a process of its own).
 - ``instructions``: instructions per request under callgrind (:mod:`bench.instructions`).
@@ -98,6 +101,27 @@ async def many_tokens(bench: Bench, report: Report) -> None:
         report.notes.append(
             f"many-tokens: {MANY_TOKENS:,} tokens round-robin, GATEWAY_LOCAL_CACHE_SIZE="
             f"{MANY_TOKENS_LOCAL_SIZE:,}; " + _cache_note(await gw.metrics()))
+
+
+UNREACHED_LIMIT = "1000000000/1h"  # a limit every client has and none reaches
+
+
+async def rate_limit(bench: Bench, report: Report) -> None:
+    workload = Workload(SMALL, TokenPlan("cycle", count=CLIENTS))
+    rows: list[Row] = []
+    limited = 0.0
+    for name, limit in (("rate-limit off", ""), ("rate-limit on", UNREACHED_LIMIT)):
+        async with bench.gateway(default_rate_limit=limit) as gw:
+            rows.append(await bench.pair(name, gw, workload))
+            limited += sum(v for k, v in (await gw.metrics()).items()
+                           if k.startswith("gateway_rate_limited_total"))
+    report.rows += rows
+    off, on = rows
+    report.notes.append(
+        f"rate-limit: GATEWAY_DEFAULT_RATE_LIMIT={UNREACHED_LIMIT} on {CLIENTS} clients "
+        f"(never reached: {limited:.0f} refused): gateway/bare {on.ratio:.2f} against "
+        f"{off.ratio:.2f} without; **the limit costs {100 * (1 - on.ratio / off.ratio):.1f}% "
+        "of throughput** (target <= 10%)")
 
 
 async def _introspection_calls(bench: Bench) -> int:
@@ -240,7 +264,7 @@ async def latency(bench: Bench, report: Report) -> None:
 
 SCENARIOS: dict[str, Callable[[Bench, Report], Awaitable[None]]] = {
     "steady": steady, "many-tokens": many_tokens, "cold": cold, "bodies": bodies,
-    "scaling": scaling, "latency": latency, "memory": memory,
+    "scaling": scaling, "latency": latency, "memory": memory, "rate-limit": rate_limit,
     "instructions": counting.scenario,
 }
 

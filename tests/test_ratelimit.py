@@ -4,12 +4,18 @@ default limit, ``clients update --rate-limit``, and fleet totals in a real Redis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+import subprocess
+import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
+import aiohttp
 import pytest
 from redis.asyncio import Redis
 
@@ -19,10 +25,11 @@ from gateway.config.rates import Rate, optional_rate, parse_rate
 from gateway.config.settings import SettingsError, load_settings
 from gateway.pipeline.ratelimit import SYNC_INTERVAL
 from tests.conftest import DEFAULT_POLICY, AuthServer, GatewayFactory, Upstream
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 
 TOKEN = "tok-rate-0123456789abcdef"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
+CLI = str(Path(sys.executable).with_name("oauth-gateway"))
 DAY = 86400  # windows of a day: a test never straddles two
 
 
@@ -180,7 +187,7 @@ async def test_clients_update_sets_and_clears_the_limit_on_a_running_gateway(
     assert code == 0 and "cleared" in capsys.readouterr().out
     assert await redis.hget("gw:client:ext-app", "rate_limit") is None
     await h.until_status(200, 1.0, HEADERS)  # back to the default limit
-    audit = await redis.xrange("gw:audit")
+    audit = cast(list[tuple[str, dict[str, str]]], await redis.xrange("gw:audit"))
     actions = [(f["action"], f.get("rate_limit")) for _id, f in audit]
     assert ("client.rate_limit_set", "2/86400s") in actions
     assert ("client.rate_limit_set", "") in actions
@@ -188,3 +195,90 @@ async def test_clients_update_sets_and_clears_the_limit_on_a_running_gateway(
     with pytest.raises(SystemExit) as exited:  # argparse's usage error
         cli.main(["clients", "update", "ext-app", "--rate-limit", "lots"])
     assert exited.value.code == 2 and "N/PERIOD" in capsys.readouterr().err
+
+
+FLEET_LIMIT = 1500
+
+
+@pytest.fixture
+async def fleet(redis_server: RedisServer, auth_server: AuthServer, upstream: Upstream,
+                tmp_path: Path) -> AsyncIterator[list[str]]:
+    """Three ``oauth-gateway serve`` processes sharing one Redis, with a default limit."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(DEFAULT_POLICY.format(upstream=upstream.url))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update({"GATEWAY_REDIS_URL": redis_server.url, "GATEWAY_POLICIES": str(policy),
+                "GATEWAY_INTROSPECTION_URL": auth_server.url, "GATEWAY_ACCESS_LOG": "false",
+                "GATEWAY_SHUTDOWN_TIMEOUT": "2",
+                "GATEWAY_DEFAULT_RATE_LIMIT": f"{FLEET_LIMIT}/24h"})
+    procs, urls, admins = [], [], []
+    for _ in range(3):
+        port, admin_port = free_port(), free_port()
+        procs.append(subprocess.Popen(
+            [CLI, "serve"], env={**env, "GATEWAY_LISTEN": f"127.0.0.1:{port}",
+                                 "GATEWAY_ADMIN_LISTEN": f"127.0.0.1:{admin_port}"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        urls.append(f"http://127.0.0.1:{port}")
+        admins.append(f"http://127.0.0.1:{admin_port}")
+    try:
+        async with aiohttp.ClientSession() as session:
+            for admin, proc in zip(admins, procs, strict=True):
+                deadline = time.monotonic() + 20
+                while True:
+                    assert proc.poll() is None, "a gateway process exited"
+                    with contextlib.suppress(aiohttp.ClientError):
+                        async with session.get(admin + "/readyz") as resp:
+                            if resp.status == 200:
+                                break
+                    assert time.monotonic() < deadline, "gateway not ready"
+                    await asyncio.sleep(0.1)
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(10)
+
+
+async def test_fleet_of_three_stays_within_the_stated_overshoot(
+        fleet: list[str], auth_server: AuthServer, redis: Redis) -> None:
+    """Three replicas hammered at once admit at least the limit, and no more than
+    limit + (R - 1) * L * (2 * SYNC_INTERVAL + RTT), L each replica's admitted rate; Redis
+    ends up holding exactly what the fleet admitted."""
+    auth_server.issue(TOKEN, client_id="runaway")
+    started = time.monotonic()
+    admitted = [0, 0, 0]
+    last_admitted = [started] * 3
+    refused_since: list[float | None] = [None] * 3
+
+    async def worker(session: aiohttp.ClientSession, i: int) -> None:
+        while True:
+            async with session.get(fleet[i] + "/2/0/x", headers=HEADERS) as resp:
+                await resp.read()
+                now = time.monotonic()
+                if resp.status == 200:
+                    admitted[i] += 1
+                    last_admitted[i] = now
+                    since = refused_since[i]
+                    assert since is None or now - since < 1.0, \
+                        "a replica kept admitting long after the fleet's limit"
+                else:
+                    assert resp.status == 429
+                    assert resp.headers["RateLimit-Policy"] == \
+                        f'"default";q={FLEET_LIMIT};w={DAY}'
+                    since = refused_since[i] = refused_since[i] or now
+                    if now - since > 0.5:
+                        return
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(worker(session, i) for i in range(3) for _ in range(4)))
+    total = sum(admitted)
+    rates = [n / max(0.01, last - started) for n, last in zip(admitted, last_admitted,
+                                                                strict=True)]
+    # the bound, with 0.1 s for Redis round trips and the event loops' scheduling on a
+    # busy two-core machine
+    bound = FLEET_LIMIT + (3 - 1) * max(rates) * (2 * SYNC_INTERVAL + 0.1)
+    print(f"admitted {admitted} = {total} of {FLEET_LIMIT}; rates {rates}; bound {bound:.0f}")
+    assert FLEET_LIMIT <= total <= bound
+    await settle()
+    assert await redis.get(window_key("runaway")) == str(total)
