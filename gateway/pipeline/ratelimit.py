@@ -31,6 +31,7 @@ kept and written at the next successful sync.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -81,10 +82,15 @@ class Bucket:
     def headers(self, now: float) -> dict[str, str]:
         """The draft-ietf-httpapi-ratelimit-headers fields (``RateLimit-Policy``,
         ``RateLimit``) for this window."""
-        rate = self.rate
-        return {"RateLimit-Policy": f'"{POLICY_NAME}";q={rate.limit};w={rate.period}',
-                "RateLimit": f'"{POLICY_NAME}";r={max(0, rate.limit - self.used)};'
+        return {"RateLimit-Policy": policy_field(self.rate),
+                "RateLimit": f'"{POLICY_NAME}";r={max(0, self.rate.limit - self.used)};'
                              f"t={max(1, math.ceil(self.ends - now))}"}
+
+
+@functools.lru_cache(maxsize=1024)
+def policy_field(rate: Rate) -> str:
+    """``RateLimit-Policy`` of a limit (formatted once: it is sent on every answer)."""
+    return f'"{POLICY_NAME}";q={rate.limit};w={rate.period}'
 
 
 class RateLimiter:
