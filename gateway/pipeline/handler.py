@@ -226,7 +226,7 @@ class ProxyPipeline:
             self.usage.record(auth.client_id or "unknown", auth.digest)
             response = await self.forwarder.forward(
                 request, auth.route, auth.token, request_id, observe_upstream, auth.subject,
-                auth.bucket.headers(time.time()) if auth.bucket is not None else None)
+                auth.bucket.advice() if auth.bucket is not None else None)
         except GatewayError as exc:
             response = error_response(exc, {"X-Request-Id": request_id})
         except Exception:

@@ -93,6 +93,15 @@ class Bucket:
                              f"t={max(1, math.ceil(self.ends - now))}"}
 
 
+    def advice(self) -> dict[str, str] | None:
+        """The fields for an allowed answer: only once half the quota is used. Sent on
+        every answer they cost about a tenth of the gateway's CPU a request (measured);
+        a client far from its limit has no use for them, one nearing it does."""
+        if self.used * 2 < self.rate.limit:
+            return None
+        return self.headers(time.time())
+
+
 @functools.lru_cache(maxsize=1024)
 def policy_field(rate: Rate) -> str:
     """``RateLimit-Policy`` of a limit (formatted once: it is sent on every answer)."""
