@@ -15,7 +15,7 @@ import dataclasses
 import os
 import shutil
 import statistics
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -62,7 +62,7 @@ class Options:
     connections: int = 32
     generator: str = "wrk"
     scenarios: tuple[str, ...] = ("steady", "many-tokens", "cold", "bodies", "scaling",
-                                  "latency", "memory")
+                                  "latency", "memory", "rate-limit")
     bodies: tuple[str, ...] = ("1 KiB down", "1 MiB down", "1 KiB up", "1 MiB up")
     #: the proxy under test alone on one CPU, everything else on the others
     pin: bool = True
@@ -260,10 +260,12 @@ class Bench:
                 % workload.tokens.count
 
     async def pair(self, name: str, gw: GatewayProcess, workload: Workload, *,
-                   bare: list[ServiceProcess] | None = None, seconds: float | None = None,
+                   bare: Sequence[ServiceProcess | GatewayProcess] | None = None,
+                   seconds: float | None = None,
                    warm: bool = True) -> Row:
         """Bare proxy and gateway with the same workload, in alternating rounds of
-        :data:`ROUND` seconds, so a burst of outside load hits both alike."""
+        :data:`ROUND` seconds, so a burst of outside load hits both alike. ``bare`` may
+        name another gateway, to set two gateways against each other."""
         bare = bare or [self.bare]
         if warm:
             await self.warm(bare[0].url, workload)

@@ -111,3 +111,15 @@ def test_bench_counts_instructions_per_request_under_callgrind() -> None:
     assert 0 < int(lean.group(1).replace(",", "")) < bare  # the lean client does less
     assert float(lean.group(2)) == pytest.approx(
         gateway / int(lean.group(1).replace(",", "")), abs=0.02)
+
+
+def test_bench_measures_what_a_rate_limit_costs() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--duration", "1", "--connections", "4",
+         "--scenarios", "rate-limit", "--generator", "asyncio"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert any(line.startswith("| rate-limit on vs off |") for line in out.splitlines())
+    note = next(line for line in out.splitlines() if line.startswith("- rate-limit:"))
+    assert "(never reached: 0 refused)" in note and "the limit costs" in note

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from gateway.cli import commands as cli
 from gateway.observe.metrics import GatewayMetrics
-from gateway.pipeline.govern import ClientRecord, ClientRegistry
+from gateway.pipeline.govern import ClientRecord, ClientRegistry, Fields
 from tests.conftest import AuthServer, GatewayFactory
 from tests.redis_server import RedisServer
 
@@ -165,7 +165,7 @@ async def test_a_slow_poll_does_not_undo_a_newer_re_read(redis: Redis) -> None:
     answered, release = asyncio.Event(), asyncio.Event()
     read = registry._read
 
-    async def slow_read(ids: list[str]) -> list[tuple[bool, str | None, str | None]]:
+    async def slow_read(ids: list[str]) -> list[Fields]:
         answer = await read(ids)  # read now (enabled), delivered late
         if not answered.is_set():  # the poll's read: the first one
             answered.set()

@@ -4,7 +4,8 @@
                                  --grant authorization_code|device_code|client_credentials
                                  [--redirect-uri URI ...] [--scope "S1 S2"] [--introspect]
                                  [--json]
-    oauth-gateway clients update ID [...] | rotate-secret ID [--grace S] | delete ID
+    oauth-gateway clients update ID [...] [--rate-limit N/PERIOD|none]
+    oauth-gateway clients rotate-secret ID [--grace S] | delete ID
     oauth-gateway grants list [--client ID] [--user NAME] [--json] | revoke GRANT_ID
     oauth-gateway users add USERNAME            (password on standard input)
     oauth-gateway users disable SUBJECT_OR_USERNAME [--reason TEXT] | enable SUBJECT_OR_USERNAME
@@ -24,6 +25,7 @@ from redis.exceptions import RedisError
 
 from gateway.authserver import AdminError, AuthAdmin
 from gateway.cli.terminal import EXIT_FAIL, EXIT_OK, actor, err, out, redis_failed, shown
+from gateway.config.rates import optional_rate
 from gateway.config.settings import Settings
 from gateway.protocol.tokens import TokenDigester
 from gateway.state import connection as gwstore
@@ -78,8 +80,13 @@ def add_client_commands(csub: Any, common: argparse.ArgumentParser) -> None:
     _policy_args(p)
     p.set_defaults(func=run, as_cmd="create")
 
-    p = csub.add_parser("update", parents=[common], help="change a client (built-in AS)")
+    p = csub.add_parser("update", parents=[common], help="change a client (built-in AS), or "
+                        "any client's rate limit")
     p.add_argument("client_id")
+    p.add_argument("--rate-limit", type=_rate_arg, metavar="N/PERIOD",
+                   help="the client's limit across the fleet, e.g. 600/60s (PERIOD in s, m "
+                   "or h); `none` or empty clears it (GATEWAY_DEFAULT_RATE_LIMIT applies). "
+                   "Any client, the built-in server's or not")
     p.add_argument("--name")
     p.add_argument("--redirect-uri", action="append", dest="redirect_uris",
                    help="replaces the list (repeat)")
@@ -102,6 +109,41 @@ def add_client_commands(csub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--reason")
     p.add_argument("--actor")
     p.set_defaults(func=run, as_cmd="delete")
+
+
+def _rate_arg(text: str) -> str:
+    """``--rate-limit``: the normalized limit, or ``""`` to clear it."""
+    try:
+        rate = optional_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return str(rate) if rate is not None else ""
+
+
+def _as_changes(args: argparse.Namespace) -> bool:
+    """Whether ``clients update`` changes anything of a built-in server's client."""
+    return any(v is not None for v in (args.name, args.redirect_uris, args.scopes,
+                                       args.introspect, *_policy_of(args).values()))
+
+
+async def _update(args: argparse.Namespace, admin: AuthAdmin, out: Printer, actor: str
+                  ) -> None:
+    """``clients update``: the built-in server's settings, then the rate limit (any client)."""
+    view: dict[str, Any] = {}
+    if _as_changes(args) or args.rate_limit is None:
+        client = await admin.update_client(
+            args.client_id, actor=actor, name=args.name, redirect_uris=args.redirect_uris,
+            scopes=args.scopes, policy=_policy_of(args), introspect=args.introspect)
+        view = client.public_view()
+    message = f"client {args.client_id} updated"
+    if args.rate_limit is not None:
+        rate = optional_rate(args.rate_limit)
+        fields = await admin.governance.set_rate_limit(args.client_id, rate, actor=actor)
+        view = {**view, "client_id": args.client_id, "rate_limit": fields.get("rate_limit", "")}
+        message += (f"; rate limit {rate} across the fleet" if rate else
+                    "; rate limit cleared (GATEWAY_DEFAULT_RATE_LIMIT applies)") + \
+            "; every gateway replica applies it within 100 ms"
+    out(args, message, view)
 
 
 def add_groups(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -159,10 +201,7 @@ async def _dispatch(args: argparse.Namespace, admin: AuthAdmin, out: Printer, ac
                   f"introspect:    {'any token' if client.introspect else 'own tokens only'}"]
         out(args, "\n".join(lines), view)
     elif cmd == "update":
-        client = await admin.update_client(
-            args.client_id, actor=actor, name=args.name, redirect_uris=args.redirect_uris,
-            scopes=args.scopes, policy=_policy_of(args), introspect=args.introspect)
-        out(args, f"client {client.client_id} updated", client.public_view())
+        await _update(args, admin, out, actor)
     elif cmd == "rotate-secret":
         secret = await admin.rotate_secret(args.client_id, actor=actor, grace=args.grace)
         grace = f"; the old secret works for {args.grace}s more" if args.grace else \

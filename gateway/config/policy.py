@@ -28,6 +28,7 @@ Format (the keys docs/COMPATIBILITY.md promises to keep accepting)::
         methods: [GET, HEAD]
         path: /2/0/**                        # `*` one segment, `**` any number
         scopes: [anaplan:read]               # every one is required
+        weight: 1                            # units of the client's rate limit a request uses
 
 Several files are read in name order; their routes are concatenated in that order,
 and an upstream or an identity may be defined once only.
@@ -123,6 +124,7 @@ POLICY_SCHEMA: dict[str, Any] = {
                     "path": {"type": "string", "pattern": r"^/"},
                     "scopes": {"type": "array", "items": _SCOPE},
                     "description": {"type": "string"},
+                    "weight": {"type": "integer", "minimum": 1},
                 },
             },
         },
@@ -191,6 +193,7 @@ class Route:
     scopes: tuple[str, ...]
     source: str
     pattern: re.Pattern[str] = field(repr=False, compare=False)
+    weight: int = 1  # units of the client's rate limit one request uses
 
     def matches_path(self, path: str) -> bool:
         return self.pattern.fullmatch(path) is not None
@@ -413,7 +416,7 @@ def load_policy(location: str | Path) -> RoutePolicy:
         routes.append(Route(
             name=spec["name"], upstream=upstreams[spec["upstream"]], methods=methods,
             path=spec["path"], scopes=tuple(spec.get("scopes") or ()), source=source,
-            pattern=pattern,
+            pattern=pattern, weight=int(spec.get("weight", 1)),
         ))
     return RoutePolicy(routes, upstreams, [str(f) for f in files], identities)
 

@@ -189,6 +189,9 @@ class Settings:
         3600, "seconds of the fleet-wide token-usage window per client", minimum=0)
     usage_flush_interval: float = setting(
         1.0, "seconds between writes of this replica's usage counts to Redis", above=0)
+    default_rate_limit: str = setting(
+        "", "limit for clients whose record sets none, e.g. `600/60s`; empty: none",
+        rate=True)
     trusted_proxies: int = setting(
         0, "how many proxies in front of the gateway append to `X-Forwarded-For` "
         "(0: the client's own address is used)", minimum=0)

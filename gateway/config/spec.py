@@ -19,6 +19,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
+from gateway.config.rates import RATE_PATTERN
+
 T = TypeVar("T")
 
 #: JSON-schema type of each Python type a setting can have
@@ -69,6 +71,7 @@ class Spec:
     zero: str = ""  # what 0 means, when it means something special ("no limit")
     url: UrlRule | None = None
     hostport: bool = False
+    rate: bool = False  # a rate limit, N/PERIOD (gateway.config.rates); empty: none
 
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is refused (the caller names the setting first), or None."""
@@ -80,6 +83,8 @@ class Spec:
             return f"expected {self.url.named}"  # not the value: a URL may hold a password
         if self.hostport and split_hostport(value) is None:
             return f"expected host:port, got {value!r}"
+        if self.rate and value and re.fullmatch(RATE_PATTERN, value) is None:
+            return f"expected N/PERIOD such as 600/60s (PERIOD in s, m or h), got {value!r}"
         if self.above is not None and not value > self.above:
             return f"must be greater than {self.above:g}"
         if self.minimum is not None and value < self.minimum:
@@ -101,6 +106,8 @@ class Spec:
             out["pattern"] = self.url.pattern()
         if self.hostport:
             out["pattern"] = f"^.*:{_PORT}$"
+        if self.rate:
+            out["pattern"] = f"^$|{RATE_PATTERN}"
         if self.above is not None:
             out["exclusiveMinimum"] = self.above
         if self.minimum is not None:
@@ -110,10 +117,10 @@ class Spec:
 
 def setting(default: T, doc: str, *, choices: tuple[str, ...] = (), any_case: bool = False,
             minimum: float | None = None, above: float | None = None, zero: str = "",
-            url: UrlRule | None = None, hostport: bool = False) -> T:
+            url: UrlRule | None = None, hostport: bool = False, rate: bool = False) -> T:
     """A ``Settings`` field: its default, help text and bounds (see :class:`Spec`)."""
     spec = Spec(doc, choices=choices, any_case=any_case, minimum=minimum, above=above,
-                zero=zero, url=url, hostport=hostport)
+                zero=zero, url=url, hostport=hostport, rate=rate)
     declared: T = dataclasses.field(default=default, metadata={"spec": spec})
     return declared
 

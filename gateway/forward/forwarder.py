@@ -193,8 +193,10 @@ class UpstreamForwarder:
 
     async def forward(self, request: web.Request, route: Route, token: PresentedToken,
                       request_id: str, observe_upstream: Callable[[float, int], None],
-                      subject: str | None = None) -> web.StreamResponse:
-        """Send the request upstream and stream the answer back to the client."""
+                      subject: str | None = None, extra_headers: dict[str, str] | None = None
+                      ) -> web.StreamResponse:
+        """Send the request upstream and stream the answer back to the client, with
+        ``extra_headers`` (the gateway's own, e.g. rate-limit fields) added to its answer."""
         length = request.content_length
         if length is not None and length > self.max_body_size:
             raise PayloadTooLarge(
@@ -228,7 +230,7 @@ class UpstreamForwarder:
             raise self._failure(exc, limit) from None
         try:
             observe_upstream(time.perf_counter() - started, resp.status)
-            return await self._relay(request, resp, request_id)
+            return await self._relay(request, resp, request_id, extra_headers)
         finally:
             resp.release()
 
@@ -261,11 +263,14 @@ class UpstreamForwarder:
         return BadGateway(str(exc))
 
     async def _relay(self, request: web.Request, resp: UpstreamResponse,
-                     request_id: str) -> web.StreamResponse:
+                     request_id: str, extra_headers: dict[str, str] | None = None
+                     ) -> web.StreamResponse:
         drop = _dropped_from(resp.headers, _RESPONSE_DROP)
         out = web.StreamResponse(status=resp.status, reason=resp.reason or None)
         out.headers.extend([*[(k, v) for k, v in resp.headers if k.lower() not in drop],
                             ("X-Request-Id", request_id)])
+        if extra_headers:
+            out.headers.update(extra_headers)  # the gateway's word replaces the upstream's
         head = request.method == "HEAD"
         if resp.content_length is not None and not head and resp.status not in (204, 304):
             out.content_length = resp.content_length

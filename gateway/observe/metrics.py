@@ -29,7 +29,7 @@ MAX_CLIENT_LABELS = 2000
 DECISIONS = (
     "allowed", "missing_token", "invalid_token", "client_disabled", "insufficient_scope",
     "introspection_unavailable", "unknown_client", "invalid_request", "no_route",
-    "registry_unavailable", "user_disabled",
+    "registry_unavailable", "user_disabled", "rate_limited",
 )
 NO_ROUTE = "(none)"
 #: why a request could not be parsed (``gateway_bad_requests_total{reason}``)
@@ -178,6 +178,9 @@ class GatewayMetrics:
             "Seconds left on the gateway's current upstream credential of an identity "
             "(negative: expired).",
             ["identity"], registry=r)
+        self.rate_limited = LoopCounter(
+            "gateway_rate_limited", "Requests refused with 429: the client was over its rate "
+            "limit.", ["client_id"], registry=r)
         self.policy_reloads = Counter(
             "gateway_policy_reloads", "Policy reloads by outcome.", ["outcome"], registry=r)
         # the proxy listener's connections (gateway.runtime.listener keeps them)
@@ -208,6 +211,7 @@ class GatewayMetrics:
         self._request_children: dict[tuple[str, str, int], CounterChild] = {}
         self._decision_children: dict[tuple[str, str], CounterChild] = {}
         self._upstream_children: dict[tuple[str, int], CounterChild] = {}
+        self._limited_children: dict[str, CounterChild] = {}
         self.bind_routes([NO_ROUTE])
 
     def bind_routes(self, routes: list[str]) -> None:
@@ -252,4 +256,15 @@ class GatewayMetrics:
                 child = self._decision_children.get(key)
             if child is None:
                 child = self._decision_children[key] = self.auth_decisions.labels(*key)
+        child.inc()
+
+    def limited(self, client_id: str) -> None:
+        """A request refused for its client's rate limit (client labels capped)."""
+        child = self._limited_children.get(client_id)
+        if child is None:
+            if len(self._limited_children) >= MAX_CLIENT_LABELS:
+                client_id = "other"
+                child = self._limited_children.get(client_id)
+            if child is None:
+                child = self._limited_children[client_id] = self.rate_limited.labels(client_id)
         child.inc()

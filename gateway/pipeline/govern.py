@@ -32,6 +32,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gateway.config.rates import Rate, optional_rate
 from gateway.observe.metrics import GatewayMetrics
 from gateway.protocol.errors import ServiceUnavailable
 from gateway.state import connection as store
@@ -44,19 +45,24 @@ _FORGET_AFTER = 600.0  # seconds a client record stays mirrored after its last u
 _READ_CHUNK = 1000  # records per script call, so that Redis is never held for long
 
 # KEYS: client record hashes. Returns, flattened, for each one in KEYS order: whether
-# it exists (1 or 0), its `disabled` and its `scopes` field (nil when absent):
-# {exists1, disabled1, scopes1, exists2, ...}. One command with just the fields the
-# gateway enforces, rather than one HGETALL per record: redis-py's CPU cost is per
-# command and per value parsed, and the poll runs twice a second for every client.
+# it exists (1 or 0), its `disabled`, `scopes` and `rate_limit` fields (nil when absent):
+# {exists1, disabled1, scopes1, rate_limit1, exists2, ...}. One command with just the
+# fields the gateway enforces, rather than one HGETALL per record: redis-py's CPU cost is
+# per command and per value parsed, and the poll runs twice a second for every client.
 _READ_RECORDS = """
 local out = {}
 for i, key in ipairs(KEYS) do
-  out[3 * i - 2] = redis.call('EXISTS', key)
-  out[3 * i - 1] = redis.call('HGET', key, 'disabled')
-  out[3 * i] = redis.call('HGET', key, 'scopes')
+  out[4 * i - 3] = redis.call('EXISTS', key)
+  out[4 * i - 2] = redis.call('HGET', key, 'disabled')
+  out[4 * i - 1] = redis.call('HGET', key, 'scopes')
+  out[4 * i] = redis.call('HGET', key, 'rate_limit')
 end
 return out
 """
+#: the limit of a client whose ``rate_limit`` field cannot be read: none admitted (fail
+#: closed: a typo written with ``redis-cli`` must not lift a limit), logged
+INVALID_RATE = Rate(0, 60)
+Fields = tuple[bool, str | None, str | None, str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,22 +73,36 @@ class ClientRecord:
     exists: bool
     disabled: bool = False
     scopes: frozenset[str] | None = None
+    rate_limit: Rate | None = None  # none: GATEWAY_DEFAULT_RATE_LIMIT applies
 
     @classmethod
     def from_hash(cls, client_id: str, fields: dict[str, str]) -> ClientRecord:
         return cls.from_fields(client_id, bool(fields), fields.get("disabled"),
-                               fields.get("scopes"))
+                               fields.get("scopes"), fields.get("rate_limit"))
 
     @classmethod
     def from_fields(cls, client_id: str, exists: bool, disabled: str | None,
-                    scopes: str | None) -> ClientRecord:
+                    scopes: str | None, rate_limit: str | None = None) -> ClientRecord:
         if not exists:
             return cls(client_id, exists=False)
         return cls(
             client_id, exists=True,
             disabled=(disabled or "0").strip() == "1",
             scopes=frozenset(scopes.split()) if scopes is not None else None,
+            rate_limit=_rate_of(client_id, rate_limit),
         )
+
+
+def _rate_of(client_id: str, text: str | None) -> Rate | None:
+    """A record's ``rate_limit``: empty or absent is none; unreadable admits nothing."""
+    if text is None:
+        return None
+    try:
+        return optional_rate(text)
+    except ValueError:
+        log.warning("client %s: its rate_limit %r is not N/PERIOD (e.g. 600/60s): its "
+                    "requests are refused until it is fixed", client_id, text[:40])
+        return INVALID_RATE
 
 
 class ClientRegistry:
@@ -98,7 +118,7 @@ class ClientRegistry:
         self._last_used: dict[str, float] = {}
         self._used: set[str] = set()  # ids used since the last refresh
         # the fields each mirrored record was built from, by the poll
-        self._fields: dict[str, tuple[bool, str | None, str | None]] = {}
+        self._fields: dict[str, Fields] = {}
         # reads are numbered as they are sent; a record only takes an answer newer than
         # the one it holds, so a slow poll cannot undo what an event just re-read
         self._reads = itertools.count(1)
@@ -173,16 +193,18 @@ class ClientRegistry:
                         self._fields[cid] = fields
                     self._last_used.setdefault(cid, now)
 
-    async def _read(self, ids: list[str]) -> list[tuple[bool, str | None, str | None]]:
-        """``(exists, disabled, scopes)`` of each record, in one round trip."""
+    async def _read(self, ids: list[str]) -> list[Fields]:
+        """``(exists, disabled, scopes, rate_limit)`` of each record, in one round trip."""
         if store.is_cluster(self.redis):  # a script's keys must share a hash slot there
             async with self.redis.pipeline(transaction=False) as pipe:
                 for cid in ids:
                     pipe.hgetall(self.key(cid))
                 rows: list[dict[str, str]] = await pipe.execute()
-            return [(bool(row), row.get("disabled"), row.get("scopes")) for row in rows]
+            return [(bool(row), row.get("disabled"), row.get("scopes"), row.get("rate_limit"))
+                    for row in rows]
         flat = await self._read_records(keys=[self.key(cid) for cid in ids])
-        return [(bool(flat[i]), flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+        return [(bool(flat[i]), flat[i + 1], flat[i + 2], flat[i + 3])
+                for i in range(0, len(flat), 4)]
 
     def invalidate(self, client_id: str) -> None:
         """Drop the mirror of one record; the next request re-reads it."""
@@ -232,6 +254,25 @@ class ClientAdmin:
                                                       actor=actor, reason=reason, at=now),
                            events.ClientChanged(client_id))
         return fields
+
+    async def set_rate_limit(self, client_id: str, rate: Rate | None, *, actor: str
+                             ) -> dict[str, str]:
+        """Set (or, with None, clear) the client's ``rate_limit``; every replica applies it
+        within the bounds of a disable. Returns the record as written."""
+        now = str(int(time.time()))
+        text = str(rate) if rate is not None else ""
+        key = self.key(client_id)
+        async with store.pipeline(self.redis) as pipe:
+            if rate is None:
+                pipe.hdel(key, "rate_limit")
+            fields = {"updated_at": now, "updated_by": actor,
+                      **({"rate_limit": text} if rate is not None else {})}
+            pipe.hset(key, mapping=cast(dict[Any, Any], fields))
+            events.append_audit(pipe, self.keys, events.client_rate_limit_entry(
+                client_id, rate_limit=text, actor=actor, at=now))
+            await events.execute_and_publish(self.redis, pipe, self.keys,
+                                             [events.ClientChanged(client_id)])
+        return await self.show(client_id)
 
     async def show(self, client_id: str) -> dict[str, str]:
         return cast(dict[str, str], await self.redis.hgetall(self.key(client_id)))

@@ -2,7 +2,7 @@
 
     path hygiene -> match a route -> find the token -> authenticate (cache, validator)
     -> govern the client, a machine's reach and the person -> authorize scopes
-    -> forward -> observe
+    -> the client's rate limit -> forward -> observe
 
 Every refusal is a :class:`~gateway.errors.GatewayError` rendered once, at the end,
 with its RFC status, ``WWW-Authenticate`` and JSON body, and a refused request never
@@ -31,6 +31,7 @@ from aiohttp import web
 
 from gateway.authn.cache import TokenCache
 from gateway.config.policy import Match, Route, RoutePolicy
+from gateway.config.rates import Rate
 from gateway.forward.credentials import MACHINE_MODES
 from gateway.forward.forwarder import UpstreamForwarder
 from gateway.observe.accesslog import AccessLog
@@ -39,6 +40,7 @@ from gateway.observe.usage import UsageTracker
 from gateway.pipeline.govern import ClientRegistry
 from gateway.pipeline.paths import safe_path
 from gateway.pipeline.people import UserRegistry
+from gateway.pipeline.ratelimit import Bucket, RateLimiter
 from gateway.protocol.errors import (
     ClientDisabled,
     ClientUnknown,
@@ -70,6 +72,7 @@ class Decision:
     digest: str
     token: PresentedToken
     subject: str | None = None  # whom the token speaks for (``credentials: user``)
+    bucket: Bucket | None = None  # the client's rate-limit window, when it has a limit
 
 
 class RequestIds:
@@ -120,7 +123,8 @@ class ProxyPipeline:
     def __init__(self, *, policy: RoutePolicy, cache: TokenCache, registry: ClientRegistry,
                  users: UserRegistry, forwarder: UpstreamForwarder, metrics: GatewayMetrics,
                  access_log: AccessLog, usage: UsageTracker, require_client_record: bool,
-                 max_auth_header: int) -> None:
+                 max_auth_header: int, limiter: RateLimiter | None = None,
+                 default_rate: Rate | None = None) -> None:
         self.routes = RouteCache(policy)
         self.request_ids = RequestIds()
         self.cache = cache
@@ -132,6 +136,8 @@ class ProxyPipeline:
         self.usage = usage
         self.require_client_record = require_client_record
         self.max_auth_header = max_auth_header
+        self.limiter = limiter
+        self.default_rate = default_rate  # for clients whose record sets no limit
 
     @property
     def policy(self) -> RoutePolicy:
@@ -160,6 +166,7 @@ class ProxyPipeline:
             raise InvalidToken("The access token is invalid, expired or revoked.")
         client_id = state.client_id = info.client_id
         allowed: frozenset[str] | None = None  # the client record's narrowing, if any
+        rate: Rate | None = None
         if client_id:
             record = self.registry.cached(client_id) or await self.registry.get(client_id)
             if record.disabled:
@@ -167,6 +174,7 @@ class ProxyPipeline:
             if self.require_client_record and not record.exists:
                 raise ClientUnknown("The client this token was issued to is not registered.")
             allowed = record.scopes
+            rate = record.rate_limit or self.default_rate
         elif self.require_client_record:
             raise ClientUnknown("The token names no client, and a registered client is "
                                 "required.")
@@ -188,7 +196,11 @@ class ProxyPipeline:
                 raise InsufficientScope(
                     "The access token lacks a scope this route requires.",
                     required=list(route.scopes))
-        return Decision(route, client_id, digest, token, subject)
+        # last: only requests that would be forwarded use the client's limit
+        bucket = None
+        if rate is not None and client_id and self.limiter is not None:
+            bucket = self.limiter.admit(client_id, rate, route.weight)
+        return Decision(route, client_id, digest, token, subject, bucket)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -216,7 +228,8 @@ class ProxyPipeline:
             self.metrics.decision(auth.client_id, "allowed")
             self.usage.record(auth.client_id or "unknown", auth.digest)
             response = await self.forwarder.forward(
-                request, auth.route, auth.token, request_id, observe_upstream, auth.subject)
+                request, auth.route, auth.token, request_id, observe_upstream, auth.subject,
+                auth.bucket.advice() if auth.bucket is not None else None)
         except GatewayError as exc:
             response = error_response(exc, {"X-Request-Id": request_id})
         except asyncio.CancelledError:

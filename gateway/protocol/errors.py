@@ -187,6 +187,14 @@ class ServiceUnavailable(GatewayError):
         super().__init__(description, headers={"Retry-After": str(retry_after)})
 
 
+class RateLimited(GatewayError):
+    """The client is over its rate limit (the headers say when to come back)."""
+
+    status = 429
+    error = "rate_limited"
+    decision = "rate_limited"
+
+
 def json_error(
     status: int, error: str, description: str, headers: Mapping[str, str] | None = None
 ) -> web.Response:

@@ -30,6 +30,7 @@ from gateway.authn.cache import TokenCache
 from gateway.authn.validators.base import TokenValidator
 from gateway.authserver import BuiltinServer, DeviceFlowTiming
 from gateway.config.policy import PolicyError, RoutePolicy, load_policy
+from gateway.config.rates import optional_rate
 from gateway.config.settings import Settings
 from gateway.forward.credentials.anaplan_oauth import AnaplanOAuth
 from gateway.forward.credentials.service import service_modes
@@ -42,6 +43,7 @@ from gateway.observe.usage import UsageTracker
 from gateway.pipeline.govern import ClientRegistry
 from gateway.pipeline.handler import ProxyPipeline
 from gateway.pipeline.people import UserRegistry
+from gateway.pipeline.ratelimit import RateLimiter
 from gateway.protocol.tokens import TokenDigester
 from gateway.runtime.fleet import EventSubscriber
 from gateway.state import connection as store
@@ -251,10 +253,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             upstream_pool, upstream_timeout=s.upstream_timeout, max_body_size=s.max_body_size,
             trusted_proxies=s.trusted_proxies, client_body_timeout=s.client_body_timeout,
             credentials=credentials)
+        limiter = RateLimiter(redis, key_prefix=s.key_prefix, metrics=gw.metrics)
         pipeline = ProxyPipeline(
             policy=gw.policy, cache=cache, registry=registry, users=users, forwarder=forwarder,
             metrics=gw.metrics, access_log=gw.access_log, usage=usage,
-            require_client_record=s.require_client_record, max_auth_header=s.max_auth_header)
+            require_client_record=s.require_client_record, max_auth_header=s.max_auth_header,
+            limiter=limiter, default_rate=optional_rate(s.default_rate_limit))
         events = EventSubscriber(redis, key_prefix=s.key_prefix, registry=registry,
                                  users=users, cache=cache, metrics=gw.metrics,
                                  keyspace=s.keyspace_notifications)
@@ -262,13 +266,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                                usage=usage, pipeline=pipeline, events=events)
         for coro, name in ((events.run(), "events"), (registry.run_refresher(), "client-refresh"),
                            (users.run_refresher(), "user-refresh"),
-                           (usage.run(), "usage"), (gw.access_log.run(), "access-log")):
+                           (usage.run(), "usage"), (gw.access_log.run(), "access-log"),
+                           (limiter.run(), "rate-limit")):
             tasks.append(asyncio.create_task(coro, name=name))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(events.connected.wait(), timeout=2.0)
         yield
         with contextlib.suppress(RedisError):
             await usage.flush()
+            await limiter.sync()
     finally:
         for task in tasks:
             task.cancel()

@@ -20,6 +20,8 @@ without its field, and the subscriber ignores it: a newer release may publish ne
 
 - :func:`client_status_entry`: ``client.disabled``, ``client.enabled`` with
   ``client_id``, ``actor``, ``reason``;
+- :func:`client_rate_limit_entry`: ``client.rate_limit_set`` with ``client_id``,
+  ``rate_limit`` (``N/PERIOD``, or empty: cleared), ``actor``;
 - :func:`user_status_entry`: ``user.disabled``, ``user.enabled`` with ``subject``,
   ``user`` (when named by a built-in server's username), ``actor``, ``reason``;
 - :func:`token_revoked_entry`: ``token.revoked`` with ``token_digest`` (its first 12
@@ -136,6 +138,13 @@ def client_status_entry(client_id: str, *, disabled: bool, actor: str, reason: s
     """A client disabled or enabled by an operator."""
     return {"action": "client.disabled" if disabled else "client.enabled",
             "client_id": client_id, "actor": actor, "reason": reason, "at": at}
+
+
+def client_rate_limit_entry(client_id: str, *, rate_limit: str, actor: str, at: str
+                            ) -> dict[str, str]:
+    """A client's rate limit set or cleared (``rate_limit`` empty) by an operator."""
+    return {"action": "client.rate_limit_set", "client_id": client_id,
+            "rate_limit": rate_limit, "actor": actor, "at": at}
 
 
 def user_status_entry(subject: str, *, disabled: bool, actor: str, reason: str, at: str,

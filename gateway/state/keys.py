@@ -22,6 +22,7 @@ The gateway's keys (``README.md`` lists them for security staff):
 | ``usage:req:{{id}}:{minute}`` | string | requests of a client in one minute |
 | ``usage:tok:{{id}}:{minute}`` | HyperLogLog | distinct token digests of a client in one minute |
 | ``usage:clients`` | sorted set | clients by last use |
+| ``ratelimit:{{id}}:{period}:{window}`` | string | a client's rate-limited units in one window |
 | ``meta:digest_key`` | string | the fleet's token-digest key |
 | ``upstream_cred:{identity}`` | string | the service identity's upstream token, AES-GCM encrypted |
 | ``upstream_cred_lock:{identity}`` | string | who is signing that identity in (fencing token) |
@@ -187,6 +188,13 @@ class Keys:
         """Sorted set: client ids scored by their last use (Unix time), trimmed to the
         usage window."""
         return f"{self.prefix}usage:clients"
+
+    def rate_limit(self, client_id: str, period: int, window: int) -> str:
+        """String, INCRBY: the units (requests times route weight) the fleet admitted for
+        a client in fixed window number ``window`` (Unix time // ``period``) of its rate
+        limit's ``period`` seconds; TTL two periods. A changed period starts new keys. The
+        client id is a Redis Cluster hash tag, as in :meth:`usage`."""
+        return f"{self.prefix}ratelimit:{{{client_id}}}:{period}:{window}"
 
     @property
     def digest_key(self) -> str:
