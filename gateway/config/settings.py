@@ -159,6 +159,8 @@ class Settings:
     keyspace_notifications: bool = setting(
         True, "ask Redis (CONFIG SET, best effort) for keyspace notifications on hashes, so a "
         "`redis-cli HSET` on a client record reaches every replica in milliseconds")
+    ready_requires_redis: bool = setting(
+        False, "`true`: `/readyz` fails while Redis is down")
     max_body_size: int = setting(
         100 * 1024 * 1024, "largest request body forwarded, in bytes (413 beyond)", above=0)
     max_auth_header: int = setting(

@@ -177,6 +177,9 @@ class GatewayMetrics:
             ["identity"], registry=r)
         self.policy_reloads = Counter(
             "gateway_policy_reloads", "Policy reloads by outcome.", ["outcome"], registry=r)
+        self.redis_up = Gauge(
+            "gateway_redis_up", "1 while this replica reaches Redis, 0 while it serves "
+            "without it (degraded: cached tokens and external validators only).", registry=r)
         self.cache_local_hit = self.cache_requests.labels("local", "hit")
         self.cache_local_miss = self.cache_requests.labels("local", "miss")
         self.cache_redis_hit = self.cache_requests.labels("redis", "hit")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from gateway.authn.cache import TokenCache
 from gateway.config.policy import Match, Route, RoutePolicy
@@ -47,6 +48,7 @@ from gateway.protocol.errors import (
     MachineTokenRefused,
     MethodNotAllowed,
     NoRoute,
+    ServiceUnavailable,
     UserDisabled,
     error_response,
     json_error,
@@ -216,6 +218,14 @@ class ProxyPipeline:
                 request, auth.route, auth.token, request_id, observe_upstream, auth.subject)
         except GatewayError as exc:
             response = error_response(exc, {"X-Request-Id": request_id})
+        except RedisError as exc:  # a stage needed Redis and it is down: not the gateway's bug
+            self.metrics.redis_errors.labels("request").inc()
+            log.warning("request %s needs Redis, which failed (%s): 503", request_id,
+                        type(exc).__name__)
+            decision = "error"
+            response = error_response(ServiceUnavailable(
+                "The gateway's store (Redis) cannot be reached, and this request needs it; "
+                "retry later."), {"X-Request-Id": request_id})
         except Exception:
             log.exception("unexpected error handling request %s", request_id)
             decision = "error"
