@@ -154,7 +154,8 @@ def test_alerts_cover_the_failure_modes_with_complete_annotations() -> None:
     assert "histogram_quantile(0.99" in by_name["OAuthGatewayIntrospectionSlow"]["expr"]
     assert 'outcome="error"' in by_name["OAuthGatewayIntrospectionErrors"]["expr"]
     assert 'status=~"5.."' in by_name["OAuthGatewayUpstream5xx"]["expr"]
-    assert "gateway_redis_errors_total" in by_name["OAuthGatewayRedisUnreachable"]["expr"]
+    redis_down = by_name["OAuthGatewayRedisUnreachable"]["expr"]
+    assert "gateway_redis_up" in redis_down and "by (namespace)" in redis_down  # one alert
     assert by_name["OAuthGatewayRefreshTokenReuse"]["for"] == "0m"
     # the gauge is the time left: the fleet's newest token counts
     expiring = by_name["OAuthGatewayServiceCredentialExpiring"]

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 
 from gateway.authn.validators.base import TokenInfo, TokenValidator, ValidatorUnavailable
 from gateway.observe.metrics import GatewayMetrics
-from gateway.protocol.errors import IntrospectionUnavailable
+from gateway.protocol.errors import IntrospectionUnavailable, ServiceUnavailable
 from gateway.protocol.tokens import TokenDigester
 from gateway.state import connection as store
 from gateway.state import events
@@ -76,6 +76,20 @@ for i, key in ipairs(KEYS) do
   out[i] = redis.call('PTTL', key) .. ' ' .. (redis.call('GET', key) or '')
 end
 return out
+"""
+
+
+# KEYS[1]: a token entry; ARGV: the validator's answer and its lifetime in ms. Stores the
+# answer unless the key holds one already, and returns what it holds then (nil when it
+# stored). A revocation pins the key while a validation may be in flight; a plain SET of
+# the older, active answer would overwrite the pin and bring the revoked token back.
+_STORE_ENTRY = """
+local held = redis.call('GET', KEYS[1])
+if held then
+  return {held, redis.call('PTTL', KEYS[1])}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
 """
 
 
@@ -185,6 +199,7 @@ class TokenCache:
         self._inflight: dict[str, _Flight] = {}
         self._validating: set[asyncio.Task[None]] = set()  # referenced until done
         self._reads = EntryReader(redis)
+        self._store_entry = redis.register_script(_STORE_ENTRY)
 
     def key(self, digest: str) -> str:
         return self.keys.token(digest)
@@ -280,15 +295,31 @@ class TokenCache:
             raise IntrospectionUnavailable(
                 "The authorization server cannot be reached to validate this token; "
                 "retry later.") from None
+        except RedisError as exc:  # the built-in server's tokens live in Redis
+            self.metrics.introspection_outcome["error"].inc()
+            self.metrics.redis_errors.labels("token_validate").inc()
+            log.warning("token validation needs Redis, which failed: %s", type(exc).__name__)
+            raise ServiceUnavailable(
+                "The token store (Redis) cannot be reached to validate this token; "
+                "retry later.") from None
         self.metrics.introspection_duration.observe(time.perf_counter() - started)
         self.metrics.introspection_outcome["active" if info.active else "inactive"].inc()
         if info.active and info.expired():
             info = TokenInfo.inactive()
         ttl = self._ttl_for(info)
         try:
-            await self.redis.set(self.key(digest), info.to_json(), px=max(1, int(ttl * 1000)))
+            held = await self._store_entry(keys=[self.key(digest)],
+                                           args=[info.to_json(), max(1, int(ttl * 1000))])
         except RedisError:
             self.metrics.redis_errors.labels("token_cache_set").inc()
+        else:
+            if held:  # a revocation's pin (or another replica's answer) came first: it wins
+                raw, pttl = held
+                try:
+                    info = TokenInfo.from_json(raw)
+                except (ValueError, TypeError):  # unreadable: refused, never trusted
+                    info = TokenInfo.inactive()
+                ttl = int(pttl) / 1000 if int(pttl) > 0 else min(ttl, self._local_ttl)
         self._store_local(digest, info, ttl)
         return info
 

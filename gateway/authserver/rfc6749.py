@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 from multidict import MultiDictProxy
+from redis.exceptions import RedisError
 
 from gateway.authserver.errors import (
     OAuthError,
@@ -97,6 +98,8 @@ async def token_endpoint(request: web.Request) -> web.Response:
         return token_response(await handler(server, request, client, form))
     except OAuthError as exc:
         return exc.response()
+    except RedisError:  # the gateway answers 503 with Retry-After (runtime.health)
+        raise
     except Exception:
         log.exception("token endpoint failed")
         return ServerError("The authorization server failed.").response()

@@ -36,6 +36,7 @@ from typing import Any, cast
 
 from aiohttp import web
 from multidict import MultiDictProxy
+from redis.exceptions import RedisError
 
 from gateway.authserver.authorize import scope_lines
 from gateway.authserver.errors import (
@@ -153,6 +154,8 @@ async def device_authorization_endpoint(request: web.Request) -> web.Response:
         return token_response(await start(server, client, scope))
     except OAuthError as exc:
         return exc.response()
+    except RedisError:  # the gateway answers 503 with Retry-After (runtime.health)
+        raise
     except Exception:
         log.exception("device authorization endpoint failed")
         return ServerError("The authorization server failed.").response()

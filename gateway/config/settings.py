@@ -167,6 +167,8 @@ class Settings:
         False, "`true`: start the built-in server even though Redis's `maxmemory-policy` "
         "can evict its clients, users, grants and tokens (anything but `noeviction`); "
         "`false` refuses to start")
+    ready_requires_redis: bool = setting(
+        False, "`true`: `/readyz` fails while Redis is down")
     max_body_size: int = setting(
         100 * 1024 * 1024, "largest request body forwarded, in bytes (413 beyond)", above=0)
     max_auth_header: int = setting(

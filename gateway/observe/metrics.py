@@ -200,6 +200,9 @@ class GatewayMetrics:
             ["reason"], registry=r)
         for reason in BAD_REQUEST_REASONS:
             self.bad_requests.labels(reason)
+        self.redis_up = Gauge(
+            "gateway_redis_up", "1 while this replica reaches Redis, 0 while it serves "
+            "without it (degraded: cached tokens and external validators only).", registry=r)
         self.cache_local_hit = self.cache_requests.labels("local", "hit")
         self.cache_local_miss = self.cache_requests.labels("local", "miss")
         self.cache_redis_hit = self.cache_requests.labels("redis", "hit")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from gateway.authn.cache import TokenCache
 from gateway.config.policy import Match, Route, RoutePolicy
@@ -50,6 +51,7 @@ from gateway.protocol.errors import (
     MachineTokenRefused,
     MethodNotAllowed,
     NoRoute,
+    ServiceUnavailable,
     UserDisabled,
     error_response,
     json_error,
@@ -237,6 +239,14 @@ class ProxyPipeline:
                 self._record(request, request_id, state, CLIENT_GONE, decision, started,
                              upstream_seconds)
             raise
+        except RedisError as exc:  # a stage needed Redis and it is down: not the gateway's bug
+            self.metrics.redis_errors.labels("request").inc()
+            log.warning("request %s needs Redis, which failed (%s): 503", request_id,
+                        type(exc).__name__)
+            decision = "error"
+            response = error_response(ServiceUnavailable(
+                "The gateway's store (Redis) cannot be reached, and this request needs it; "
+                "retry later."), {"X-Request-Id": request_id})
         except Exception as exc:
             if isinstance(exc, ConnectionError) and request.transport is None:
                 # the client left before its answer was written: normal traffic, recorded

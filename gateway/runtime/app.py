@@ -46,6 +46,7 @@ from gateway.pipeline.people import UserRegistry
 from gateway.pipeline.ratelimit import RateLimiter
 from gateway.protocol.tokens import TokenDigester
 from gateway.runtime.fleet import EventSubscriber
+from gateway.runtime.health import RedisWatch, redis_outage_middleware
 from gateway.state import connection as store
 from gateway.state import durability
 from gateway.state.keys import Keys
@@ -71,6 +72,7 @@ class Services:
     usage: UsageTracker
     pipeline: ProxyPipeline
     events: EventSubscriber
+    watch: RedisWatch
 
 
 class Gateway:
@@ -262,9 +264,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         events = EventSubscriber(redis, key_prefix=s.key_prefix, registry=registry,
                                  users=users, cache=cache, metrics=gw.metrics,
                                  keyspace=s.keyspace_notifications)
+        watch = RedisWatch(redis, gw.metrics, on_up=events.wake)
         gw.services = Services(redis=redis, cache=cache, registry=registry, users=users,
-                               usage=usage, pipeline=pipeline, events=events)
+                               usage=usage, pipeline=pipeline, events=events, watch=watch)
         for coro, name in ((events.run(), "events"), (registry.run_refresher(), "client-refresh"),
+                           (watch.run(), "redis-watch"),
                            (users.run_refresher(), "user-refresh"),
                            (usage.run(), "usage"), (gw.access_log.run(), "access-log"),
                            (limiter.run(), "rate-limit")):
@@ -280,6 +284,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         gw.services = None
+        gw.metrics.redis_up.set(0)
         if gw.authserver is not None:
             await gw.authserver.stop()
         await upstream_pool.close()
@@ -311,12 +316,12 @@ async def _readyz(request: web.Request) -> web.Response:
         checks["lifecycle"] = "draining"
     if services is None:
         checks["redis"], ready = "not connected", False
-    else:
-        try:
-            await asyncio.wait_for(services.redis.ping(), timeout=1.0)
-            checks["redis"] = "ok"
-        except (RedisError, OSError, TimeoutError) as exc:
-            checks["redis"], ready = f"unreachable ({type(exc).__name__})", False
+    elif await services.watch.check():
+        checks["redis"] = "ok"
+    elif gw.settings.ready_requires_redis:
+        checks["redis"], ready = services.watch.reason, False
+    else:  # degraded, still serving: one Redis outage must not empty the Service
+        checks["redis"] = f"{services.watch.reason}; serving degraded"
     if not gw.policy.routes:
         checks["policies"], ready = "no routes loaded", False
     return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},
@@ -347,7 +352,9 @@ def create_apps(settings: Settings, *, redis: Redis | None = None,
             scopes_supported={scope for route in policy.routes for scope in route.scopes})
     gw = Gateway(settings, policy, metrics, access_log, authserver=authserver, redis=redis,
                  validator=validator)
-    proxy = web.Application(client_max_size=settings.max_body_size)
+    proxy = web.Application(
+        client_max_size=settings.max_body_size,
+        middlewares=[redis_outage_middleware(metrics)] if authserver is not None else [])
     proxy[GATEWAY] = gw
     proxy.cleanup_ctx.append(_resources)
     if authserver is not None:

@@ -76,6 +76,12 @@ class EventSubscriber:
         self.user_keyspace_pattern = self.keys.user_notifications(db)
         self._user_keyspace_prefix = self.keys.user_notification_prefix(db)
         self.connected = asyncio.Event()
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Redis answers again: reconnect now rather than at the end of the backoff, so
+        what changed while it was away is re-read (and enforced) at once."""
+        self._wake.set()
 
     async def run(self) -> None:
         """Background task: subscribe, dispatch, reconnect with backoff, forever."""
@@ -124,7 +130,9 @@ class EventSubscriber:
             finally:
                 with contextlib.suppress(Exception):  # the connection may be gone already
                     await pubsub.aclose()
-            await asyncio.sleep(delay)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
             delay = min(delay * 2, 5.0)
 
     async def _dispatch(self, message: dict[str, Any]) -> None:
