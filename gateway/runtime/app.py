@@ -41,6 +41,7 @@ from gateway.observe.metrics import GatewayMetrics
 from gateway.observe.usage import UsageTracker
 from gateway.pipeline.govern import ClientRegistry
 from gateway.pipeline.handler import ProxyPipeline
+from gateway.pipeline.paths import ReservedPaths
 from gateway.pipeline.people import UserRegistry
 from gateway.protocol.tokens import TokenDigester
 from gateway.runtime.fleet import EventSubscriber
@@ -246,7 +247,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         pipeline = ProxyPipeline(
             policy=gw.policy, cache=cache, registry=registry, users=users, forwarder=forwarder,
             metrics=gw.metrics, access_log=gw.access_log, usage=usage,
-            require_client_record=s.require_client_record, max_auth_header=s.max_auth_header)
+            require_client_record=s.require_client_record, max_auth_header=s.max_auth_header,
+            reserved=ReservedPaths.of_router(app.router) if gw.authserver is not None else None)
         events = EventSubscriber(redis, key_prefix=s.key_prefix, registry=registry,
                                  users=users, cache=cache, metrics=gw.metrics,
                                  keyspace=s.keyspace_notifications)
