@@ -79,6 +79,11 @@ class ReservedPaths:
         self.endpoints = dict(endpoints or {})
 
     @classmethod
+    def builtin(cls) -> ReservedPaths:
+        """The built-in server's prefixes, endpoints unknown (no app at hand)."""
+        return cls(BUILTIN_PREFIXES)
+
+    @classmethod
     def of_router(cls, router: web.UrlDispatcher,
                   prefixes: tuple[str, ...] = BUILTIN_PREFIXES) -> ReservedPaths:
         """The built-in server's prefixes, and the endpoints ``router`` has under them."""
