@@ -153,7 +153,10 @@ def test_alerts_cover_the_failure_modes_with_complete_annotations() -> None:
     assert 'decision!="allowed"' in deny and "by (namespace, client_id)" in deny
     assert "histogram_quantile(0.99" in by_name["OAuthGatewayIntrospectionSlow"]["expr"]
     assert 'outcome="error"' in by_name["OAuthGatewayIntrospectionErrors"]["expr"]
-    assert 'status=~"5.."' in by_name["OAuthGatewayUpstream5xx"]["expr"]
+    # the upstream's own answers: the gateway's 502/504 (and 503) are not the upstream's
+    upstream5xx = by_name["OAuthGatewayUpstream5xx"]["expr"]
+    assert 'gateway_upstream_responses_total{' in upstream5xx \
+        and 'status_class="5xx"' in upstream5xx and "gateway_requests_total" not in upstream5xx
     redis_down = by_name["OAuthGatewayRedisUnreachable"]["expr"]
     assert "gateway_redis_up" in redis_down and "by (namespace)" in redis_down  # one alert
     assert by_name["OAuthGatewayRefreshTokenReuse"]["for"] == "0m"
@@ -207,7 +210,8 @@ def test_promtool_checks_the_rules_and_the_alerts_fire_on_synthetic_series(
     """ci/alerts-tests.yaml: refresh reuse (a counter that grows, and one created by its
     first event), a deny spike (and a busy and a quiet client that must not fire), Redis,
     a service token expiring while renewals fail (and an idle one that must not fire),
-    refused sign-ins."""
+    refused sign-ins, the upstream's own 5xx (and the gateway's own 502s, which must not
+    fire)."""
     need_chart_tools()
     exe = promtool()
     objects = render({"prometheusRule": {"enabled": True}}, release="oauth-gateway",
@@ -227,7 +231,12 @@ def test_promtool_checks_the_rules_and_the_alerts_fire_on_synthetic_series(
     by_name = {r["alert"]: r for r in rules["groups"][0]["rules"]}
     reuse = by_name["OAuthGatewayRefreshTokenReuse"]["expr"]
     expiring = by_name["OAuthGatewayServiceCredentialExpiring"]["expr"]
+    # counting every answer of the gateway's, its own 502s included
+    all_5xx = by_name["OAuthGatewayUpstream5xx"]["expr"].replace(
+        "gateway_upstream_responses_total", "gateway_requests_total").replace(
+        'status_class="5xx"', 'status=~"5.."')
     for alert, wrong, victim in (
+            ("OAuthGatewayUpstream5xx", all_5xx, 'route="unreachable"'),
             ("OAuthGatewayRefreshTokenReuse", reuse.partition("\nor\n")[0],
              'client_id="first-reuse"'),
             ("OAuthGatewayServiceCredentialExpiring", expiring.replace("max by", "min by"),

@@ -212,7 +212,8 @@ def test_policy_explain_wrong_method_is_405(capsys: pytest.CaptureFixture[str]) 
 
 
 @pytest.mark.parametrize("path", ["/2/0/../admin/1/0/users", "/2/0/workspaces/./x",
-                                  "/2/0/%2e%2e/admin", "/2/0/a%2Fb"])
+                                  "/2/0/%2e%2e/admin", "/2/0/a%2Fb", "/2/0//workspaces",
+                                  "/2/0/workspaces;x=1", "/2/0/x#/../../admin"])
 def test_policy_explain_refuses_what_the_gateway_refuses(
         capsys: pytest.CaptureFixture[str], path: str) -> None:
     code, out, _ = run(capsys, "policy", "explain", "GET", path, "--policies", str(POLICIES))
@@ -223,6 +224,26 @@ def test_policy_explain_refuses_what_the_gateway_refuses(
                        "--json")
     assert code == 1
     assert json.loads(out)["status"] == 400
+
+
+def test_policy_explain_knows_the_builtin_servers_paths(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    catch_all = tmp_path / "all.yaml"
+    catch_all.write_text("upstreams:\n  api: https://api.anaplan.com\nroutes:\n"
+                         "  - name: all\n    upstream: api\n    path: /**\n")
+    code, out, _ = run(capsys, "policy", "explain", "GET", "/oauth/x", "--policies",
+                       str(catch_all))
+    assert code == 0 and "route:     all" in out  # no built-in server: the policy's
+    monkeypatch.setenv("GATEWAY_ISSUER", "https://gw.example.com")
+    code, out, _ = run(capsys, "policy", "explain", "GET", "/OAuth/x", "--policies",
+                       str(catch_all), "--json")
+    assert code == 1
+    assert json.loads(out) == {"status": 404, "error": "no_route", "builtin": True,
+                               "path": "/OAuth/x"}
+    code, out, _ = run(capsys, "policy", "explain", "GET", "/2/0/x", "--policies",
+                       str(catch_all))
+    assert code == 0 and "route:     all" in out
 
 
 # --- clients and audit -----------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import time
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import AuthServer, GatewayFactory, Harness, Upstream
@@ -98,10 +99,17 @@ async def test_scp_list_is_understood(make_gateway: GatewayFactory,
     assert resp.status == 200
 
 
+@pytest.mark.parametrize("name", [
+    "access_token", "ACCESS_TOKEN", "Access_Token", "AnaplanAuthToken", "anaplanauthtoken",
+    "ANAPLANAUTHTOKEN", "auth_token", "Auth_Token", "token", "Token", "access%5Ftoken"])
 async def test_token_in_query_string_is_refused(make_gateway: GatewayFactory,
-                                                upstream: Upstream) -> None:
+                                                auth_server: AuthServer, upstream: Upstream,
+                                                name: str) -> None:
+    # a good token in the header too: the query string's copy alone is refused
+    auth_server.issue(TOKEN)
     gw = await make_gateway()
-    resp = await gw.client.get(f"/2/0/workspaces?access_token={TOKEN}")
+    resp = await gw.client.get(f"/2/0/workspaces?x=1&{name}={TOKEN}",
+                               headers={"Authorization": f"Bearer {TOKEN}"})
     assert resp.status == 400
     body = await resp.json()
     assert body["error"] == "invalid_request"

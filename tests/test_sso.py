@@ -20,7 +20,7 @@ import pytest
 from redis.asyncio import Redis
 from yarl import URL
 
-from tests.conftest import AuthGatewayFactory, AuthHarness
+from tests.conftest import AuthGatewayFactory, AuthHarness, GatewayFactory, Upstream
 from tests.redis_server import free_port
 from tests.tools import find
 
@@ -433,3 +433,32 @@ async def test_sso_start_is_rate_limited_and_needs_configuration(
     plain = await make_auth_gateway()
     visit = await navigate(b, plain.issuer + "/oauth/sso/start")
     assert visit.status == 404 and "not configured" in visit.text
+
+
+# --- the same provider as the gateway's RFC 7662 introspection endpoint ----------------
+
+async def test_oidc_provider_refusing_to_introspect_a_jwt_is_401_not_an_outage(
+        make_gateway: GatewayFactory, oidc: OpenIDTestProvider, upstream: Upstream) -> None:
+    # oidc-provider answers 400 unsupported_token_type for any JWT-shaped token: that is
+    # about the token, and must not let any client turn the gateway into 503s
+    await oidc.register("gw-introspector", "introspector-secret",
+                        "http://127.0.0.1/unused")
+    url = oidc.issuer + "/token/introspection"
+    gw = await make_gateway(introspection_url=url, introspection_client_id="gw-introspector",
+                            introspection_client_secret="introspector-secret")
+    jwt_shaped = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJtYWxsb3J5In0.c2lnbmF0dXJl"
+    for token in (jwt_shaped, jwt_shaped, "an-opaque-token-it-never-issued"):
+        resp = await gw.client.get("/2/0/x", headers={"Authorization": f"Bearer {token}"})
+        assert resp.status == 401, token
+        assert "Retry-After" not in resp.headers
+        assert (await resp.json())["error"] == "invalid_token"
+    metrics = await gw.metrics()
+    # the second JWT answer came from the cache: two calls to the provider, not three
+    assert 'gateway_introspection_requests_total{outcome="inactive"} 2.0' in metrics
+    assert 'gateway_introspection_requests_total{outcome="error"} 0.0' in metrics
+    assert upstream.received == []
+    # the gateway's own credentials refused (401 invalid_client) is still an outage
+    wrong = await make_gateway(introspection_url=url, introspection_client_id="gw-introspector",
+                               introspection_client_secret="not-the-secret")
+    resp = await wrong.client.get("/2/0/x", headers={"Authorization": "Bearer other-token"})
+    assert resp.status == 503 and "Retry-After" in resp.headers

@@ -137,7 +137,24 @@ async def test_5xx_beyond_the_bound_is_unavailable(
     assert srv.calls == 3
 
 
-@pytest.mark.parametrize("status", [400, 404, 429])
+async def test_a_bad_header_answer_is_inactive_without_retry(
+        aiohttp_server: AiohttpServer, session: aiohttp.ClientSession) -> None:
+    # what an Anaplan-style token service answers a token it cannot read
+    srv = await serve(aiohttp_server, status_answer(
+        400, {"status": "FAILURE_BAD_HEADER", "statusMessage": "Bad header"}))
+    assert not (await validator(session, srv.url, retries=3).validate("a" * 5000)).active
+    assert srv.calls == 1
+
+
+@pytest.mark.parametrize("status", ["FAILURE_BAD_CREDENTIAL", "FAILURE_BAD_HEADER"])
+async def test_every_failure_status_is_inactive(
+        aiohttp_server: AiohttpServer, session: aiohttp.ClientSession, status: str) -> None:
+    srv = await serve(aiohttp_server, status_answer(
+        200, {"status": status, "statusMessage": "Token invalid"}))
+    assert not (await validator(session, srv.url).validate("tok")).active
+
+
+@pytest.mark.parametrize("status", [404, 429])
 async def test_other_4xx_is_unavailable_without_retry(
         aiohttp_server: AiohttpServer, session: aiohttp.ClientSession, status: int) -> None:
     srv = await serve(aiohttp_server, status_answer(status))

@@ -17,6 +17,7 @@ from pytest_aiohttp import AiohttpServer
 
 from gateway.authn.validators.base import ValidatorUnavailable
 from gateway.authn.validators.introspection import IntrospectionClient
+from tests.conftest import GatewayFactory, Upstream
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -160,12 +161,31 @@ async def test_dropped_connections_are_retried_up_to_the_bound(
     assert srv.calls == 2
 
 
-@pytest.mark.parametrize("status", [400, 401])
-async def test_4xx_is_not_retried(
-        aiohttp_server: AiohttpServer, session: aiohttp.ClientSession, status: int) -> None:
-    srv = await serve(aiohttp_server, json_answer({"error": "invalid_client"}, status=status))
-    with pytest.raises(ValidatorUnavailable, match=str(status)):
+@pytest.mark.parametrize(("status", "error"), [
+    (400, "invalid_client"), (400, "unauthorized_client"), (401, "invalid_client"),
+    (403, "access_denied"), (404, "not_found")])
+async def test_the_gateways_credentials_refused_is_unavailable_and_not_retried(
+        aiohttp_server: AiohttpServer, session: aiohttp.ClientSession, status: int,
+        error: str) -> None:
+    srv = await serve(aiohttp_server, json_answer({"error": error}, status=status))
+    with pytest.raises(ValidatorUnavailable, match=f"{status}.*credentials"):
         await client(session, srv.url, retries=3).validate("tok")
+    assert srv.calls == 1
+
+
+@pytest.mark.parametrize("body", [
+    # npm oidc-provider, asked about a JWT
+    b'{"error":"unsupported_token_type","error_description":"Structured JWT Tokens cannot '
+    b'be introspected via the introspection_endpoint"}',
+    b'{"error":"invalid_request"}', b'{"error":"invalid_token"}', b"", b"<html>bad</html>"])
+async def test_400_about_the_token_is_inactive_and_not_retried(
+        aiohttp_server: AiohttpServer, session: aiohttp.ClientSession, body: bytes) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=400, body=body, content_type="application/json")
+
+    srv = await serve(aiohttp_server, answer)
+    info = await client(session, srv.url, retries=3).validate("eyJhbGciOiJub25lIn0.e30.")
+    assert not info.active
     assert srv.calls == 1
 
 
@@ -194,3 +214,21 @@ async def test_unreadable_answer_is_unavailable(
     with pytest.raises(ValidatorUnavailable):
         await client(session, srv.url).validate("tok")
     assert srv.calls == 1
+
+
+async def test_at_the_gateway_a_400_is_401_cached_negatively_not_503(
+        aiohttp_server: AiohttpServer, make_gateway: GatewayFactory, upstream: Upstream,
+        caplog: pytest.LogCaptureFixture) -> None:
+    srv = await serve(aiohttp_server, json_answer(
+        {"error": "unsupported_token_type",
+         "error_description": "Structured JWT Tokens cannot be introspected"}, status=400))
+    gw = await make_gateway(introspection_url=srv.url)
+    jwt_shaped = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
+    for _ in range(2):
+        resp = await gw.client.get("/2/0/x", headers={"Authorization": f"Bearer {jwt_shaped}"})
+        assert resp.status == 401
+        assert "Retry-After" not in resp.headers
+        assert (await resp.json())["error"] == "invalid_token"
+    assert srv.calls == 1  # the second answer came from the negative cache
+    assert upstream.received == []
+    assert "credentials" not in caplog.text

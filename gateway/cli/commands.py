@@ -39,7 +39,7 @@ from gateway.cli.terminal import (
 from gateway.config.policy import PolicyError, load_policy
 from gateway.config.settings import Settings, SettingsError, load_settings
 from gateway.pipeline.govern import ClientAdmin
-from gateway.pipeline.paths import safe_path
+from gateway.pipeline.paths import ReservedPaths, safe_path
 from gateway.protocol.errors import GatewayError
 from gateway.state.keys import Keys
 
@@ -123,6 +123,15 @@ def cmd_policy_explain(args: argparse.Namespace, settings: Settings) -> int:
         out(args, f"refused before matching: 400 {exc.error}: {exc.description}",
              {"status": 400, "error": exc.error, "error_description": exc.description})
         return EXIT_FAIL
+    if settings.issuer:
+        try:
+            ReservedPaths.builtin().check(method, path)
+        except GatewayError as exc:
+            out(args, f"the built-in authorization server's path (GATEWAY_ISSUER is set): "
+                      f"no policy route is tried; outside its endpoints the gateway answers "
+                      f"{exc.status} {exc.error}",
+                 {"status": exc.status, "error": exc.error, "builtin": True, "path": path})
+            return EXIT_FAIL
     match = policy.match(method, path)
     route = match.route
     if route is None:

@@ -200,7 +200,10 @@ class Route:
 
 
 def compile_path(pattern: str) -> re.Pattern[str]:
-    """``*`` matches one non-empty segment, ``**`` any number of segments (zero included)."""
+    """``*`` matches one non-empty segment, ``**`` any number of segments (zero included).
+
+    Literal segments match without regard to letter case, so that ``/IMPORTS`` is held
+    to the route for ``/imports`` whether or not the upstream folds case."""
     segments = pattern.strip("/").split("/") if pattern.strip("/") else []
     regex = ""
     for i, seg in enumerate(segments):
@@ -214,7 +217,8 @@ def compile_path(pattern: str) -> re.Pattern[str]:
         regex += "/" + "[^/]+".join(parts) if seg != "*" else "/[^/]+"
     if pattern.endswith("/") and segments and segments[-1] != "**":
         regex += "/"
-    return re.compile(regex or "/", re.DOTALL)
+    # ASCII: only A-Z fold, so the Kelvin sign is no `k` and a long s no `s`
+    return re.compile(regex or "/", re.DOTALL | re.IGNORECASE | re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)

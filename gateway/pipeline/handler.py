@@ -39,7 +39,7 @@ from gateway.observe.accesslog import AccessLog
 from gateway.observe.metrics import NO_ROUTE, GatewayMetrics
 from gateway.observe.usage import UsageTracker
 from gateway.pipeline.govern import ClientRegistry
-from gateway.pipeline.paths import safe_path
+from gateway.pipeline.paths import ReservedPaths, safe_path
 from gateway.pipeline.people import UserRegistry
 from gateway.pipeline.ratelimit import Bucket, RateLimiter
 from gateway.protocol.errors import (
@@ -47,6 +47,7 @@ from gateway.protocol.errors import (
     ClientUnknown,
     GatewayError,
     InsufficientScope,
+    InvalidRequest,
     InvalidToken,
     MachineTokenRefused,
     MethodNotAllowed,
@@ -63,6 +64,9 @@ log = logging.getLogger(__name__)
 CLIENT_GONE = 499
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _NO_QUERY: Mapping[str, str] = MappingProxyType({})
+#: headers some frameworks take as the request's real method: an upstream honouring one
+#: would run a POST as a DELETE the route never allowed, so they are refused outright
+METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
 
 
 @dataclass(slots=True)
@@ -95,19 +99,27 @@ class RouteCache:
     Both depend on the method, the path and the policy alone, so a busy path is checked
     and matched once per policy, not on every request. Refused paths are not kept.
     Bounded, least recently used first out (paths with ids in them are many).
+    ``reserved`` holds the built-in server's paths, refused before the policy is asked.
     """
 
-    def __init__(self, policy: RoutePolicy, maxsize: int = 4096) -> None:
+    def __init__(self, policy: RoutePolicy, reserved: ReservedPaths | None = None,
+                 maxsize: int = 4096) -> None:
         self.policy = policy
+        self.reserved = reserved or ReservedPaths()
         # a refusal is an exception, which lru_cache does not keep
         self._lookup = functools.lru_cache(maxsize=maxsize)(self._match)
 
     def _match(self, method: str, path: str) -> Match:
-        return self.policy.match(method, safe_path(path))
+        decoded = safe_path(path)
+        self.reserved.check(method, decoded)
+        return self.policy.match(method, decoded)
 
     def match(self, method: str, raw_path: str) -> Match:
         """The policy's match for the request; raises 400 for a dangerous path."""
-        return self._lookup(method, raw_path.partition("?")[0])
+        path, _, query = raw_path.partition("?")
+        if "#" in query:  # the path's own `#` is safe_path's to refuse
+            raise InvalidRequest("The request target contains a `#`.")
+        return self._lookup(method, path)
 
 
 @dataclass(slots=True)
@@ -126,8 +138,9 @@ class ProxyPipeline:
                  users: UserRegistry, forwarder: UpstreamForwarder, metrics: GatewayMetrics,
                  access_log: AccessLog, usage: UsageTracker, require_client_record: bool,
                  max_auth_header: int, limiter: RateLimiter | None = None,
-                 default_rate: Rate | None = None) -> None:
-        self.routes = RouteCache(policy)
+                 default_rate: Rate | None = None, reserved: ReservedPaths | None = None
+                 ) -> None:
+        self.routes = RouteCache(policy, reserved)
         self.request_ids = RequestIds()
         self.cache = cache
         self.registry = registry
@@ -147,11 +160,15 @@ class ProxyPipeline:
 
     @policy.setter
     def policy(self, policy: RoutePolicy) -> None:
-        self.routes = RouteCache(policy)
+        self.routes = RouteCache(policy, self.routes.reserved)
 
     async def authorize(self, request: web.Request, state: RequestState) -> Decision:
         """Run every stage before forwarding; raise a GatewayError to refuse."""
         match = self.routes.match(request.method, request.raw_path)
+        headers = request.headers
+        for name in METHOD_OVERRIDES:
+            if name in headers:
+                raise InvalidRequest(f"The {name} header is refused: send the method itself.")
         route = match.route
         if route is None:
             if match.method_mismatch:
@@ -160,7 +177,7 @@ class ProxyPipeline:
         state.route = route.name
         # parsing an absent query string still costs a microsecond
         query = request.query if "?" in request.raw_path else _NO_QUERY
-        token = extract_token(request.headers, query, max_header=self.max_auth_header)
+        token = extract_token(headers, query, max_header=self.max_auth_header)
         digest, info = self.cache.cached(token.value)  # an expired token: inactive
         if info is None:
             info = await self.cache.fetch(token.value, digest)

@@ -2,7 +2,8 @@
 
 RFC 6750 section 2.1 (``Authorization: Bearer``) plus Anaplan's own
 ``AnaplanAuthToken`` scheme. Tokens in the query string (RFC 6750 section 2.3) are
-refused: they end up in logs and browser history. So are several Authorization
+refused, under any of the names servers read them from and in any letter case: they
+end up in logs and browser history. So are several Authorization
 headers, which different servers would resolve differently.
 """
 
@@ -21,7 +22,7 @@ from gateway.protocol.errors import InvalidRequest, MissingToken
 SCHEMES = {"bearer": "Bearer", "anaplanauthtoken": "AnaplanAuthToken"}
 # RFC 6750 section 2.1 b64token
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-_QUERY_TOKEN_PARAMS = ("access_token", "anaplanauthtoken", "auth_token", "token")
+_QUERY_TOKEN_PARAMS = frozenset({"access_token", "anaplanauthtoken", "auth_token", "token"})
 
 
 class PresentedToken(NamedTuple):
@@ -40,8 +41,10 @@ class PresentedToken(NamedTuple):
 def extract_token(headers: CIMultiDictProxy[str], query: MultiDictProxy[str] | Mapping[str, str],
                   *, max_header: int) -> PresentedToken:
     """Return the presented token or raise :class:`MissingToken` / :class:`InvalidRequest`."""
-    for name in _QUERY_TOKEN_PARAMS if query else ():
-        if name in query:
+    # in any letter case: servers that bind parameters case-insensitively read
+    # `?ACCESS_TOKEN=` as `access_token`, and it would reach the upstream's logs
+    for name in query:
+        if name.lower() in _QUERY_TOKEN_PARAMS:
             raise InvalidRequest(
                 "Tokens in the query string are refused; send them in the Authorization header.")
     values = headers.getall("Authorization", [])

@@ -42,6 +42,7 @@ from gateway.observe.metrics import GatewayMetrics
 from gateway.observe.usage import UsageTracker
 from gateway.pipeline.govern import ClientRegistry
 from gateway.pipeline.handler import ProxyPipeline
+from gateway.pipeline.paths import ReservedPaths
 from gateway.pipeline.people import UserRegistry
 from gateway.pipeline.ratelimit import RateLimiter
 from gateway.protocol.tokens import TokenDigester
@@ -260,7 +261,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             policy=gw.policy, cache=cache, registry=registry, users=users, forwarder=forwarder,
             metrics=gw.metrics, access_log=gw.access_log, usage=usage,
             require_client_record=s.require_client_record, max_auth_header=s.max_auth_header,
-            limiter=limiter, default_rate=optional_rate(s.default_rate_limit))
+            limiter=limiter, default_rate=optional_rate(s.default_rate_limit),
+            reserved=ReservedPaths.of_router(app.router) if gw.authserver is not None else None)
         events = EventSubscriber(redis, key_prefix=s.key_prefix, registry=registry,
                                  users=users, cache=cache, metrics=gw.metrics,
                                  keyspace=s.keyspace_notifications)

@@ -59,6 +59,8 @@ const provider = new Provider(issuer, {
   conformIdTokenClaims: false,
   features: {
     devInteractions: { enabled: false },
+    // RFC 7662, for the gateway's introspection validator (it refuses JWTs: 400)
+    introspection: { enabled: true },
     registration: {
       enabled: true,
       initialAccessToken: config.registration_token ?? 'registration-token',

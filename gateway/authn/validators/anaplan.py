@@ -5,12 +5,14 @@ answered with 200 and ``{"status": "SUCCESS", "tokenInfo": {...}, "userInfo": {.
 whose ``tokenInfo`` carries ``expiresAt`` (milliseconds since the epoch), ``tokenId``
 and, for tokens issued to OAuth clients, the client's id, and whose ``userInfo``
 carries ``userGuid``: the person's stable id, the token's subject (``TokenInfo.sub``,
-what people governance keys on). A bad or expired token is answered with 401 (or
-``"status": "FAILURE"``).
+what people governance keys on). A bad or expired token is answered with 401 (or a
+``"status"`` of ``FAILURE``, ``FAILURE_BAD_CREDENTIAL``...).
 
 Retries follow :mod:`.introspection`: connection errors and 5xx answers are retried
-a bounded number of times with jittered backoff; 401 and 403 mean the token is no
-good; any other answer, or one we cannot read, is :class:`ValidatorUnavailable`.
+a bounded number of times with jittered backoff; 400 (a malformed token:
+``FAILURE_BAD_HEADER``), 401 and 403 mean the token is no good, as does a
+``FAILURE...`` status; any other answer, or one we cannot read, is
+:class:`ValidatorUnavailable`.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ class AnaplanValidator:
             headers={"Authorization": f"AnaplanAuthToken {token}", "Accept": "application/json"},
             timeout=self._timeout, allow_redirects=False,
         ), what="Anaplan token validation")
-        if status in (401, 403):
+        if status in (400, 401, 403):
+            # 400: the header the gateway built around the token was refused (Anaplan's
+            # FAILURE_BAD_HEADER), which only the token can have caused
             return TokenInfo.inactive()
         if status != 200:
             raise ValidatorUnavailable(f"Anaplan token validation answered {status}")
@@ -79,8 +83,8 @@ class AnaplanValidator:
         if not isinstance(data, dict):
             raise ValidatorUnavailable("Anaplan token validation answered no JSON object")
         status = data.get("status")
-        if status == "FAILURE":
-            return TokenInfo.inactive()
+        if isinstance(status, str) and status.startswith("FAILURE"):
+            return TokenInfo.inactive()  # FAILURE, FAILURE_BAD_CREDENTIAL, ...
         info = data.get("tokenInfo")
         if status != "SUCCESS" or not isinstance(info, dict):
             raise ValidatorUnavailable(

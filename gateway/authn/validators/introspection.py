@@ -4,8 +4,12 @@ Section 2.1: POST ``token=...`` (form-encoded), authenticated here with
 ``client_secret_basic`` (RFC 6749 section 2.3.1). Section 2.2: the answer is a JSON
 object whose ``active`` member alone decides; anything else is optional. Connection
 errors and 5xx answers are retried a bounded number of times with exponential
-backoff; 4xx answers (the gateway's own credentials refused, say) are not retried,
-and every failure ends in :class:`ValidatorUnavailable`, never in "inactive".
+backoff; 4xx answers are not retried. A 400 is about the token (``invalid_request``,
+``invalid_token``, ``unsupported_token_type``...) and means "inactive", like any
+token the server does not vouch for; a 400 ``invalid_client`` or
+``unauthorized_client``, a 401 or 403 (the gateway's own credentials refused), any
+other answer and every failure end in :class:`ValidatorUnavailable`, never in
+"inactive".
 """
 
 from __future__ import annotations
@@ -18,6 +22,20 @@ import aiohttp
 from gateway.authn.validators.base import TokenInfo, ValidatorUnavailable, parse_scopes
 from gateway.authn.validators.retry import RetryPolicy
 from gateway.protocol.clientauth import client_secret_basic
+
+#: the RFC 6749 section 5.2 errors about the caller's credentials: an outage, since
+#: every token would be refused alike (RFC 6749 allows them at 400 as well as 401)
+_CREDENTIAL_ERRORS = frozenset({"invalid_client", "unauthorized_client"})
+
+
+def _error_of(body: bytes) -> str | None:
+    """The ``error`` member of a JSON error answer, if there is one."""
+    try:
+        data: Any = json.loads(body)
+    except ValueError:
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    return error if isinstance(error, str) else None
 
 
 class IntrospectionClient:
@@ -41,6 +59,10 @@ class IntrospectionClient:
             self._url, data={"token": token, "token_type_hint": "access_token"},
             headers=self._headers, timeout=self._timeout, allow_redirects=False,
         ), what="introspection endpoint")
+        if status == 400 and _error_of(body) not in _CREDENTIAL_ERRORS:
+            # about the token, not the gateway: oidc-provider, for one, answers 400
+            # unsupported_token_type for a JWT it does not introspect
+            return TokenInfo.inactive()
         if status != 200:
             raise ValidatorUnavailable(
                 f"introspection endpoint answered {status}; check the gateway's introspection "
