@@ -340,6 +340,7 @@ async def test_client_leaving_in_process_is_499_not_an_error(
     # aiohttp's test server does not cancel the handler: the answer fails to be written
     auth_server.issue(TOKEN, scope="anaplan:read")
     gw = await make_gateway()
+    caplog.clear()  # what the start said (e.g. the test Redis keeping nothing on disk)
     _reader, writer = await asyncio.open_connection("127.0.0.1", gw.client.port)
     writer.write(b"GET /slow?s=0.5 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "
                  + TOKEN.encode() + b"\r\n\r\n")
