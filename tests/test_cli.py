@@ -6,9 +6,11 @@ import asyncio
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from tests.redis_server import RedisServer, free_port
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 SHIPPED = POLICIES / "anaplan.yaml"
 TOKEN = "cli-secret-token-5f3a9c1e7b"
+#: a moment as the CLI shows it to people: local time to the minute, then its age
+STAMP = r"^\d{4}-\d\d-\d\d \d\d:\d\d, (just now|\d+ (s|min|h|d) ago|in \d+ (s|min|h|d))"
 
 
 @pytest.fixture(autouse=True)
@@ -297,7 +301,7 @@ async def test_clients_disable_show_list_enable_and_audit(
     assert [e["action"] for e in json.loads(out)] == ["client.enabled"]
     code, out, _ = await arun(capsys, "audit", "tail")
     assert code == 0
-    actions = [line.split()[2] for line in out.splitlines()]
+    actions = [re.sub(STAMP, "", line).split()[0] for line in out.splitlines()]
     assert actions == ["client.disabled", "client.enabled"]
 
 
@@ -536,3 +540,90 @@ async def test_stored_text_reaches_the_terminal_escaped_and_json_as_is(
         assert out.isascii()  # JSON escapes whatever is not plain text itself
         assert EVIL in _strings(json.loads(out)), argv
     assert (await on_redis.hgetall(f"gw:client:{client.client_id}"))["name"] == EVIL
+
+
+# --- times for people ---------------------------------------------------------------------
+
+@pytest.fixture
+def zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The CLI's local time zone made known: UTC, then whatever it was."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.parametrize(("at", "shown"), [
+    (1796485532 - 3 * 60, "2026-12-05 15:42, 3 min ago"),
+    (1796485532 - 45, "2026-12-05 15:44, 45 s ago"),
+    (1796485532 - 2 * 3600 - 59, "2026-12-05 13:44, 2 h ago"),
+    (1796485532 - 5 * 86400, "2026-11-30 15:45, 5 d ago"),
+    (1796485532 + 5 * 60, "2026-12-05 15:50, in 5 min"),
+    (1796485532, "2026-12-05 15:45, just now"),
+    (0, "-"), ("", "-"), (None, "-"), ("soon", "-"),
+])
+def test_a_moment_reads_as_local_time_and_age(zone: None, at: Any, shown: str) -> None:
+    from gateway.cli.terminal import when
+    assert when(at, now=1796485532) == shown
+
+
+def test_a_moment_is_in_the_local_time_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.cli.terminal import when
+    monkeypatch.setenv("TZ", "Europe/Paris")
+    time.tzset()
+    try:
+        assert when(1796485532, now=1796485532 + 600) == "2026-12-05 16:45, 10 min ago"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+async def test_times_people_read_are_dates_with_an_age_json_keeps_epochs(
+        on_redis: Redis, make_auth_gateway: Any, zone: None,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``clients show``/``list``, ``grants list`` and ``audit tail`` show a moment as
+    ``2026-12-05 15:45, 3 min ago``, never epoch seconds; ``--json`` keeps the numbers."""
+    h = await make_auth_gateway()
+    client, _ = await h.auth.create_client(
+        name="Budget CLI", grant="device_code", redirect_uris=[], scopes=["anaplan:read"],
+        actor="t")
+    await h.auth.issuer.new_grant(client, username="alice", sub="u1", scope="anaplan:read",
+                                  grant_type=client.grant_type, label="laptop")
+    now = time.time()
+    today = time.strftime("%Y-%m-%d %H:%M", time.gmtime(now))[:13]  # to the hour: no race
+    epoch = re.compile(r"\b1\d{9}\b")
+
+    code, out, err = await arun(capsys, "clients", "show", client.client_id)
+    assert code == 0, err
+    fields = {line.split(None, 1)[0]: line.split(None, 1)[1] for line in out.splitlines()}
+    for name in ("created_at", "updated_at"):
+        assert re.match(STAMP, fields[name]), (name, fields[name])
+        assert fields[name].startswith(today[:10])
+    assert not epoch.search(out), out
+
+    code, out, err = await arun(capsys, "clients", "list")
+    assert code == 0, err
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d, (just now|\d+ s ago) by t$",
+                     out.splitlines()[1]), out
+    assert not epoch.search(out), out
+
+    code, out, err = await arun(capsys, "grants", "list")
+    assert code == 0, err
+    header, row = out.splitlines()
+    assert "GRANTED" in header and "LAST USED" in header
+    assert len(re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d, (?:just now|\d+ s ago)", row)) == 2, row
+    assert not epoch.search(out), out
+
+    code, out, err = await arun(capsys, "audit", "tail")
+    assert code == 0, err
+    assert all(re.match(STAMP, line) for line in out.splitlines()), out
+    assert not epoch.search(out), out
+
+    # machines keep epoch seconds
+    code, out, _ = await arun(capsys, "clients", "show", client.client_id, "--json")
+    assert str(json.loads(out)["created_at"]).isdigit()
+    code, out, _ = await arun(capsys, "grants", "list", "--json")
+    assert isinstance(json.loads(out)[0]["created_at"], int)
+    code, out, _ = await arun(capsys, "audit", "tail", "--json")
+    assert all(e["at"].isdigit() for e in json.loads(out))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +23,16 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.authserver import AdminError, AuthAdmin
-from gateway.cli.terminal import EXIT_FAIL, EXIT_OK, actor, err, out, redis_failed, shown
+from gateway.cli.terminal import (
+    EXIT_FAIL,
+    EXIT_OK,
+    actor,
+    err,
+    out,
+    redis_failed,
+    shown,
+    when,
+)
 from gateway.config.rates import optional_rate
 from gateway.config.settings import Settings
 from gateway.protocol.tokens import TokenDigester
@@ -176,10 +184,6 @@ def add_groups(sub: Any, common: argparse.ArgumentParser) -> None:
         p.set_defaults(func=run, as_cmd=f"users-{name}")
 
 
-def _when(ts: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) if ts else "-"
-
-
 async def _dispatch(args: argparse.Namespace, admin: AuthAdmin, out: Printer, actor: str
                     ) -> int:
     cmd = args.as_cmd
@@ -219,13 +223,14 @@ async def _dispatch(args: argparse.Namespace, admin: AuthAdmin, out: Printer, ac
                  "label": g.label, "scope": g.scope, "created_at": g.created_at,
                  "last_used_at": g.last_used_at, "expires_at": g.expires_at,
                  "revoked": g.revoked, "revoked_reason": g.revoked_reason} for g in grants]
-        lines = [f"{'GRANT':<20} {'CLIENT':<34} {'USER':<16} {'STATUS':<8} {'LAST USED':<20} "
-                 "DEVICE"]
+        lines = [f"{'GRANT':<20} {'CLIENT':<34} {'USER':<16} {'STATUS':<8} {'GRANTED':<28} "
+                 f"{'LAST USED':<28} DEVICE"]
         for r in rows:
             user = shown(r["user"]) or "(machine)"  # a client_credentials grant has no user
             lines.append(f"{shown(r['grant_id']):<20} {shown(r['client_id']):<34} {user:<16} "
                          f"{'revoked' if r['revoked'] else 'active':<8} "
-                         f"{_when(int(r['last_used_at'])):<20} {shown(r['label'])}")
+                         f"{when(r['created_at']):<28} {when(r['last_used_at']):<28} "
+                         f"{shown(r['label'])}")
         out(args, "\n".join(lines) if rows else "no grants", rows)
     elif cmd == "grants-revoke":
         await admin.revoke_grant(args.grant_id, actor=actor, reason=args.reason or "")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -34,6 +33,7 @@ from gateway.cli.terminal import (
     err,
     out,
     shown,
+    when,
     with_redis,
 )
 from gateway.config.policy import PolicyError, load_policy
@@ -170,6 +170,14 @@ def _record_view(client_id: str, fields: dict[str, str]) -> dict[str, Any]:
     return view
 
 
+def _shown_field(name: str, value: object) -> str:
+    """One field of a record for people: a moment (``*_at``, epoch seconds) through
+    :func:`when`, anything else through :func:`shown`."""
+    if name.endswith("_at") and str(value).isdigit():
+        return when(str(value))
+    return shown(value)
+
+
 def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
     async def action(redis: Redis) -> int:
         admin = ClientAdmin(redis, key_prefix=settings.key_prefix)
@@ -178,8 +186,7 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
             lines = [f"{'CLIENT':<34} {'NAME':<24} {'FLOW':<18} {'STATUS':<9} "
                      f"{'INTROSPECT':<10} {'SCOPES':<30} UPDATED"]
             for r in rows:
-                updated = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(
-                    int(r["updated_at"]))) + f" by {shown(r.get('updated_by', '?'))}" \
+                updated = when(r["updated_at"]) + f" by {shown(r.get('updated_by', '?'))}" \
                     if r.get("updated_at", "").isdigit() else "-"
                 flow = "device_code" if r.get("grant_type", "").endswith("device_code") \
                     else r.get("grant_type", "-")
@@ -197,7 +204,8 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
                      "the tokens alone)")
                 return EXIT_FAIL
             view = _record_view(args.client_id, fields)
-            out(args, "\n".join(f"{k:<12} {shown(v)}" for k, v in view.items()), view)
+            out(args, "\n".join(f"{k:<22} {_shown_field(k, v)}" for k, v in view.items()),
+                view)
             return EXIT_OK
         disabled = args.clients_cmd == "disable"
         fields = await admin.set_disabled(args.client_id, disabled, actor=actor(args),
@@ -244,11 +252,10 @@ def cmd_audit_tail(args: argparse.Namespace, settings: Settings) -> int:
         lines = []
         for row in rows:
             at = row.get("at", "")
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(at))) \
-                if at.isdigit() else "?"
-            rest = " ".join(f"{shown(k)}={shown(v)}" for k, v in row.items()
+            stamp = when(at) if at.isdigit() else "?"
+            rest = " ".join(f"{shown(k)}={_shown_field(k, v)}" for k, v in row.items()
                             if k not in ("id", "at", "action"))
-            lines.append(f"{when} {shown(row.get('action', '?')):<18} {rest}")
+            lines.append(f"{stamp} {shown(row.get('action', '?')):<18} {rest}")
         out(args, "\n".join(lines) or "the audit stream is empty", rows)
         return EXIT_OK
 

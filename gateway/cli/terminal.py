@@ -12,6 +12,7 @@ import getpass
 import json
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,6 +40,34 @@ def shown(text: object) -> str:
     clear the screen, hide or reorder what follows. What is stored stays as typed, and
     ``--json`` output carries the true values (JSON escapes them itself)."""
     return str(text).translate(_VISIBLE)
+
+
+def age(seconds: float) -> str:
+    """A duration as people say it: ``45 s``, ``3 min``, ``2 h``, ``5 d`` (rounded down)."""
+    seconds = int(abs(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
+
+
+def when(epoch: float | int | str | None, *, now: float | None = None) -> str:
+    """A moment for people to read: local time to the minute and how long ago
+    (``2026-12-05 15:45, 3 min ago``; ahead: ``2026-12-05 16:00, in 12 min``).
+
+    Every time the CLI shows a person goes through here; ``--json`` keeps epoch seconds.
+    No time (``0``, empty, not a number) is ``-``."""
+    try:
+        at = float(epoch or 0)
+    except ValueError:
+        return "-"
+    if at <= 0:
+        return "-"
+    delta = (time.time() if now is None else now) - at
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(at))
+    if abs(delta) < 1:
+        return f"{stamp}, just now"
+    return f"{stamp}, {age(delta)} ago" if delta > 0 else f"{stamp}, in {age(delta)}"
 
 
 def out(args: argparse.Namespace, human: str, machine: Any) -> None:
