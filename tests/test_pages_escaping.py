@@ -49,7 +49,7 @@ async def sign_in(h: AuthHarness, browser: aiohttp.ClientSession) -> None:
     page = await browser.get(h.issuer + "/oauth/login")
     resp = await submit(browser, str(page.url), await page.text(),
                         values={"username": USER, "password": PASSWORD})
-    assert resp.status == 200 and "Signed in" in await resp.text()
+    assert resp.status == 200 and "You are signed in as" in await resp.text()
 
 
 async def test_every_variable_of_every_template_is_escaped() -> None:
@@ -66,6 +66,10 @@ async def test_every_variable_of_every_template_is_escaped() -> None:
         variables = meta.find_undeclared_variables(env.parse(source))
         context: dict[str, Any] = dict.fromkeys(variables, MARKUP)
         context.update(scopes=[(MARKUP, MARKUP)], csrf_token=lambda: MARKUP)
+        moment = {"text": MARKUP, "iso": MARKUP}
+        context.update(ended={"client_name": MARKUP, "device": MARKUP}, grants=[{
+            "grant_id": MARKUP, "client_name": MARKUP, "device": MARKUP, "granted": moment,
+            "last_used": moment, "scopes": [(MARKUP, MARKUP)]}])
         html = env.get_template(name).render(context)
         if variables:  # pages with fixed texts only (e.g. "Signed out") show nothing given
             assert_inert(html)
@@ -134,3 +138,14 @@ async def test_device_pages_escape_the_client_name_and_the_typed_code(
     html = await done.text()
     assert_inert(html)
     assert f"<p>{ESCAPED} can now use your account from your device.</p>" in html
+    # the account page names the app and the device as typed, as text
+    started_body = await started.json()
+    token = await h.client.post("/oauth/token", data={
+        "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+        "device_code": started_body["device_code"], "client_id": client.client_id})
+    assert token.status == 200, await token.text()
+    account = await browser.get(h.issuer + "/account/")
+    html = await account.text()
+    assert_inert(html)
+    assert f"<h3 id=\"grant-1\">{ESCAPED}</h3>" in html
+    assert f"<dd>{ESCAPED}</dd>" in html

@@ -163,7 +163,7 @@ async def sso_gateway(make: AuthGatewayFactory, oidc: OpenIDTestProvider, *,
 
 async def sso_login(g: SSOGateway, session: aiohttp.ClientSession, **kw: Any) -> Visit:
     """From the login page, through the "company account" link, to wherever it ends."""
-    page = await navigate(session, g.url("/oauth/login?next=/oauth/account"))
+    page = await navigate(session, g.url("/oauth/login?next=/account/"))
     assert page.status == 200
     link = re.search(r'href="(/oauth/sso/start\?next=[^"]+)"', page.text)
     assert link, page.text
@@ -191,7 +191,7 @@ async def test_sso_login_lands_signed_in_and_maps_the_user_by_subject(
     g = await sso_gateway(make_auth_gateway, oidc)
     visit = await sso_login(g, browser())
     assert visit.status == 200
-    assert str(visit.url) == g.url("/oauth/account")
+    assert str(visit.url) == g.url("/account/")
     assert "signed in as <strong>alice</strong>" in visit.text
     auth = next(u for u in visit.hops if u.path == "/auth")
     assert str(auth.origin()) == oidc.issuer
@@ -370,7 +370,7 @@ async def test_response_without_code_and_foreign_next_url(
     assert no_code.status == 400 and "carries no code" in no_code.readable
     # ``next`` pointing off this server is replaced by the account page (no open redirect)
     visit = await navigate(browser(), g.url("/oauth/sso/start?next=https://evil.example/x"))
-    assert visit.status == 200 and str(visit.url) == g.url("/oauth/account")
+    assert visit.status == 200 and str(visit.url) == g.url("/account/")
 
 
 async def test_mixed_up_authorization_response_is_refused(

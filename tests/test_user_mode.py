@@ -71,11 +71,11 @@ async def test_sign_in_with_anaplan_lands_signed_in_as_the_user_guid(
     h = await signin_gateway(make_auth_gateway, anaplan)
     browser = Browser(h.issuer)
     try:
-        landed = await sign_in_with_anaplan(browser, "/oauth/account")
-        page = await browser.get("/oauth/account")
+        landed = await sign_in_with_anaplan(browser, "/account/")
+        page = await browser.get("/account/")
     finally:
         await browser.http.close()
-    assert landed == h.issuer + "/oauth/account"
+    assert landed == h.issuer + "/account/"
     assert f"signed in as <strong>{EMAIL}</strong>" in page.text
     user = await redis.hgetall(f"gw:as:user:{EMAIL}")
     assert user["sub"] == GUID and user["sso_sub"] == GUID and user["sso"] == anaplan.url

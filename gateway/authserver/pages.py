@@ -147,10 +147,12 @@ async def start_session(request: web.Request, response: web.StreamResponse, *, u
 
 
 def safe_next(value: str | None) -> str:
-    """Only this server's own pages may be a post-login destination (no open redirect)."""
-    if value and value.startswith("/oauth/") and "//" not in value and "\\" not in value:
+    """Only this server's own pages may be a post-login destination (no open redirect);
+    the person's account page when none is named."""
+    if value and value.startswith(("/oauth/", "/account/")) and "//" not in value \
+            and "\\" not in value:
         return value
-    return "/oauth/account"
+    return "/account/"
 
 
 def login_redirect(request: web.Request) -> web.HTTPSeeOther:
@@ -227,15 +229,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def account(request: web.Request) -> web.StreamResponse:
-    user = await current_user(request)
-    if user is None:
-        raise login_redirect(request)
-    return render(request, "account.html", {"username": user["username"]})
-
-
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/oauth/login", login_get)
     app.router.add_post("/oauth/login", login_post)
     app.router.add_post("/oauth/logout", logout)
-    app.router.add_get("/oauth/account", account)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.authserver import (
+    account,
     anaplan_signin,
     anaplan_token,
     authorize,
@@ -27,6 +28,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/oauth/revoke", revocation_endpoint)
     pages.setup_templates(app)
     pages.add_routes(app)
+    account.add_routes(app)
     authorize.add_routes(app)
     rfc8628.add_routes(app)
     rfc9068.add_routes(app)
