@@ -11,9 +11,13 @@ downloads are not used.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import subprocess
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +28,7 @@ from playwright.async_api import Browser, Page, async_playwright
 from pytest_aiohttp import AiohttpServer
 
 from tests.conftest import AuthGatewayFactory, AuthHarness, Upstream
-from tests.tools import missing
+from tests.tools import find, missing
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -152,3 +156,92 @@ async def test_a_person_denies_in_chromium(scene: Scene) -> None:
     assert (got["error"], got["state"], got["iss"]) == ("access_denied", state, s.h.issuer)
     assert "code" not in got
     assert await s.h.auth.list_grants(username=USER) == []
+
+
+# --- the account page -------------------------------------------------------------------
+
+A11Y_DIR = Path(__file__).resolve().parent / "a11y"
+AXE = A11Y_DIR / "node_modules" / "axe-core" / "axe.min.js"
+ACCOUNT_SCREENSHOT = Path(__file__).resolve().parent.parent / "build" / "screenshots" / \
+    "account.png"
+
+
+@pytest.fixture(scope="session")
+def axe() -> Path:
+    """axe-core's script (npm, locked in tests/a11y), installed on first use."""
+    if not AXE.is_file():
+        npm = find("npm", install="apt-get install -y nodejs npm")
+        done = subprocess.run([npm, "ci", "--prefix", str(A11Y_DIR), "--no-audit",
+                               "--no-fund"], timeout=300, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"npm ci --prefix tests/a11y failed:\n{done.stderr}")
+    return AXE
+
+
+async def assert_accessible(page: Page, axe: Path) -> None:
+    """axe-core finds nothing serious or critical on the page as it stands."""
+    await page.add_script_tag(path=str(axe))
+    found = await page.evaluate("""async () => (await axe.run()).violations.map(v => ({
+        id: v.id, impact: v.impact, help: v.help,
+        nodes: v.nodes.map(n => n.target.join(" "))}))""")
+    serious = [v for v in found if v["impact"] in ("serious", "critical")]
+    assert not serious, (page.url, serious)
+
+
+async def _grant(h: AuthHarness, client: Any, label: str) -> str:
+    """A grant of USER to ``client`` on the device ``label``: an access token of it."""
+    sub = (await h.auth.store.get_user(USER))["sub"]
+    grant = await h.auth.issuer.new_grant(client, username=USER, sub=sub,
+                                          scope="anaplan:read", grant_type=client.grant_type,
+                                          label=label)
+    body = await h.auth.issuer.issue(client, grant, scope="anaplan:read",
+                                     grant_type=client.grant_type)
+    return str(body["access_token"])
+
+
+async def test_a_person_revokes_a_lost_device_on_their_account_page(
+        make_auth_gateway: AuthGatewayFactory, browser: Browser, axe: Path) -> None:
+    h = await make_auth_gateway()
+    await h.auth.add_user(USER, PASSWORD, actor="test")
+    cli, _ = await h.auth.create_client(name="Build CLI", grant="device_code",
+                                        redirect_uris=[], scopes=["anaplan:read"], actor="t")
+    app, _ = await h.auth.create_client(
+        name="Budget Planner", grant="authorization_code", scopes=["anaplan:read"],
+        redirect_uris=["https://app.example/cb"], actor="t")
+    lost = await _grant(h, cli, "Work laptop")
+    kept = await _grant(h, app, "Chrome on Linux")
+    # the pages allow no script: axe-core is let in by the test browser alone
+    context = await browser.new_context(bypass_csp=True)
+    page = await context.new_page()
+    try:
+        await page.goto(h.issuer + "/account/")
+        assert page.url == h.issuer + "/oauth/login?next=/account/"
+        await assert_accessible(page, axe)
+        await page.fill("input[name=username]", USER)
+        await page.fill("input[name=password]", PASSWORD)
+        await page.click("button[name=login]")
+        await page.wait_for_url(h.issuer + "/account/")
+        assert await page.inner_text("h1") == "Your account"
+        assert sorted(await page.locator("section.grant h3").all_inner_texts()) == [
+            "Budget Planner", "Build CLI"]
+        await assert_accessible(page, axe)
+
+        await page.get_by_role("button", name="Revoke access of Build CLI on Work laptop"
+                               ).click()
+        status = page.get_by_role("status")
+        await status.wait_for()
+        assert "Build CLI on Work laptop can no longer use your account" in \
+            await status.inner_text()
+        assert await page.locator("section.grant h3").all_inner_texts() == ["Budget Planner"]
+        ACCOUNT_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        await page.screenshot(path=str(ACCOUNT_SCREENSHOT), full_page=True)
+        await assert_accessible(page, axe)
+    finally:
+        await context.close()
+    started = time.monotonic()
+    while (await h.client.get("/2/0/ws", headers={"Authorization": f"Bearer {lost}"})
+           ).status != 401:
+        assert time.monotonic() - started < 1.0, "the lost device's token still works"
+        await asyncio.sleep(0.05)
+    assert (await h.client.get("/2/0/ws", headers={"Authorization": f"Bearer {kept}"})
+            ).status == 200
