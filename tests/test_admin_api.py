@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
+import json
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, cast
+from urllib.parse import urlencode
 
 import aiohttp
 import jsonschema
@@ -19,7 +23,9 @@ from redis.asyncio import Redis
 
 from gateway.authserver import DeviceFlowTiming
 from gateway.authserver.models import GRANT_DEVICE
+from gateway.cli import commands
 from tests.conftest import AuthGatewayFactory, AuthHarness
+from tests.redis_server import RedisServer
 from tests.test_flow_device import Browser, Page
 
 ADMIN = ("alice", "alice-password-1")
@@ -466,3 +472,63 @@ async def test_the_document_describes_every_route(h: AuthHarness,
     documented = {(m.upper(), p) for p, item in doc["paths"].items() for m in item
                   if m != "parameters"}
     assert routes - {("GET", "/openapi.json")} == documented
+
+
+# -- the command line -------------------------------------------------------------------
+
+async def test_the_cli_gives_and_takes_the_role_and_shows_the_same_policy(
+        h: AuthHarness, checker: OpenAPIChecker, redis_server: RedisServer,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("GATEWAY_REDIS_URL", redis_server.url)
+
+    async def cli(*argv: str, stdin: str = "") -> tuple[int, Any]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        code = await asyncio.to_thread(commands.main, [*argv, "--json"])
+        out = capsys.readouterr().out
+        return code, json.loads(out) if out.strip() else None
+
+    assert await cli("users", "add", "dave", "--admin", stdin="dave-password\n") == (
+        0, {"username": "dave", "admin": True})
+    assert (await h.auth.user_view("dave"))["admin"] is True
+    code, view = await cli("users", "update", "dave", "--no-admin")
+    assert code == 0 and view["admin"] is False
+    code, _ = await cli("users", "add", "dave", "--admin", stdin="dave-password\n")
+    assert code == 0 and (await h.auth.user_view("dave"))["admin"] is True
+    code, _ = await cli("users", "add", "dave", stdin="dave-password-2\n")  # role kept
+    assert code == 0 and (await h.auth.user_view("dave"))["admin"] is True
+    code, _ = await cli("users", "update", "nobody", "--admin")
+    assert code == 1
+
+    async with aiohttp.ClientSession() as http:
+        api = await api_as(h, checker, http, person=("dave", "dave-password-2"))
+        status, made = await api.call("POST", "/clients", {
+            "name": "Web", "grant_type": "authorization_code",
+            "redirect_uris": ["https://app.example/cb"], "scopes": ["anaplan:read"],
+            "policy": {"refresh_mode": "non_rotatable", "refresh_token_ttl": 7200}})
+        assert status == 201 and made["client_secret"]
+    code, shown = await cli("clients", "show", made["client_id"])
+    assert code == 0 and shown["policy"] == made["policy"]
+    code, listed = await cli("clients", "list")
+    assert next(c for c in listed if c["client_id"] == made["client_id"])["policy"] == \
+        made["policy"]
+
+
+async def test_the_consent_page_refuses_gateway_admin_to_a_non_admin(h: AuthHarness) -> None:
+    client, _ = await h.auth.create_client(
+        name="Console", grant="authorization_code", redirect_uris=["https://app.example/cb"],
+        scopes=["anaplan:read gateway:admin"], actor="test")
+    query = urlencode({"response_type": "code", "client_id": client.client_id,
+                       "redirect_uri": "https://app.example/cb", "state": "s1",
+                       "scope": "gateway:admin", "code_challenge": "E9Melhoa2OwvFrEMTJguCHao"
+                       "eK1t8URWbuGJSstw-cM", "code_challenge_method": "S256"})
+    for person, status in ((USER, 403), (ADMIN, 200)):
+        browser = Browser(h.issuer)
+        try:
+            page = await browser.get("/oauth/authorize?" + query)
+            assert "/oauth/login" in page.url
+            page = await browser.submit(page, username=person[0], password=person[1])
+        finally:
+            await browser.http.close()
+        assert page.status == status, page.text
+        assert ("not an administrator" in page.text) == (status == 403)
