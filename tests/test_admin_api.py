@@ -381,10 +381,12 @@ async def test_a_session_cookie_alone_is_refused(h: AuthHarness,
 async def test_without_the_scope_or_the_role_it_is_403(h: AuthHarness,
                                                        checker: OpenAPIChecker) -> None:
     async with aiohttp.ClientSession() as http:
-        # the admin's own token, without gateway:admin
-        api = await api_as(h, checker, http, scope="anaplan:read")
-        status, err = await api.call("GET", "/clients")
-        assert status == 403 and err["error"] == "insufficient_scope"
+        # the admin's own token, without gateway:admin; a non-admin's token
+        for person in (ADMIN, USER):
+            api = await api_as(h, checker, http, person=person, scope="anaplan:read")
+            status, err = await api.call("GET", "/clients")
+            assert status == 403 and err["error"] == "insufficient_scope"
+            assert "gateway:admin" in err["error_description"]
 
         # an admin token works until the role is taken away: at once after that
         await h.auth.add_user(*USER, actor="test", admin=True)
