@@ -534,3 +534,12 @@ async def test_the_consent_page_refuses_gateway_admin_to_a_non_admin(h: AuthHarn
             await browser.http.close()
         assert page.status == status, page.text
         assert ("not an administrator" in page.text) == (status == 403)
+
+
+def test_the_document_is_valid_openapi() -> None:
+    """Checked by openapi-spec-validator where it is installed (not a dependency: the
+    schemas themselves are checked above with jsonschema, and every answer against them)."""
+    validator = pytest.importorskip("openapi_spec_validator")
+    from gateway.authserver.openapi import document
+
+    validator.validate(document("https://gw.example.com"))
