@@ -462,3 +462,29 @@ async def test_oidc_provider_refusing_to_introspect_a_jwt_is_401_not_an_outage(
                                introspection_client_secret="not-the-secret")
     resp = await wrong.client.get("/2/0/x", headers={"Authorization": "Bearer other-token"})
     assert resp.status == 503 and "Retry-After" in resp.headers
+
+
+async def test_sso_sign_in_records_the_admin_role_from_the_groups_claim(
+        make_auth_gateway: AuthGatewayFactory, oidc: OpenIDTestProvider,
+        browser: Callable[[], aiohttp.ClientSession], redis: Redis) -> None:
+    """GATEWAY_ADMIN_GROUPS: a member of a named group gets the admin role at sign-in, and
+    loses it at the next sign-in without the group; with no admin groups set, single
+    sign-on leaves the role as an operator set it."""
+    async def sign_in(groups: list[str] | str, admin_groups: str) -> dict[str, str]:
+        client_id, secret = "gw-" + secrets.token_hex(6), secrets.token_urlsafe(24)
+        h = await make_auth_gateway(sso_issuer=oidc.issuer, sso_client_id=client_id,
+                                    sso_client_secret=secret, admin_groups=admin_groups)
+        await oidc.register(client_id, secret, h.issuer + CALLBACK,
+                            x_tamper={"claims": {"groups": groups}})
+        visit = await sso_login(SSOGateway(h, client_id), browser())
+        assert visit.status == 200, visit.text
+        return await user_record(redis, "alice")
+
+    assert (await sign_in(["staff", "gw-admins"], " gw-admins , ops"))["admin"] == "1"
+    assert (await sign_in(["staff"], "gw-admins,ops"))["admin"] == "0"
+    assert (await sign_in("ops", "gw-admins,ops"))["admin"] == "1"  # one string: one group
+    changes = [e for e in await audit_actions(redis) if e["action"] == "user.role_changed"]
+    assert [(e["admin"], e["actor"]) for e in changes] == [("1", "sso"), ("0", "sso"),
+                                                           ("1", "sso")]
+    await redis.hset("gw:as:user:alice", "admin", "0")  # set by an operator
+    assert (await sign_in(["gw-admins"], ""))["admin"] == "0"  # no admin groups: unchanged

@@ -1,7 +1,9 @@
 """Self-service administration: clients, secrets, users, grants. Every change audited.
 
-Used by the CLI (``oauth-gateway clients create|update|rotate-secret|delete``,
-``users add|disable|enable``, ``grants list|revoke``); no endpoint exposes it over HTTP.
+The one service layer of administration: the CLI (``oauth-gateway clients
+create|update|rotate-secret|delete``, ``users add|update|disable|enable``, ``grants
+list|revoke``) and the JSON admin API (:mod:`gateway.authserver.adminapi`) both call it,
+so both obey the same rules, audits and propagation bounds.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import secrets
 import time
 import uuid
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
@@ -28,8 +30,10 @@ from gateway.authserver.models import (
     OAuthClient,
     TokenPolicy,
 )
+from gateway.authserver.roles import ADMIN_FIELD
 from gateway.authserver.server import cache_pin_ttl, tenant_defaults
 from gateway.authserver.storage import AuthStore
+from gateway.config.rates import optional_rate
 from gateway.config.settings import Settings
 from gateway.pipeline.govern import ClientAdmin
 from gateway.pipeline.people import UserAdmin
@@ -39,6 +43,14 @@ from gateway.state.keys import Keys
 
 class AdminError(ValueError):
     """An administrative request cannot be carried out; the message says why."""
+
+
+class NotFound(AdminError):
+    """The client, grant or user named does not exist."""
+
+
+class Conflict(AdminError):
+    """The change clashes with what exists (a user created twice)."""
 
 
 class AuthAdmin:
@@ -100,7 +112,7 @@ class AuthAdmin:
     async def get(self, client_id: str) -> OAuthClient:
         client = await self.store.get_client(client_id)
         if client is None:
-            raise AdminError(f"no client {client_id!r} on this authorization server")
+            raise NotFound(f"no client {client_id!r} on this authorization server")
         return client
 
     async def update_client(self, client_id: str, *, actor: str, name: str | None = None,
@@ -167,18 +179,61 @@ class AuthAdmin:
     async def list_clients(self) -> list[OAuthClient]:
         return await self.store.list_clients()
 
-    async def add_user(self, username: str, password: str, *, actor: str) -> None:
+    async def add_user(self, username: str, password: str, *, actor: str,
+                       admin: bool | None = None, create_only: bool = False) -> None:
+        """Add a local user, or set an existing one's password; ``admin`` gives (True)
+        or takes away (False) the admin role, None leaves it (none for a new user)."""
         if not username or len(username) > 128 or not username.isprintable() or " " in username:
             raise AdminError("a username is 1 to 128 printable characters, no spaces")
         if len(password) < 8:
             raise AdminError("a password needs at least 8 characters")
         existing = await self.store.get_user(username)
+        if existing and create_only:
+            raise Conflict(f"user {username!r} exists")
         await self.store.save_user(username, {
             "password_hash": await asyncio.to_thread(hash_secret, password),
             "sub": existing.get("sub") or "u_" + uuid.uuid4().hex,
             "created_at": existing.get("created_at") or str(int(time.time()))})
         await self.store.audit("user.added" if not existing else "user.password_set",
                                user=username, actor=actor)
+        if admin is not None:
+            await self.set_admin(username, admin, actor=actor)
+
+    async def set_admin(self, username: str, admin: bool, *, actor: str) -> dict[str, Any]:
+        """Give or take away a user's admin role (effective at their next request)."""
+        fields = await self.store.get_user(username)
+        if not fields.get("sub"):
+            raise NotFound(f"no user {username!r} on this authorization server")
+        await self.store.save_user(username, {ADMIN_FIELD: "1" if admin else "0"})
+        await self.store.audit("user.role_changed", user=username, actor=actor,
+                               admin="1" if admin else "0")
+        return await self.user_view(username)
+
+    async def user_view(self, username: str, fields: dict[str, str] | None = None
+                        ) -> dict[str, Any]:
+        """A user as shown to operators: never a password hash."""
+        if fields is None:
+            fields = await self.store.get_user(username)
+        if not fields.get("sub"):
+            raise NotFound(f"no user {username!r} on this authorization server")
+        person = await self.people.show(fields["sub"])
+        return {"username": username, "subject": fields["sub"],
+                "kind": "sso" if fields.get("sso") else "local",
+                "admin": fields.get(ADMIN_FIELD) == "1",
+                "disabled": person.get("disabled", "0").strip() == "1",
+                "created_at": int(fields.get("created_at") or 0)}
+
+    async def list_users(self) -> list[dict[str, Any]]:
+        """Every user of this server (local and SSO), by username."""
+        keys = self.store.keys
+        names = sorted({keys.as_username_of(k) async for k in
+                        self.store.redis.scan_iter(match=keys.as_user_pattern, count=500)})
+        out = []
+        for name in names:
+            fields = await self.store.get_user(name)
+            if fields.get("sub"):
+                out.append(await self.user_view(name, fields))
+        return out
 
     async def resolve_subject(self, name: str) -> tuple[str, str | None]:
         """``(subject, username)`` of a person named by a local or SSO user's username
@@ -221,4 +276,65 @@ class AuthAdmin:
     async def revoke_grant(self, grant_id: str, *, actor: str, reason: str = "") -> None:
         if not await self.issuer.revoke_grant(grant_id, reason=reason or "revoked_by_admin",
                                               actor=actor):
-            raise AdminError(f"no grant {grant_id!r}")
+            raise NotFound(f"no grant {grant_id!r}")
+
+    async def client_view(self, client: OAuthClient) -> dict[str, Any]:
+        """A client as the admin API shows it: ``clients show``'s fields, with the
+        governance record's ``rate_limit`` and who changed it last, when, why."""
+        record = await self.governance.show(client.client_id)
+        return {**client.public_view(), "grant_type": client.flow,
+                "rate_limit": record.get("rate_limit") or None,
+                "updated_at": int(record.get("updated_at") or 0) or None,
+                "updated_by": record.get("updated_by") or None,
+                "reason": record.get("reason") or None}
+
+    async def has_record(self, client_id: str) -> bool:
+        """Whether any client record (the built-in server's or governance only) exists."""
+        return bool(await self.governance.show(client_id))
+
+    async def set_rate_limit(self, client_id: str, rate: str | None, *, actor: str
+                             ) -> None:
+        """Set (``N/PERIOD``) or clear (None, ``""``, ``none``) a client's rate limit."""
+        try:
+            parsed = optional_rate(rate or "")
+        except ValueError as exc:
+            raise AdminError(f"rate_limit: {exc}") from None
+        await self.governance.set_rate_limit(client_id, parsed, actor=actor)
+
+    async def audit_entries(self, *, limit: int, before: str | None = None,
+                            match: dict[str, str] | None = None
+                            ) -> tuple[list[dict[str, str]], str | None]:
+        """The newest audit entries first (older than the entry id ``before``), those whose
+        fields equal ``match`` (``actor``, ``client_id``, ``action``; ``subject`` matches
+        ``subject`` or ``user``); with the id to continue from when more may remain."""
+        match = {k: v for k, v in (match or {}).items() if v}
+        key = self.store.keys.audit
+        found: list[dict[str, str]] = []
+        upper = f"({before}" if before else "+"
+        while len(found) <= limit:  # one more than asked: whether more remain
+            batch = cast(list[tuple[str, dict[str, str]]], await self.store.redis.xrevrange(
+                key, max=upper, min="-", count=max(limit * 2, 100)))
+            if not batch:
+                break
+            for entry_id, fields in batch:
+                upper = f"({entry_id}"
+                if all(_matches(fields, k, v) for k, v in match.items()):
+                    found.append({"id": entry_id, **fields})
+                    if len(found) > limit:
+                        break
+        if len(found) > limit:
+            return found[:limit], found[limit - 1]["id"]
+        return found, None
+
+
+def policy_view(fields: dict[str, str], settings: Settings) -> dict[str, Any] | None:
+    """The ``policy`` object of a client record (None: no client of this server), as
+    ``clients show --json`` and the admin API show it."""
+    client = OAuthClient.from_fields("", fields, tenant_defaults(settings))
+    return client.public_view()["policy"] if client is not None else None
+
+
+def _matches(fields: dict[str, str], name: str, value: str) -> bool:
+    if name == "subject":
+        return value in (fields.get("subject"), fields.get("user"))
+    return fields.get(name) == value

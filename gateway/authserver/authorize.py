@@ -31,7 +31,7 @@ from yarl import URL
 from gateway.authserver import rfc7636
 from gateway.authserver.errors import AccessDenied, InvalidGrant, InvalidRequest, OAuthError
 from gateway.authserver.hashing import new_token
-from gateway.authserver.models import GRANT_CODE, OAuthClient, narrow_scope
+from gateway.authserver.models import ADMIN_SCOPE, GRANT_CODE, OAuthClient, narrow_scope
 from gateway.authserver.pages import (
     current_user,
     forbidden_csrf,
@@ -39,6 +39,7 @@ from gateway.authserver.pages import (
     posted_form,
     render,
 )
+from gateway.authserver.roles import NOT_ADMIN, is_admin
 from gateway.authserver.server import AuthorizationServer, server_of
 
 PENDING_TTL = 600     # seconds a consent page stays answerable
@@ -181,6 +182,9 @@ async def authorize_get(request: web.Request) -> web.StreamResponse:
     user = await current_user(request)
     if user is None:
         raise _login_redirect(request)
+    if ADMIN_SCOPE in scope.split() and not await is_admin(server.store, user["username"]):
+        return error_page(request, "Administrator access refused", NOT_ADMIN,
+                          error="access_denied", status=403)
     request_id = secrets.token_urlsafe(24)
     pending = {"client_id": client.client_id, "redirect_uri": redirect_uri,
                "redirect_uri_named": named, "scope": scope, "state": state,
@@ -229,6 +233,10 @@ async def authorize_post(request: web.Request) -> web.StreamResponse:
                                  user=user["username"])
         raise error_redirect(server, redirect_uri,
                              AccessDenied("The user denied the request."), state)
+    if ADMIN_SCOPE in str(pending["scope"]).split() and not await is_admin(
+            server.store, user["username"]):  # the role may have gone since the page
+        return error_page(request, "Administrator access refused", NOT_ADMIN,
+                          error="access_denied", status=403)
     grant = await server.issuer.new_grant(
         client, username=user["username"], sub=user["sub"], scope=pending["scope"],
         grant_type=GRANT_CODE, label=request.headers.get("User-Agent", ""))

@@ -21,6 +21,12 @@ GRANT_CLIENT_CREDENTIALS = "client_credentials"
 FLOW_NAMES = {"authorization_code": GRANT_CODE, "device_code": GRANT_DEVICE,
               GRANT_DEVICE: GRANT_DEVICE, "client_credentials": GRANT_CLIENT_CREDENTIALS}
 
+#: the scope of the JSON admin API; only a person with the admin role may approve it, and
+#: it is never granted by default: a client asks for it by name
+ADMIN_SCOPE = "gateway:admin"
+#: the public device-flow client every built-in server has (created at start if missing)
+CLI_CLIENT_ID = "oauth-gateway-cli"
+
 MAX_REDIRECT_URIS = 60
 MAX_REFRESH_TTL = 365 * 24 * 3600
 ROTATABLE, NON_ROTATABLE = "rotatable", "non_rotatable"
@@ -254,12 +260,12 @@ def requested_scopes(requested: str | None) -> list[str]:
 
 def narrow_scope(requested: str | None, allowed: tuple[str, ...]) -> str:
     """Requested scopes must be a subset of the client's (RFC 6749 section 3.3);
-    none requested means all of them."""
+    none requested means all of them but :data:`ADMIN_SCOPE`, which is asked by name."""
     from gateway.authserver.errors import InvalidScope
 
     wanted = requested_scopes(requested)
     if not wanted:
-        return " ".join(allowed)
+        return " ".join(s for s in allowed if s != ADMIN_SCOPE)
     unknown = [s for s in wanted if s not in allowed]
     if unknown:
         raise InvalidScope(f"scope not allowed for this client: {' '.join(unknown)}")

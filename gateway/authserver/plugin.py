@@ -19,6 +19,8 @@ from gateway.authn.validators.base import TokenValidator
 from gateway.authserver import routes
 from gateway.authserver.assembly import build_auth_server
 from gateway.authserver.metrics import AuthServerMetrics
+from gateway.authserver.models import ADMIN_SCOPE
+from gateway.authserver.roles import ensure_cli_client
 from gateway.authserver.server import AuthorizationServer, DeviceFlowTiming
 from gateway.authserver.validator import BuiltinValidator
 from gateway.config.settings import Settings
@@ -33,7 +35,8 @@ class BuiltinServer:
                  device: DeviceFlowTiming | None = None) -> None:
         self.settings = settings
         self.metrics = AuthServerMetrics(registry)
-        self._scopes = tuple(scopes_supported)
+        # the admin API's scope is one this server always knows (RFC 8414 metadata)
+        self._scopes = tuple(dict.fromkeys([*scopes_supported, ADMIN_SCOPE]))
         self._device = device or DeviceFlowTiming()
         self._server: AuthorizationServer | None = None
 
@@ -43,10 +46,13 @@ class BuiltinServer:
         routes.add_routes(app)
 
     async def start(self, redis: Redis, digester: TokenDigester) -> AuthorizationServer:
-        """Build the server on the gateway's Redis and digest key."""
+        """Build the server on the gateway's Redis and digest key; make sure the
+        command line's client ``oauth-gateway-cli`` exists."""
         self._server = await build_auth_server(
             self.settings, redis, digester, self.metrics, scopes_supported=self._scopes,
             device=self._device)
+        await ensure_cli_client(self._server.store,
+                                (s for s in self._server.scopes_supported if s != ADMIN_SCOPE))
         return self._server
 
     @property

@@ -56,7 +56,7 @@ from gateway.authserver.hashing import (
     new_user_code,
     normalize_user_code,
 )
-from gateway.authserver.models import GRANT_DEVICE, OAuthClient, narrow_scope
+from gateway.authserver.models import ADMIN_SCOPE, GRANT_DEVICE, OAuthClient, narrow_scope
 from gateway.authserver.pages import (
     current_user,
     forbidden_csrf,
@@ -65,6 +65,7 @@ from gateway.authserver.pages import (
     render,
 )
 from gateway.authserver.rfc6749 import token_response
+from gateway.authserver.roles import NOT_ADMIN, is_admin
 from gateway.authserver.server import AuthorizationServer, server_of
 from gateway.authserver.storage import AuthStore
 
@@ -318,6 +319,16 @@ async def device_post(request: web.Request) -> web.StreamResponse:
         return found
     digest, record, ttl, client = found
     ref = _consent_ref(server.store, digest)
+    if ADMIN_SCOPE in str(record["scope"]).split() and not await is_admin(
+            server.store, user["username"]):
+        # refused outright, and the device told so (access_denied) at its next poll
+        record.update(status="denied", username=user["username"], decided_at=int(time.time()))
+        await DeviceAuthorizations(server.store).decide(digest, record, ttl)
+        server.metrics.device_flow.labels("denied").inc()
+        await server.store.audit("device.denied", client_id=client.client_id,
+                                 user=user["username"], reason="not_admin",
+                                 remote=server.source(request))
+        return _entry_page(request, status=403, error=NOT_ADMIN)
     if "approve" not in form and "deny" not in form:
         return _consent_page(request, client, record, user["username"], ref)
     if not hmac.compare_digest(ref, str(form.get("device_ref", ""))):

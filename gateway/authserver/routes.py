@@ -1,5 +1,6 @@
-"""Every endpoint of the built-in server, registered on the proxy app (``/oauth/*``
-and the RFC 8414 well-known path), before the gateway's catch-all route."""
+"""Every endpoint of the built-in server, registered on the proxy app (``/oauth/*``,
+the RFC 8414 well-known path, the admin API under ``/admin/api/v1/``), before the
+gateway's catch-all route."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from aiohttp import web
 
 from gateway.authserver import (
     account,
+    adminapi,
     anaplan_signin,
     anaplan_token,
     authorize,
@@ -35,3 +37,4 @@ def add_routes(app: web.Application) -> None:
     sso.add_routes(app)
     anaplan_signin.add_routes(app)
     anaplan_token.add_routes(app)
+    adminapi.add_routes(app)

@@ -42,6 +42,7 @@ from gateway.authserver.oidc import (
     safe_code,
     validate_id_token,
 )
+from gateway.authserver.roles import admin_groups, record_sso_role, sso_admin
 from gateway.authserver.server import server_of
 
 CALLBACK_PATH = "/oauth/sso/callback"
@@ -190,6 +191,9 @@ async def _local_user(request: web.Request, issuer: str, claims: dict[str, Any]
         raise SSOError(409, "conflict", f"The account name {username!r} already belongs to "
                        "another user. Ask an administrator to link your company account.")
     await store.map_sso(issuer, sso_sub, username)
+    # the admin role, as the provider's groups say today (GATEWAY_ADMIN_GROUPS)
+    await record_sso_role(store, username,
+                          sso_admin(claims, admin_groups(server.settings.admin_groups)))
     return username, user["sub"]
 
 

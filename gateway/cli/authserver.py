@@ -7,7 +7,8 @@
     oauth-gateway clients update ID [...] [--rate-limit N/PERIOD|none]
     oauth-gateway clients rotate-secret ID [--grace S] | delete ID
     oauth-gateway grants list [--client ID] [--user NAME] [--json] | revoke GRANT_ID
-    oauth-gateway users add USERNAME            (password on standard input)
+    oauth-gateway users add USERNAME [--admin|--no-admin]   (password on standard input)
+    oauth-gateway users update USERNAME --admin|--no-admin
     oauth-gateway users disable SUBJECT_OR_USERNAME [--reason TEXT] | enable SUBJECT_OR_USERNAME
 """
 
@@ -172,8 +173,20 @@ def add_groups(sub: Any, common: argparse.ArgumentParser) -> None:
     p = usub.add_parser("add", parents=[common],
                         help="add a user or set a password (read from standard input)")
     p.add_argument("username")
+    p.add_argument("--admin", action=argparse.BooleanOptionalAction, default=None,
+                   help="give (or, with --no-admin, take away) the admin role: may approve "
+                   "gateway:admin and use the admin API (default: unchanged; none for a "
+                   "new user)")
     p.add_argument("--actor")
     p.set_defaults(func=run, as_cmd="users-add")
+    p = usub.add_parser("update", parents=[common],
+                        help="give or take away a user's admin role (no password asked)")
+    p.add_argument("username")
+    p.add_argument("--admin", action=argparse.BooleanOptionalAction, required=True,
+                   help="--admin gives the role, --no-admin takes it away at the user's "
+                   "next request")
+    p.add_argument("--actor")
+    p.set_defaults(func=run, as_cmd="users-update")
     for name, what in (("disable", "refuse every token of a person"),
                        ("enable", "accept the person's tokens again")):
         p = usub.add_parser(name, parents=[common], help=what)
@@ -238,8 +251,15 @@ async def _dispatch(args: argparse.Namespace, admin: AuthAdmin, out: Printer, ac
             {"grant_id": args.grant_id, "revoked": True})
     elif cmd == "users-add":
         password = sys.stdin.readline().rstrip("\n")
-        await admin.add_user(args.username, password, actor=actor)
-        out(args, f"user {shown(args.username)} saved", {"username": args.username})
+        await admin.add_user(args.username, password, actor=actor, admin=args.admin)
+        role = "" if args.admin is None else "; admin role " + (
+            "given" if args.admin else "taken away")
+        out(args, f"user {shown(args.username)} saved{role}", {
+            "username": args.username, **({} if args.admin is None else {"admin": args.admin})})
+    elif cmd == "users-update":
+        view = await admin.set_admin(args.username, args.admin, actor=actor)
+        out(args, f"user {shown(args.username)}: admin role "
+            f"{'given' if args.admin else 'taken away'}", view)
     elif cmd in ("users-disable", "users-enable"):
         disabled = cmd == "users-disable"
         subject, username, fields = await admin.set_user_disabled(

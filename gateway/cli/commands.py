@@ -22,6 +22,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from gateway import __version__
+from gateway.authserver import policy_view
 from gateway.cli import authserver as authserver_commands
 from gateway.cli import backup as backup_commands
 from gateway.cli import secrets as secrets_commands
@@ -160,13 +161,16 @@ def cmd_policy_explain(args: argparse.Namespace, settings: Settings) -> int:
 _HIDDEN_FIELDS = {"disabled", "secret_hash", "old_secret_hash", "managed"}
 
 
-def _record_view(client_id: str, fields: dict[str, str]) -> dict[str, Any]:
+def _record_view(client_id: str, fields: dict[str, str], settings: Settings | None = None
+                 ) -> dict[str, Any]:
     """A client record as shown to operators: never a secret hash."""
     view: dict[str, Any] = {
         "client_id": client_id, "disabled": fields.get("disabled", "0") == "1",
         **{k: v for k, v in fields.items() if k not in _HIDDEN_FIELDS}}
     if fields.get("managed") == "1":  # a built-in server's client: may it introspect all?
         view["introspect"] = fields.get("introspect") == "1"
+        if settings is not None:  # its token policy, as the admin API shows it
+            view["policy"] = policy_view(fields, settings)
     return view
 
 
@@ -182,7 +186,7 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
     async def action(redis: Redis) -> int:
         admin = ClientAdmin(redis, key_prefix=settings.key_prefix)
         if args.clients_cmd == "list":
-            rows = [_record_view(cid, f) for cid, f in await admin.list()]
+            rows = [_record_view(cid, f, settings) for cid, f in await admin.list()]
             lines = [f"{'CLIENT':<34} {'NAME':<24} {'FLOW':<18} {'STATUS':<9} "
                      f"{'INTROSPECT':<10} {'SCOPES':<30} UPDATED"]
             for r in rows:
@@ -203,7 +207,7 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
                 err(f"no record for client {args.client_id!r} (its tokens are governed by "
                      "the tokens alone)")
                 return EXIT_FAIL
-            view = _record_view(args.client_id, fields)
+            view = _record_view(args.client_id, fields, settings)
             out(args, "\n".join(f"{k:<22} {_shown_field(k, v)}" for k, v in view.items()),
                 view)
             return EXIT_OK

@@ -121,6 +121,10 @@ class Settings:
     sso_scopes: str = setting("openid profile email", "scopes asked of the OpenID provider")
     sso_username_claim: str = setting(
         "preferred_username", "ID-token claim that names the user (falls back to `sub`)")
+    admin_groups: str = setting(
+        "", "comma-separated groups of the ID token's `groups` claim whose members get the "
+        "built-in server's admin role at each SSO sign-in (empty: SSO leaves the role as "
+        "set by `users add --admin`)")
     anaplan_oauth_url: str = setting(
         "https://us1a.app.anaplan.com",
         "Anaplan's OAuth service (`/auth/authorize`, `/oauth/token`): \"Sign in with "

@@ -252,8 +252,18 @@ class Keys:
 
     def as_user(self, username: str) -> str:
         """Hash, no TTL: a user. ``sub``, ``created_at``; ``password_hash`` (local) or
-        ``sso``/``sso_sub`` (signed in through company SSO)."""
+        ``sso``/``sso_sub`` (signed in through company SSO); ``admin`` (``1``: the admin
+        role)."""
         return f"{self.prefix}as:user:{username}"
+
+    @property
+    def as_user_pattern(self) -> str:
+        """SCAN pattern matching every :meth:`as_user` key."""
+        return f"{self.prefix}as:user:*"
+
+    def as_username_of(self, key: str) -> str:
+        """The username in an :meth:`as_user` key."""
+        return key[len(self.prefix) + len("as:user:"):]
 
     def as_sso(self, issuer: str, sub: str) -> str:
         """String, no TTL: the username linked to an SSO provider's subject."""
