@@ -537,9 +537,15 @@ async def test_the_consent_page_refuses_gateway_admin_to_a_non_admin(h: AuthHarn
 
 
 def test_the_document_is_valid_openapi() -> None:
-    """Checked by openapi-spec-validator where it is installed (not a dependency: the
-    schemas themselves are checked above with jsonschema, and every answer against them)."""
-    validator = pytest.importorskip("openapi_spec_validator")
+    """The document itself against the OpenAPI 3.1 specification (every answer of the
+    tests above is checked against its schemas with jsonschema)."""
+    import openapi_spec_validator
+    from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
+
     from gateway.authserver.openapi import document
 
-    validator.validate(document("https://gw.example.com"))
+    openapi_spec_validator.validate(document("https://gw.example.com"))
+    broken = document("https://gw.example.com")
+    broken["paths"]["/clients"]["get"]["responses"] = "none"
+    with pytest.raises(OpenAPIValidationError):
+        openapi_spec_validator.validate(broken)
