@@ -1,4 +1,5 @@
-"""CLI commands of the built-in authorization server (wired into ``gateway.cli``).
+"""CLI commands of the built-in authorization server (wired into ``gateway.cli``), on
+Redis or, with ``--server URL``, on that server's admin API (:mod:`gateway.cli.backend`).
 
     oauth-gateway clients create --name N
                                  --grant authorization_code|device_code|client_credentials
@@ -7,6 +8,7 @@
     oauth-gateway clients update ID [...] [--rate-limit N/PERIOD|none]
     oauth-gateway clients rotate-secret ID [--grace S] | delete ID
     oauth-gateway grants list [--client ID] [--user NAME] [--json] | revoke GRANT_ID
+    oauth-gateway users list
     oauth-gateway users add USERNAME [--admin|--no-admin]   (password on standard input)
     oauth-gateway users update USERNAME --admin|--no-admin
     oauth-gateway users disable SUBJECT_OR_USERNAME [--reason TEXT] | enable SUBJECT_OR_USERNAME
@@ -15,30 +17,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
-from gateway.authserver import AdminError, AuthAdmin
-from gateway.cli.terminal import (
-    EXIT_FAIL,
-    EXIT_OK,
-    actor,
-    err,
-    out,
-    redis_failed,
-    shown,
-    when,
-)
+from gateway.cli.backend import Backend, with_backend
+from gateway.cli.terminal import EXIT_OK, actor, out, shown, when
 from gateway.config.rates import optional_rate
 from gateway.config.settings import Settings
-from gateway.protocol.tokens import TokenDigester
-from gateway.state import connection as gwstore
-from gateway.state.keys import Keys
 
 Printer = Callable[[argparse.Namespace, str, Any], None]
 
@@ -135,20 +121,19 @@ def _as_changes(args: argparse.Namespace) -> bool:
                                        args.introspect, *_policy_of(args).values()))
 
 
-async def _update(args: argparse.Namespace, admin: AuthAdmin, out: Printer, actor: str
+async def _update(args: argparse.Namespace, backend: Backend, out: Printer, actor: str
                   ) -> None:
     """``clients update``: the built-in server's settings, then the rate limit (any client)."""
-    view: dict[str, Any] = {}
+    changes = None
     if _as_changes(args) or args.rate_limit is None:
-        client = await admin.update_client(
-            args.client_id, actor=actor, name=args.name, redirect_uris=args.redirect_uris,
-            scopes=args.scopes, policy=_policy_of(args), introspect=args.introspect)
-        view = client.public_view()
+        changes = {"name": args.name, "redirect_uris": args.redirect_uris,
+                   "scopes": args.scopes, "policy": _policy_of(args),
+                   "introspect": args.introspect}
+    view = await backend.update_client(args.client_id, changes=changes,
+                                       rate_limit=args.rate_limit, actor=actor)
     message = f"client {args.client_id} updated"
     if args.rate_limit is not None:
         rate = optional_rate(args.rate_limit)
-        fields = await admin.governance.set_rate_limit(args.client_id, rate, actor=actor)
-        view = {**view, "client_id": args.client_id, "rate_limit": fields.get("rate_limit", "")}
         message += (f"; rate limit {rate} across the fleet" if rate else
                     "; rate limit cleared (GATEWAY_DEFAULT_RATE_LIMIT applies)") + \
             "; every gateway replica applies it within 100 ms"
@@ -170,6 +155,8 @@ def add_groups(sub: Any, common: argparse.ArgumentParser) -> None:
 
     users = sub.add_parser("users", help="local users of the built-in server")
     usub = users.add_subparsers(dest="users_cmd", required=True)
+    p = usub.add_parser("list", parents=[common], help="every user (local and SSO)")
+    p.set_defaults(func=run, as_cmd="users-list")
     p = usub.add_parser("add", parents=[common],
                         help="add a user or set a password (read from standard input)")
     p.add_argument("username")
@@ -197,45 +184,41 @@ def add_groups(sub: Any, common: argparse.ArgumentParser) -> None:
         p.set_defaults(func=run, as_cmd=f"users-{name}")
 
 
-async def _dispatch(args: argparse.Namespace, admin: AuthAdmin, out: Printer, actor: str
+async def _dispatch(args: argparse.Namespace, backend: Backend, out: Printer, actor: str
                     ) -> int:
     cmd = args.as_cmd
     if cmd == "create":
-        client, secret = await admin.create_client(
+        view, secret = await backend.create_client(
             name=args.name, grant=args.grant, redirect_uris=args.redirect_uris,
             scopes=args.scopes, actor=actor,
             confidential=True if args.confidential else False if args.public else None,
             policy=_policy_of(args), introspect=args.introspect)
-        view = client.public_view()
         if secret:
             view["client_secret"] = secret
-        lines = [f"client created: {shown(client.name)}", f"client_id:     {client.client_id}"]
+        lines = [f"client created: {shown(view['name'])}",
+                 f"client_id:     {view['client_id']}"]
         if secret:
             lines += [f"client_secret: {secret}",
                       "               (shown once: store it now; only a hash is kept)"]
-        lines += [f"flow:          {client.flow}",
-                  f"scopes:        {' '.join(client.scopes) or '(none)'}",
-                  f"introspect:    {'any token' if client.introspect else 'own tokens only'}"]
+        lines += [f"flow:          {view['flow']}",
+                  f"scopes:        {' '.join(view['scopes']) or '(none)'}",
+                  f"introspect:    {'any token' if view['introspect'] else 'own tokens only'}"]
         out(args, "\n".join(lines), view)
     elif cmd == "update":
-        await _update(args, admin, out, actor)
+        await _update(args, backend, out, actor)
     elif cmd == "rotate-secret":
-        secret = await admin.rotate_secret(args.client_id, actor=actor, grace=args.grace)
+        secret = await backend.rotate_secret(args.client_id, actor=actor, grace=args.grace)
         grace = f"; the old secret works for {args.grace}s more" if args.grace else \
             "; the old secret no longer works"
         out(args, f"client_secret: {secret}\n(shown once{grace})",
             {"client_id": args.client_id, "client_secret": secret, "grace": args.grace})
     elif cmd == "delete":
-        ended = await admin.delete_client(args.client_id, actor=actor, reason=args.reason or "")
+        ended = await backend.delete_client(args.client_id, actor=actor,
+                                            reason=args.reason or "")
         out(args, f"client {args.client_id} deleted; {ended} grants ended",
             {"client_id": args.client_id, "grants_ended": ended})
     elif cmd == "grants-list":
-        grants = await admin.list_grants(client_id=args.client_id, username=args.username)
-        rows: list[dict[str, Any]] = [{
-                 "grant_id": g.grant_id, "client_id": g.client_id, "user": g.username,
-                 "label": g.label, "scope": g.scope, "created_at": g.created_at,
-                 "last_used_at": g.last_used_at, "expires_at": g.expires_at,
-                 "revoked": g.revoked, "revoked_reason": g.revoked_reason} for g in grants]
+        rows = await backend.grants(client_id=args.client_id, username=args.username)
         lines = [f"{'GRANT':<20} {'CLIENT':<34} {'USER':<16} {'STATUS':<8} {'GRANTED':<28} "
                  f"{'LAST USED':<28} DEVICE"]
         for r in rows:
@@ -246,55 +229,46 @@ async def _dispatch(args: argparse.Namespace, admin: AuthAdmin, out: Printer, ac
                          f"{shown(r['label'])}")
         out(args, "\n".join(lines) if rows else "no grants", rows)
     elif cmd == "grants-revoke":
-        await admin.revoke_grant(args.grant_id, actor=actor, reason=args.reason or "")
+        await backend.revoke_grant(args.grant_id, actor=actor, reason=args.reason or "")
         out(args, f"grant {args.grant_id} revoked; its tokens are refused at once",
             {"grant_id": args.grant_id, "revoked": True})
     elif cmd == "users-add":
         password = sys.stdin.readline().rstrip("\n")
-        await admin.add_user(args.username, password, actor=actor, admin=args.admin)
+        await backend.add_user(args.username, password, actor=actor, admin=args.admin)
         role = "" if args.admin is None else "; admin role " + (
             "given" if args.admin else "taken away")
         out(args, f"user {shown(args.username)} saved{role}", {
             "username": args.username, **({} if args.admin is None else {"admin": args.admin})})
     elif cmd == "users-update":
-        view = await admin.set_admin(args.username, args.admin, actor=actor)
+        view = await backend.set_admin(args.username, args.admin, actor=actor)
         out(args, f"user {shown(args.username)}: admin role "
             f"{'given' if args.admin else 'taken away'}", view)
     elif cmd in ("users-disable", "users-enable"):
         disabled = cmd == "users-disable"
-        subject, username, fields = await admin.set_user_disabled(
-            args.person, disabled, actor=actor, reason=args.reason or "")
+        view = await backend.set_person_disabled(args.person, disabled, actor=actor,
+                                                 reason=args.reason or "")
+        subject, username = view["subject"], view["username"]
         who = f"user {shown(username)} (subject {shown(subject)})" if username \
             else f"subject {shown(subject)}"
         out(args, f"{who} {'disabled' if disabled else 'enabled'}; every gateway replica "
-            "enforces it within 100 ms",
-            {"subject": subject, "username": username, "disabled": disabled,
-             "reason": fields["reason"], "updated_at": fields["updated_at"],
-             "updated_by": fields["updated_by"]})
+            "enforces it within 100 ms", view)
+    elif cmd == "users-list":
+        users = await backend.users()
+        lines = [f"{'USER':<24} {'KIND':<6} {'ADMIN':<6} {'STATUS':<9} {'SUBJECT':<38} "
+                 "CREATED"]
+        lines += [f"{shown(u['username'])[:24]:<24} {shown(u['kind']):<6} "
+                  f"{'yes' if u['admin'] else '-':<6} "
+                  f"{'disabled' if u['disabled'] else 'enabled':<9} "
+                  f"{shown(u['subject']):<38} {when(u['created_at'])}" for u in users]
+        out(args, "\n".join(lines) if users else "no users", users)
     return EXIT_OK
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Entry point for every command above (``args.as_cmd`` says which)."""
-    async def main() -> int:
-        redis: Redis = gwstore.connect(settings.redis_url)
-        try:
-            await redis.ping()
-            if args.as_cmd != "grants-list":  # every other command writes
-                await gwstore.claim_schema(redis, Keys(settings.key_prefix))
-            key = await gwstore.digest_key(redis, settings.key_prefix,
-                                           settings.token_digest_key)
-            admin = AuthAdmin(redis, settings, TokenDigester(key))
-            return await _dispatch(args, admin, out, actor(args))
-        finally:
-            await redis.aclose()
+    async def action(backend: Backend) -> int:
+        return await _dispatch(args, backend, out, actor(args))
 
-    try:
-        return asyncio.run(main())
-    except AdminError as exc:
-        err(str(exc))
-        return EXIT_FAIL
-    except RedisError as exc:
-        return redis_failed(settings, exc)
-
-
+    # every command but the lists writes
+    return with_backend(args, settings, action,
+                        writes=args.as_cmd not in ("grants-list", "users-list"))

@@ -18,6 +18,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from gateway.cli.backend import needs_redis
 from gateway.cli.terminal import EXIT_FAIL, EXIT_OK, EXIT_USAGE, actor, err, out, with_redis
 from gateway.config.settings import Settings
 from gateway.state import backup, events
@@ -53,6 +54,9 @@ def _write_file(path: str, lines: list[str]) -> None:
 
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    refused = needs_redis(args, "export")
+    if refused is not None:
+        return refused
     try:
         secret_keys = _secret_keys(settings)
     except ValueError as exc:
@@ -97,6 +101,9 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
+    refused = needs_redis(args, "import")
+    if refused is not None:
+        return refused
     try:
         secret_keys = _secret_keys(settings)
     except ValueError as exc:

@@ -10,6 +10,9 @@
 
 Every command reads the same settings as ``serve`` (``--config``, then ``GATEWAY_*``),
 prints human-readable output, ``--json`` for machines, and exits non-zero on failure.
+``clients``, ``grants``, ``users`` and ``audit`` act on Redis, or, given ``--server URL``
+(or ``GATEWAY_SERVER``), on that server's admin API with the login of
+``oauth-gateway login --admin --issuer URL`` (:mod:`gateway.cli.backend`).
 """
 
 from __future__ import annotations
@@ -17,15 +20,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import Any, cast
 
 from redis.asyncio import Redis
 
 from gateway import __version__
-from gateway.authserver import policy_view
 from gateway.cli import authserver as authserver_commands
 from gateway.cli import backup as backup_commands
 from gateway.cli import secrets as secrets_commands
+from gateway.cli.backend import Backend, needs_redis, with_backend
 from gateway.cli.terminal import (
     EXIT_FAIL,
     EXIT_OK,
@@ -39,10 +41,8 @@ from gateway.cli.terminal import (
 )
 from gateway.config.policy import PolicyError, load_policy
 from gateway.config.settings import Settings, SettingsError, load_settings
-from gateway.pipeline.govern import ClientAdmin
 from gateway.pipeline.paths import ReservedPaths, safe_path
 from gateway.protocol.errors import GatewayError
-from gateway.state.keys import Keys
 
 # -- serve -----------------------------------------------------------------
 
@@ -64,14 +64,20 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_login(args: argparse.Namespace, settings: Settings) -> int:
-    from gateway.cli.login import LoginError, device_login
+    from gateway.cli.login import ADMIN_SCOPE, CLI_CLIENT, LoginError, device_login
 
     issuer = args.issuer or settings.issuer
-    if not issuer or not args.client_id:
-        err("give --issuer (or GATEWAY_ISSUER) and --client-id")
+    if not issuer:
+        err("give --issuer (or GATEWAY_ISSUER)")
         return EXIT_USAGE
+    client_id, scope = args.client_id, args.scope
+    if args.admin:  # the admin API's login: the built-in CLI client, asking gateway:admin
+        if client_id not in (None, CLI_CLIENT):
+            err(f"--admin signs in through the built-in client {CLI_CLIENT}: drop --client-id")
+            return EXIT_USAGE
+        scope = " ".join(dict.fromkeys([ADMIN_SCOPE, *(scope or "").split()]))
     try:
-        asyncio.run(device_login(issuer, args.client_id, args.scope))
+        asyncio.run(device_login(issuer, client_id or CLI_CLIENT, scope, admin=args.admin))
     except LoginError as exc:
         err(str(exc))
         return EXIT_FAIL
@@ -84,11 +90,11 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.cli.login import LoginError, current_token
 
     issuer = args.issuer or settings.issuer
-    if not issuer or not args.client_id:
-        err("give --issuer (or GATEWAY_ISSUER) and --client-id")
+    if not issuer:
+        err("give --issuer (or GATEWAY_ISSUER)")
         return EXIT_USAGE
     try:
-        print(shown(asyncio.run(current_token(issuer, args.client_id))))
+        print(shown(asyncio.run(current_token(issuer, args.client_id, admin=args.admin))))
     except LoginError as exc:
         err(str(exc))
         return EXIT_FAIL
@@ -158,22 +164,6 @@ def cmd_policy_explain(args: argparse.Namespace, settings: Settings) -> int:
 
 # -- clients ---------------------------------------------------------------
 
-_HIDDEN_FIELDS = {"disabled", "secret_hash", "old_secret_hash", "managed"}
-
-
-def _record_view(client_id: str, fields: dict[str, str], settings: Settings | None = None
-                 ) -> dict[str, Any]:
-    """A client record as shown to operators: never a secret hash."""
-    view: dict[str, Any] = {
-        "client_id": client_id, "disabled": fields.get("disabled", "0") == "1",
-        **{k: v for k, v in fields.items() if k not in _HIDDEN_FIELDS}}
-    if fields.get("managed") == "1":  # a built-in server's client: may it introspect all?
-        view["introspect"] = fields.get("introspect") == "1"
-        if settings is not None:  # its token policy, as the admin API shows it
-            view["policy"] = policy_view(fields, settings)
-    return view
-
-
 def _shown_field(name: str, value: object) -> str:
     """One field of a record for people: a moment (``*_at``, epoch seconds) through
     :func:`when`, anything else through :func:`shown`."""
@@ -183,10 +173,9 @@ def _shown_field(name: str, value: object) -> str:
 
 
 def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
-    async def action(redis: Redis) -> int:
-        admin = ClientAdmin(redis, key_prefix=settings.key_prefix)
+    async def action(backend: Backend) -> int:
         if args.clients_cmd == "list":
-            rows = [_record_view(cid, f, settings) for cid, f in await admin.list()]
+            rows = await backend.clients()
             lines = [f"{'CLIENT':<34} {'NAME':<24} {'FLOW':<18} {'STATUS':<9} "
                      f"{'INTROSPECT':<10} {'SCOPES':<30} UPDATED"]
             for r in rows:
@@ -202,30 +191,33 @@ def cmd_clients(args: argparse.Namespace, settings: Settings) -> int:
             out(args, "\n".join(lines) if rows else "no client records", rows)
             return EXIT_OK
         if args.clients_cmd == "show":
-            fields = await admin.show(args.client_id)
-            if not fields:
+            view = await backend.client(args.client_id)
+            if not view:
                 err(f"no record for client {args.client_id!r} (its tokens are governed by "
                      "the tokens alone)")
                 return EXIT_FAIL
-            view = _record_view(args.client_id, fields, settings)
             out(args, "\n".join(f"{k:<22} {_shown_field(k, v)}" for k, v in view.items()),
                 view)
             return EXIT_OK
         disabled = args.clients_cmd == "disable"
-        fields = await admin.set_disabled(args.client_id, disabled, actor=actor(args),
-                                          reason=args.reason or "")
+        view = await backend.set_client_disabled(args.client_id, disabled, actor=actor(args),
+                                                 reason=args.reason or "")
         out(args, f"client {args.client_id} {'disabled' if disabled else 'enabled'}; every "
-             "gateway replica enforces it within 100 ms",
-             _record_view(args.client_id, fields))
+             "gateway replica enforces it within 100 ms", view)
         return EXIT_OK
 
-    return with_redis(settings, action, writes=args.clients_cmd in ("disable", "enable"))
+    return with_backend(args, settings, action,
+                        writes=args.clients_cmd in ("disable", "enable"))
 
 
 # -- tokens ----------------------------------------------------------------
 
 def cmd_tokens_revoke(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.cli.revocation import revoke_token
+
+    refused = needs_redis(args, "tokens revoke")
+    if refused is not None:
+        return refused
 
     token = sys.stdin.readline().strip() if args.token == "-" else args.token
     if not token:
@@ -249,10 +241,8 @@ def cmd_tokens_revoke(args: argparse.Namespace, settings: Settings) -> int:
 # -- audit -----------------------------------------------------------------
 
 def cmd_audit_tail(args: argparse.Namespace, settings: Settings) -> int:
-    async def action(redis: Redis) -> int:
-        entries = cast(list[tuple[str, dict[str, str]]], await redis.xrevrange(
-            Keys(settings.key_prefix).audit, count=args.n))
-        rows: list[dict[str, str]] = [{"id": eid, **fields} for eid, fields in reversed(entries)]
+    async def action(backend: Backend) -> int:
+        rows = await backend.audit(args.n)
         lines = []
         for row in rows:
             at = row.get("at", "")
@@ -263,7 +253,7 @@ def cmd_audit_tail(args: argparse.Namespace, settings: Settings) -> int:
         out(args, "\n".join(lines) or "the audit stream is empty", rows)
         return EXIT_OK
 
-    return with_redis(settings, action)
+    return with_backend(args, settings, action)
 
 
 # -- parser ----------------------------------------------------------------
@@ -275,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="YAML settings file")
     common.add_argument("--json", action="store_true", help="machine-readable output")
+    # the administrative commands: Redis directly, or a server's admin API
+    admin = argparse.ArgumentParser(add_help=False, parents=[common])
+    admin.add_argument("--server", metavar="URL",
+                       help="talk to this server's admin API (its issuer URL) with the login "
+                       "of `oauth-gateway login --admin`, not to Redis (default: "
+                       "GATEWAY_SERVER)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", parents=[common], help="run the gateway")
@@ -285,13 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("login", parents=[common],
                        help="log in with the device flow; the token is kept in ~/.config")
     p.add_argument("--issuer", help="authorization server (default: GATEWAY_ISSUER)")
-    p.add_argument("--client-id", required=True)
+    p.add_argument("--client-id", help="the device client (default: oauth-gateway-cli, the "
+                   "built-in server's)")
     p.add_argument("--scope", help="scopes to ask for (default: all of the client's)")
+    p.add_argument("--admin", action="store_true",
+                   help="sign in for the admin API (client oauth-gateway-cli, scope "
+                   "gateway:admin); later commands use it with --server URL or GATEWAY_SERVER")
     p.set_defaults(func=cmd_login)
     p = sub.add_parser("token", parents=[common],
                        help="print a current access token from `login` (refreshed if needed)")
     p.add_argument("--issuer", help="authorization server (default: GATEWAY_ISSUER)")
-    p.add_argument("--client-id", required=True)
+    p.add_argument("--client-id", default="oauth-gateway-cli",
+                   help="the device client (default: oauth-gateway-cli)")
+    p.add_argument("--admin", action="store_true", help="the admin login's token")
     p.set_defaults(func=cmd_token)
 
     policy = sub.add_parser("policy", help="check and explain route policies")
@@ -305,37 +307,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", help="file or folder (default: GATEWAY_POLICIES)")
     p.set_defaults(func=cmd_policy_explain)
 
-    clients = sub.add_parser("clients", help="client records in Redis")
+    clients = sub.add_parser("clients", help="client records (Redis, or --server)")
     csub = clients.add_subparsers(dest="clients_cmd", required=True)
-    p = csub.add_parser("list", parents=[common], help="every client record")
+    p = csub.add_parser("list", parents=[admin], help="every client record")
     p.set_defaults(func=cmd_clients)
-    p = csub.add_parser("show", parents=[common], help="one client record")
+    p = csub.add_parser("show", parents=[admin], help="one client record")
     p.add_argument("client_id")
     p.set_defaults(func=cmd_clients)
     for name, what in (("disable", "refuse every token of a client"),
                        ("enable", "accept the client's tokens again")):
-        p = csub.add_parser(name, parents=[common], help=what)
+        p = csub.add_parser(name, parents=[admin], help=what)
         p.add_argument("client_id")
         p.add_argument("--reason", help="why (kept in the record and the audit stream)")
         p.add_argument("--actor", help="who (default: user@host)")
         p.set_defaults(func=cmd_clients)
-    authserver_commands.add_client_commands(csub, common)
-    authserver_commands.add_groups(sub, common)
+    authserver_commands.add_client_commands(csub, admin)
+    authserver_commands.add_groups(sub, admin)
 
     tokens = sub.add_parser("tokens", help="individual tokens")
     tsub = tokens.add_subparsers(dest="tokens_cmd", required=True)
-    p = tsub.add_parser("revoke", parents=[common],
+    p = tsub.add_parser("revoke", parents=[admin],
                         help="revoke at the authorization server and purge every cache")
     p.add_argument("token", help="the token, or - to read it from standard input")
     p.set_defaults(func=cmd_tokens_revoke)
 
     audit = sub.add_parser("audit", help="the audit stream")
     asub = audit.add_subparsers(dest="audit_cmd", required=True)
-    p = asub.add_parser("tail", parents=[common], help="the latest audit entries")
+    p = asub.add_parser("tail", parents=[admin], help="the latest audit entries")
     p.add_argument("-n", type=int, default=20, help="how many (default 20)")
     p.set_defaults(func=cmd_audit_tail)
-    secrets_commands.add_commands(sub, common)
-    backup_commands.add_commands(sub, common)
+    secrets_commands.add_commands(sub, admin)
+    backup_commands.add_commands(sub, admin)
     return parser
 
 

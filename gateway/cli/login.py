@@ -6,6 +6,10 @@ Like ``gh auth login``: RFC 8628 against the authorization server's metadata (RF
 (``$XDG_CONFIG_HOME/oauth-gateway/tokens.json``, else ``~/.config/...``), file mode
 0600, keyed by issuer and client. ``token`` prints a current access token, refreshing
 it when it is about to expire.
+
+``login --admin`` signs in through the built-in public client ``oauth-gateway-cli`` asking
+``gateway:admin``; that login is kept apart (one per issuer), for the commands that talk to
+a server's admin API (:mod:`gateway.cli.remote`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ import aiohttp
 from gateway.cli.terminal import shown
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+#: the built-in server's public device client, created at its start
+CLI_CLIENT = "oauth-gateway-cli"
+#: the scope of the admin API
+ADMIN_SCOPE = "gateway:admin"
 
 
 class LoginError(RuntimeError):
@@ -55,8 +63,9 @@ def _save(data: dict[str, Any]) -> Path:
     return path
 
 
-def _key(issuer: str, client_id: str) -> str:
-    return f"{issuer.rstrip('/')}|{client_id}"
+def _key(issuer: str, client_id: str, admin: bool = False) -> str:
+    """Where a login is kept: per issuer and client; an admin login apart from others."""
+    return f"{issuer.rstrip('/')}|{client_id}" + ("|admin" if admin else "")
 
 
 async def _metadata(session: aiohttp.ClientSession, issuer: str) -> dict[str, Any]:
@@ -72,8 +81,10 @@ async def _metadata(session: aiohttp.ClientSession, issuer: str) -> dict[str, An
 
 
 async def device_login(issuer: str, client_id: str, scope: str | None = None, *,
-                       out: Any = None, max_wait: float = 900.0) -> dict[str, Any]:
-    """Run the device flow; return the token response (also saved to :func:`token_file`)."""
+                       out: Any = None, max_wait: float = 900.0, admin: bool = False
+                       ) -> dict[str, Any]:
+    """Run the device flow; return the token response (also saved to :func:`token_file`;
+    with ``admin``, as the issuer's admin login)."""
     out = out or sys.stderr
     timeout = aiohttp.ClientTimeout(total=15)
     async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -101,7 +112,7 @@ async def device_login(issuer: str, client_id: str, scope: str | None = None, *,
                 answer["obtained_at"] = int(time.time())
                 answer["token_endpoint"] = meta["token_endpoint"]
                 data = _load()
-                data[_key(issuer, client_id)] = answer
+                data[_key(issuer, client_id, admin)] = answer
                 path = _save(data)
                 print(f"Logged in; token saved to {path}", file=out, flush=True)
                 return answer
@@ -115,14 +126,18 @@ async def device_login(issuer: str, client_id: str, scope: str | None = None, *,
         raise LoginError("login timed out: the code was not confirmed in time")
 
 
-async def current_token(issuer: str, client_id: str) -> str:
-    """A valid access token from the store, refreshed when it expires within 60 s."""
+async def current_token(issuer: str, client_id: str, *, admin: bool = False,
+                        refresh: bool = False) -> str:
+    """A valid access token from the store, refreshed when it expires within 60 s (or
+    at once with ``refresh``: the server refused the one kept). A rotated refresh token
+    replaces the one kept."""
     data = _load()
-    entry = data.get(_key(issuer, client_id))
+    key = _key(issuer, client_id, admin)
+    entry = data.get(key)
     if not entry:
         raise LoginError("not logged in: run `oauth-gateway login` first")
     expires = int(entry.get("obtained_at", 0)) + int(entry.get("expires_in", 0))
-    if expires - time.time() > 60:
+    if expires - time.time() > 60 and not refresh:
         return str(entry["access_token"])
     if not entry.get("refresh_token"):
         raise LoginError("the token expired and there is no refresh token: log in again")
@@ -136,6 +151,7 @@ async def current_token(issuer: str, client_id: str) -> str:
     answer.setdefault("refresh_token", entry["refresh_token"])
     answer["obtained_at"] = int(time.time())
     answer["token_endpoint"] = entry["token_endpoint"]
-    data[_key(issuer, client_id)] = answer
+    data = _load()  # what another command may have saved meanwhile, then ours
+    data[key] = answer
     _save(data)
     return str(answer["access_token"])

@@ -14,6 +14,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from gateway.cli.backend import needs_redis
 from gateway.cli.terminal import EXIT_FAIL, EXIT_OK, EXIT_USAGE, actor, err, out, with_redis
 from gateway.config.settings import Settings
 from gateway.state.events import append_audit, audit_entry
@@ -22,6 +23,9 @@ from gateway.state.sealing import Sealer, parse_secret_keys, reseal
 
 
 def cmd_reseal(args: argparse.Namespace, settings: Settings) -> int:
+    refused = needs_redis(args, "secret-keys reseal")
+    if refused is not None:
+        return refused
     try:
         sealer = Sealer(parse_secret_keys(settings.secret_keys))
     except ValueError as exc:
