@@ -29,7 +29,12 @@ PAGE = 1000
 
 
 class ApiError(RuntimeError):
-    """The admin API refused, or could not be reached; the message says why and what to do."""
+    """The admin API refused (``status``), or could not be reached (``status`` 0); the
+    message says why and what to do."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _path(*parts: str) -> str:
@@ -78,7 +83,7 @@ class AdminApi:
                 continue
             if 200 <= status < 300 and isinstance(answer, dict):
                 return answer
-            raise ApiError(self._refusal(status, answer))
+            raise ApiError(self._refusal(status, answer), status)
         raise AssertionError("unreachable")
 
     def _refusal(self, status: int, answer: Any) -> str:
@@ -164,7 +169,7 @@ class ApiBackend:
         try:
             return record_of(await self.api.call("GET", _path("clients", client_id)))
         except ApiError as exc:
-            if str(exc).startswith("not found"):
+            if exc.status == 404:
                 return None
             raise
 
