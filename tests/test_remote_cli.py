@@ -60,11 +60,12 @@ async def cli_run(capsys: pytest.CaptureFixture[str], *argv: str, stdin: str = "
 
 
 async def login(h: AuthHarness, capsys: pytest.CaptureFixture[str],
-                person: tuple[str, str] = ADMIN) -> tuple[int, str]:
-    """``oauth-gateway login --admin --issuer URL``; ``person`` approves the code shown."""
+                person: tuple[str, str] = ADMIN, *, issuer: bool = True) -> tuple[int, str]:
+    """``oauth-gateway login --admin --issuer URL`` (without ``issuer``: the URL from
+    ``GATEWAY_SERVER``); ``person`` approves the code shown."""
     capsys.readouterr()
     running = asyncio.create_task(asyncio.to_thread(
-        cli.main, ["login", "--admin", "--issuer", h.issuer]))
+        cli.main, ["login", "--admin", *(["--issuer", h.issuer] if issuer else [])]))
     said = ""
     for _ in range(200):
         said += capsys.readouterr().err
@@ -284,11 +285,15 @@ async def test_the_access_token_is_refreshed_and_the_rotated_refresh_token_kept(
 
 
 async def test_a_user_without_the_admin_role_is_told_so(
-        h: AuthHarness, capsys: pytest.CaptureFixture[str]) -> None:
-    code, said = await login(h, capsys)
+        h: AuthHarness, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_SERVER", h.issuer)
+    code, said = await login(h, capsys, issuer=False)  # the server's URL is the issuer
     assert code == 0, said
+    code, out, err = await cli_run(capsys, "users", "list", "--json")
+    assert code == 0, err
     await h.auth.set_admin("alice", False, actor="test")  # taken away after the login
-    code, out, err = await cli_run(capsys, "clients", "list", "--server", h.issuer)
+    code, out, err = await cli_run(capsys, "clients", "list")
     assert code == 1 and not out
     assert err.startswith("oauth-gateway: error: forbidden: ")
     assert "admin role" in err and len(err.strip().splitlines()) == 1

@@ -27,7 +27,7 @@ from gateway import __version__
 from gateway.cli import authserver as authserver_commands
 from gateway.cli import backup as backup_commands
 from gateway.cli import secrets as secrets_commands
-from gateway.cli.backend import Backend, needs_redis, with_backend
+from gateway.cli.backend import Backend, needs_redis, server_of, with_backend
 from gateway.cli.terminal import (
     EXIT_FAIL,
     EXIT_OK,
@@ -66,9 +66,9 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_login(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.cli.login import ADMIN_SCOPE, CLI_CLIENT, LoginError, device_login
 
-    issuer = args.issuer or settings.issuer
+    issuer = args.issuer or settings.issuer or (server_of(args) if args.admin else None)
     if not issuer:
-        err("give --issuer (or GATEWAY_ISSUER)")
+        err("give --issuer (or GATEWAY_ISSUER" + (", or GATEWAY_SERVER)" if args.admin else ")"))
         return EXIT_USAGE
     client_id, scope = args.client_id, args.scope
     if args.admin:  # the admin API's login: the built-in CLI client, asking gateway:admin

@@ -267,6 +267,8 @@ class ApiBackend:
         return answer
 
     async def audit(self, count: int) -> list[dict[str, str]]:
+        if count <= 0:
+            return []
         newest_first = await self.api.pages("/audit", "entries", limit=count)
         return [{k: str(v) for k, v in e.items()} for e in reversed(newest_first[:count])]
 
