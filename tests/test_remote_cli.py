@@ -177,6 +177,19 @@ async def test_an_admin_governs_a_server_without_redis(
     assert code == 0, err
     assert grants[0]["grant_id"] in out and "bob" in out and "active" in out
     assert re.search(STAMP, out)
+    code, remote_users, err = await cli_run(capsys, "users", "list", "--json")
+    assert code == 0, err
+    monkeypatch.delenv("GATEWAY_SERVER")
+    with monkeypatch.context() as m:  # the same as read from Redis
+        m.setenv("GATEWAY_REDIS_URL", redis_server.url)
+        code, local_grants, err = await cli_run(capsys, "grants", "list", "--client", cid,
+                                                "--json")
+        assert code == 0, err
+        code, local_users, err = await cli_run(capsys, "users", "list", "--json")
+        assert code == 0, err
+    assert json.loads(local_grants) == grants
+    assert json.loads(local_users) == json.loads(remote_users)
+    monkeypatch.setenv("GATEWAY_SERVER", S)
     code, out, err = await cli_run(capsys, "grants", "revoke", grants[0]["grant_id"])
     assert code == 0, err
     assert "revoked" in out
