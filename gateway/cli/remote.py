@@ -178,12 +178,10 @@ class ApiBackend:
         answer = await self.api.call(
             "POST", _path("clients", client_id, "disable" if disabled else "enable"),
             {"reason": reason} if reason else {})
-        shown = await self.client(client_id)
-        if shown is not None:
-            return shown
-        return {"client_id": client_id, "disabled": disabled, "updated_at":
-                str(answer.get("updated_at", "")), "updated_by": answer.get("updated_by", ""),
-                "reason": answer.get("reason", "")}
+        # what Redis mode prints: the fields the change wrote
+        return {"client_id": client_id, "disabled": bool(answer.get("disabled")),
+                "updated_at": str(answer.get("updated_at", "")),
+                "updated_by": answer.get("updated_by", ""), "reason": answer.get("reason", "")}
 
     async def create_client(self, *, name: str, grant: str, redirect_uris: list[str],
                             scopes: list[str], confidential: bool | None,
