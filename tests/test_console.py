@@ -54,7 +54,7 @@ async def post(h: AuthHarness, browser: aiohttp.ClientSession, page_path: str, a
     html = await (await browser.get(h.issuer + page_path)).text()
     found = [f for f in forms(html) if f.action == action]
     assert found, f"no form to {action} on {page_path}:\n{html}"
-    form = found[0]
+    form = max(found, key=lambda f: len(f.fields))  # the settings' reset form is bare
     data: Any = {**form.fields, **(values or {})}
     return await browser.post(h.issuer + action, data=data, **kw)
 
