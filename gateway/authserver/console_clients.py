@@ -159,9 +159,8 @@ async def _client(c: Console) -> OAuthClient:
 
 
 @console_page
-async def client_page(c: Console, *, error: str = "", status: int = 200
-                      ) -> web.StreamResponse:
-    return await _client_page(c, error=error, status=status)
+async def client_page(c: Console) -> web.StreamResponse:
+    return await _client_page(c)
 
 
 async def _client_page(c: Console, *, error: str = "", status: int = 200) -> web.Response:
