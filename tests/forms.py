@@ -22,16 +22,39 @@ class _FormParser(HTMLParser):
         super().__init__()
         self.forms: list[Form] = []
 
+    select: str | None = None  # the name of the <select> being read
+    textarea: str | None = None  # the name of the <textarea> being read
+
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = {k: v or "" for k, v in attrs}
         if tag == "form":
             self.forms.append(Form(a.get("action", ""), a.get("method", "get").lower()))
+        elif self.forms and tag == "select" and a.get("name"):
+            self.select = a["name"]
+        elif self.forms and tag == "option" and self.select:
+            # a browser sends the selected option, else the first one
+            if "selected" in a or self.select not in self.forms[-1].fields:
+                self.forms[-1].fields[self.select] = a.get("value", "")
+        elif self.forms and tag == "textarea" and a.get("name"):
+            self.textarea = a["name"]
+            self.forms[-1].fields[self.textarea] = ""
         elif self.forms and tag in ("input", "button") and a.get("name"):
             kind = a.get("type", "submit" if tag == "button" else "text")
             if kind == "submit":
                 self.forms[-1].buttons[a["name"]] = a.get("value", "")
             elif kind not in ("checkbox", "radio") or "checked" in a:
                 self.forms[-1].fields[a["name"]] = a.get("value", "")
+
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "select":
+            self.select = None
+        elif tag == "textarea":
+            self.textarea = None
+
+    def handle_data(self, data: str) -> None:
+        if self.textarea and self.forms:
+            self.forms[-1].fields[self.textarea] += data
 
 
 def forms(html: str) -> list[Form]:

@@ -549,3 +549,31 @@ def test_the_document_is_valid_openapi() -> None:
     broken["paths"]["/clients"]["get"]["responses"] = "none"
     with pytest.raises(OpenAPIValidationError):
         openapi_spec_validator.validate(broken)
+
+
+async def test_tenant_settings_and_password_reset_through_the_api(
+        h: AuthHarness, checker: OpenAPIChecker, redis: Redis) -> None:
+    async with aiohttp.ClientSession() as http:
+        api = await api_as(h, checker, http)
+        status, view = await api.call("GET", "/settings")
+        assert status == 200 and view["self_service"] is True
+        assert view["sources"]["self_service"] == "default"
+        status, view = await api.call("PATCH", "/settings", {
+            "self_service": False, "flows": ["device_code"],
+            "default_policy": {"access_token_ttl": 600}})
+        assert status == 200, view
+        assert (view["self_service"], view["flows"]) == (False, ["device_code"])
+        assert view["default_policy"]["access_token_ttl"] == 600
+        assert view["sources"]["access_token_ttl"] == "console"
+        assert await redis.hget("gw:as:tenant", "self_service") == "0"
+        status, error = await api.call("PATCH", "/settings", {"flows": ["implicit"]})
+        assert status == 400 and error["error"] == "invalid_request"
+        status, view = await api.call("PATCH", "/settings", {"self_service": None})
+        assert status == 200 and view["sources"]["self_service"] == "default"
+        [entry, *_] = [e for e in await audit(redis) if e["action"] == "tenant.updated"]
+        assert entry["actor"] == "api:" + ADMIN[0]
+
+        status, user = await api.call("PATCH", f"/users/{USER[0]}",
+                                      {"password": "a-new-password"})
+        assert status == 200 and user["username"] == USER[0]
+        assert "user.password_set" in [e["action"] for e in await audit(redis)]

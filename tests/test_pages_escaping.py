@@ -26,6 +26,26 @@ ESCAPED = ("&lt;script&gt;alert(1)&lt;/script&gt;&lt;img src=x onerror=&#34;aler
            "title=&#39;x&#39;&gt;&amp;")
 
 
+#: what the console's layout reads besides each page's own variables
+CONSOLE_LAYOUT = ("section", "admin_name", "notice", "error")
+
+
+class Anything(str):
+    """MARKUP that is also each of its attributes and items, and the one element of
+    itself: a console template rendered with it shows markup in every nested value."""
+
+    def __getattr__(self, name: str) -> Anything:
+        if name.startswith("_"):  # never __html__: that would mark it safe
+            raise AttributeError(name)
+        return Anything(MARKUP)
+
+    def __getitem__(self, key: Any) -> Anything:
+        return Anything(MARKUP)
+
+    def __iter__(self) -> Any:
+        return iter([Anything(MARKUP)])
+
+
 def assert_inert(html: str) -> None:
     """No markup of MARKUP survived: only the escaped text is on the page."""
     assert "<script" not in html and "<img" not in html
@@ -59,12 +79,20 @@ async def test_every_variable_of_every_template_is_escaped() -> None:
     env = app[PAGES_ENV]
     assert env.autoescape is True
     names = [n for n in env.list_templates() if not n.startswith(("_", "base"))]
-    assert {"login.html", "consent.html", "device_consent.html"} <= set(names)
+    assert {"login.html", "consent.html", "device_consent.html", "console_clients.html",
+            "console_client.html", "console_settings.html"} <= set(names)
     for name in names:
         source = env.loader.get_source(env, name)[0]  # type: ignore[union-attr]
         assert "|safe" not in source.replace(" ", "") and "autoescape" not in source
         variables = meta.find_undeclared_variables(env.parse(source))
         context: dict[str, Any] = dict.fromkeys(variables, MARKUP)
+        if name.startswith("console_"):  # nested data: markup at every depth
+            context = dict.fromkeys({*variables, *CONSOLE_LAYOUT}, Anything(MARKUP))
+            context["csrf_token"] = lambda: MARKUP
+            html = env.get_template(name).render(context)
+            assert_inert(html)
+            assert "<script" not in html
+            continue
         context.update(scopes=[(MARKUP, MARKUP)], csrf_token=lambda: MARKUP)
         moment = {"text": MARKUP, "iso": MARKUP}
         context.update(ended={"client_name": MARKUP, "device": MARKUP}, grants=[{

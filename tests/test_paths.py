@@ -225,13 +225,16 @@ async def test_the_builtin_servers_paths_win_over_policy_routes(
             ("GET", "/.WELL-KNOWN/oauth-authorization-server", 404, "no_route"),
             ("DELETE", "/token/validate", 405, "method_not_allowed"),
             ("GET", "/token/other", 404, "no_route"),
-            ("GET", "/console/", 404, "no_route"),
+            ("GET", "/console/nothing-here", 404, "no_route"),
             ("GET", "/admin/api/clients", 404, "no_route"),
             ("GET", "/account/apps", 404, "no_route")]:
         resp = await g.client.request(method, path)
         assert resp.status == status, (method, path)
         assert (await resp.json())["error"] == error, (method, path)
     assert upstream.received == []
+    # the console is the server's page (sign in first), never the policy's catch-all
+    console = await g.client.get("/console/", allow_redirects=False)
+    assert console.status == 303 and console.headers["Location"].startswith("/oauth/login")
     # the server's own endpoints still answer, and other paths reach the policy
     meta = await g.client.get("/.well-known/oauth-authorization-server")
     assert meta.status == 200 and (await meta.json())["issuer"] == g.issuer

@@ -290,7 +290,7 @@ async def test_cluster_usage_window_is_fleet_wide(
     assert 'gateway_client_window_requests{client_id="appB"} 1.0' in text
     assert 'gateway_client_window_distinct_tokens{client_id="appB"} 1.0' in text
     keys = [k async for k in cluster_redis.scan_iter("gw:usage:*:{appA}:*")]
-    assert {k.split(":")[2] for k in keys} == {"req", "tok"}
+    assert {k.split(":")[2] for k in keys} == {"req", "tok", "hour"}
 
 
 async def test_cluster_tokens_revoke_refuses_a_cached_token_everywhere(

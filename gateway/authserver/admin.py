@@ -33,6 +33,7 @@ from gateway.authserver.models import (
 from gateway.authserver.roles import ADMIN_FIELD
 from gateway.authserver.server import cache_pin_ttl, tenant_defaults
 from gateway.authserver.storage import AuthStore
+from gateway.authserver.tenant import FLOWS, Tenant, TenantError, TenantSettings
 from gateway.config.rates import optional_rate
 from gateway.config.settings import Settings
 from gateway.pipeline.govern import ClientAdmin
@@ -67,6 +68,7 @@ class AuthAdmin:
                                   cache_pin_ttl=cache_pin_ttl(settings))
         self.governance = ClientAdmin(redis, key_prefix=settings.key_prefix)
         self.people = UserAdmin(redis, key_prefix=settings.key_prefix)
+        self.tenant = TenantSettings(redis, settings, self.store.keys)
 
     async def create_client(self, *, name: str, grant: str, redirect_uris: list[str],
                             scopes: list[str], actor: str, confidential: bool | None = None,
@@ -80,6 +82,11 @@ class AuthAdmin:
         if grant_type is None:
             raise AdminError("grant must be authorization_code, device_code or "
                              "client_credentials")
+        tenant = await self.tenant.get(fresh=True)
+        flow_name = next(n for n in FLOWS if FLOW_NAMES[n] == grant_type)
+        if flow_name not in tenant.flows:
+            raise AdminError(f"the tenant settings allow new clients only for "
+                             f"{', '.join(tenant.flows)}")
         if confidential is None:
             confidential = grant_type in (GRANT_CODE, GRANT_CLIENT_CREDENTIALS)
         secret = secrets.token_urlsafe(32) if confidential else None
@@ -89,7 +96,7 @@ class AuthAdmin:
             scopes=tuple(dict.fromkeys(s for scope in scopes for s in scope.split())),
             confidential=confidential, introspect=introspect,
             secret_hash=await asyncio.to_thread(hash_secret, secret) if secret else "",
-            policy=self._policy(self.store.defaults, policy or {}),
+            policy=self._policy(tenant.policy, policy or {}),
             created_at=int(time.time()), created_by=actor)
         try:
             client.validate()
@@ -300,6 +307,23 @@ class AuthAdmin:
         except ValueError as exc:
             raise AdminError(f"rate_limit: {exc}") from None
         await self.governance.set_rate_limit(client_id, parsed, actor=actor)
+
+    async def tenant_settings(self) -> Tenant:
+        """The tenant settings in force (read now), with where each value comes from."""
+        return await self.tenant.get(fresh=True)
+
+    async def update_settings(self, changes: dict[str, Any], *, actor: str) -> Tenant:
+        """Change tenant settings (a value None: back to the environment's); audited,
+        in force on every replica within a second."""
+        try:
+            written = self.tenant.check(changes, await self.tenant.get(fresh=True))
+        except TenantError as exc:
+            raise AdminError(str(exc)) from None
+        if written:
+            await self.tenant.write(written)
+            await self.store.audit("tenant.updated", actor=actor,
+                                   fields=",".join(sorted(written)))
+        return await self.tenant.get(fresh=True)
 
     async def audit_entries(self, *, limit: int, before: str | None = None,
                             match: dict[str, str] | None = None

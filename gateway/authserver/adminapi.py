@@ -1,5 +1,6 @@
 """The JSON admin API at ``{GATEWAY_ISSUER}/admin/api/v1/``: clients, grants, users, audit.
 
+``/settings`` reads and changes the tenant settings (:mod:`gateway.authserver.tenant`).
 A thin HTTP face of :class:`~gateway.authserver.admin.AuthAdmin`, the service layer the
 CLI uses too: the same rules, audit entries (actor ``api:<username>``) and propagation
 bounds. Described by the OpenAPI document of :mod:`gateway.authserver.openapi`, served at
@@ -337,10 +338,46 @@ async def create_user(request: web.Request, admin: AuthAdmin, actor: str) -> web
 
 @endpoint
 async def patch_user(request: web.Request, admin: AuthAdmin, actor: str) -> web.Response:
-    body = await _body(request, ("admin",))
-    role = _field(body, "admin", bool, required=True)
-    return _json(await admin.set_admin(request.match_info["username"], bool(role),
-                                       actor=actor))
+    body = await _body(request, ("admin", "password"))
+    username = request.match_info["username"]
+    role, password = _field(body, "admin", bool), _field(body, "password", str)
+    if role is None and password is None:
+        raise InvalidRequest("Send admin, password or both.")
+    if password is not None:
+        if not (await admin.store.get_user(username)).get("password_hash"):
+            raise NotFound(f"no local user {username!r} on this authorization server")
+        await admin.add_user(username, password, actor=actor)
+    if role is not None:
+        await admin.set_admin(username, role, actor=actor)
+    return _json(await admin.user_view(username))
+
+
+@endpoint
+async def get_settings(request: web.Request, admin: AuthAdmin, actor: str) -> web.Response:
+    return _json((await admin.tenant_settings()).view())
+
+
+@endpoint
+async def patch_settings(request: web.Request, admin: AuthAdmin, actor: str
+                         ) -> web.Response:
+    body = await _body(request, ("self_service", "flows", "default_policy", "admin_groups"))
+    changes: dict[str, Any] = {}
+    for name, kind in (("self_service", bool), ("flows", list), ("admin_groups", str)):
+        if name in body:
+            changes[name] = _field(body, name, kind)
+    if "flows" in body and changes["flows"] is not None:
+        changes["flows"] = _strings(body, "flows")
+    policy = body.get("default_policy")
+    if policy is not None:
+        if not isinstance(policy, dict):
+            raise InvalidRequest("default_policy must be an object.")
+        unknown = sorted(set(policy) - set(POLICY_FIELDS))
+        if unknown:
+            raise InvalidRequest(f"Unknown field default_policy.{unknown[0]}.")
+        for name in POLICY_FIELDS:
+            if name in policy:
+                changes[name] = _field(policy, name, str if name == "refresh_mode" else int)
+    return _json((await admin.update_settings(changes, actor=actor)).view())
 
 
 def _person_handler(disabled: bool) -> Handler:
@@ -393,3 +430,5 @@ def add_routes(app: web.Application) -> None:
     r.add_post(f"{PREFIX}/users/{{subject}}/disable", endpoint(_person_handler(True)))
     r.add_post(f"{PREFIX}/users/{{subject}}/enable", endpoint(_person_handler(False)))
     r.add_get(f"{PREFIX}/audit", audit)
+    r.add_get(f"{PREFIX}/settings", get_settings)
+    r.add_patch(f"{PREFIX}/settings", patch_settings)

@@ -24,6 +24,7 @@ from gateway.authserver.server import (
     tenant_defaults,
 )
 from gateway.authserver.storage import AuthStore
+from gateway.authserver.tenant import TenantSettings
 from gateway.config.settings import Settings
 from gateway.protocol.tokens import TokenDigester
 
@@ -52,7 +53,8 @@ async def build_auth_server(settings: Settings, redis: Redis, digester: TokenDig
         keys = await load_signing_keys(store)
     issuer = TokenIssuer(store, issuer=issuer_url, metrics=metrics,
                          cache_pin_ttl=cache_pin_ttl(settings),
-                         jwt_signer=jwt_signer(keys, issuer_url) if keys is not None else None)
+                         jwt_signer=jwt_signer(keys, issuer_url) if keys is not None else None,
+                         tenant=TenantSettings(redis, settings, store.keys))
     return AuthorizationServer(
         settings=settings, store=store, issuer=issuer, metrics=metrics, grants=grant_types(),
         scopes_supported=tuple(sorted(set(scopes_supported))), device=device or DeviceFlowTiming(),

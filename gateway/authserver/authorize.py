@@ -237,9 +237,12 @@ async def authorize_post(request: web.Request) -> web.StreamResponse:
             server.store, user["username"]):  # the role may have gone since the page
         return error_page(request, "Administrator access refused", NOT_ADMIN,
                           error="access_denied", status=403)
-    grant = await server.issuer.new_grant(
-        client, username=user["username"], sub=user["sub"], scope=pending["scope"],
-        grant_type=GRANT_CODE, label=request.headers.get("User-Agent", ""))
+    try:
+        grant = await server.issuer.new_grant(
+            client, username=user["username"], sub=user["sub"], scope=pending["scope"],
+            grant_type=GRANT_CODE, label=request.headers.get("User-Agent", ""))
+    except AccessDenied as exc:  # self-service OAuth is off (tenant settings)
+        raise error_redirect(server, redirect_uri, exc, state) from None
     code = new_token("gwac_")
     await server.store.save_code(server.store.digest(code), {
         "client_id": client.client_id, "redirect_uri": redirect_uri,

@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from gateway.authserver.errors import InvalidGrant, InvalidScope
+from gateway.authserver.errors import AccessDenied, InvalidGrant, InvalidScope
 from gateway.authserver.hashing import new_token
 from gateway.authserver.metrics import AuthServerMetrics
 from gateway.authserver.models import (
@@ -34,6 +34,7 @@ from gateway.authserver.models import (
     requested_scopes,
 )
 from gateway.authserver.storage import AuthStore
+from gateway.authserver.tenant import TenantSettings
 from gateway.state import events
 from gateway.state.keys import Keys
 
@@ -44,8 +45,11 @@ class TokenIssuer:
     """The one place tokens are made and unmade."""
 
     def __init__(self, store: AuthStore, *, issuer: str, metrics: AuthServerMetrics,
-                 cache_pin_ttl: int = 300, jwt_signer: AccessTokenSigner | None = None) -> None:
+                 cache_pin_ttl: int = 300, jwt_signer: AccessTokenSigner | None = None,
+                 tenant: TenantSettings | None = None) -> None:
         self.store = store
+        #: the tenant settings (self-service on or off); None: no such check (the CLI)
+        self.tenant = tenant
         self.issuer = issuer
         self.metrics = metrics
         self.cache_pin_ttl = cache_pin_ttl
@@ -53,6 +57,12 @@ class TokenIssuer:
 
     async def new_grant(self, client: OAuthClient, *, username: str, sub: str, scope: str,
                         grant_type: str, label: str = "") -> Grant:
+        if self.tenant is not None and not (await self.tenant.get()).allows_new_grant(
+                client.client_id):
+            await self.store.audit("authorization.refused", client_id=client.client_id,
+                                   user=username, reason="self_service_off")
+            raise AccessDenied("New authorizations are turned off on this server (tenant "
+                               "setting: self-service OAuth is off). Ask an administrator.")
         now = int(time.time())
         grant = Grant(
             grant_id="g_" + secrets.token_urlsafe(12), client_id=client.client_id,

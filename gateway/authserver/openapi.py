@@ -27,7 +27,8 @@ def _obj(required: list[str], properties: dict[str, Any], *,
 
 _GRANT_TYPE = {"type": "string",
                "enum": ["authorization_code", "device_code", "client_credentials"]}
-_POLICY_PROPS = {"access_token_ttl": {"type": "integer", "minimum": 60, "maximum": 86400},
+_POLICY_PROPS: dict[str, Any] = {
+    "access_token_ttl": {"type": "integer", "minimum": 60, "maximum": 86400},
                  "refresh_mode": {"type": "string", "enum": ["rotatable", "non_rotatable"]},
                  "refresh_token_ttl": {"type": "integer", "minimum": 60},
                  "idle_timeout": {"type": "integer", "minimum": 0},
@@ -81,7 +82,19 @@ SCHEMAS: dict[str, Any] = {
                                  "next_page_token": _STR}),
     "NewUser": _obj(["username", "password"], {
         "username": _STR, "password": {"type": "string", "minLength": 8}, "admin": _BOOL}),
-    "UserChange": _obj(["admin"], {"admin": _BOOL}),
+    "UserChange": _obj([], {"admin": _BOOL, "password": {"type": "string", "minLength": 8}}),
+    "Settings": _obj(["self_service", "flows", "default_policy", "admin_groups", "sources"], {
+        "self_service": _BOOL, "flows": {"type": "array", "items": _GRANT_TYPE},
+        "default_policy": _ref("Policy"), "admin_groups": _STR,
+        "sources": {"type": "object", "description": "where each value comes from: "
+                    "console, environment or default",
+                    "additionalProperties": _STR}}),
+    "SettingsChange": _obj([], {
+        "self_service": _nullable(_BOOL),
+        "flows": _nullable({"type": "array", "items": _GRANT_TYPE}),
+        "default_policy": {"type": "object", "additionalProperties": False, "properties": {
+            k: _nullable(v) for k, v in _POLICY_PROPS.items()}},
+        "admin_groups": _nullable(_STR)}),
     "PersonStatus": _obj(["subject", "username", "disabled", "reason", "updated_at",
                           "updated_by"], {
         "subject": _STR, "username": _nullable(_STR), "disabled": _BOOL, "reason": _STR,
@@ -183,7 +196,8 @@ def document(issuer: str) -> dict[str, Any]:
                             errors=("400", "409"))},
             "/users/{username}": {
                 "parameters": [_param("username", "path", "a username of this server")],
-                "patch": _op("give or take away the admin role", "200", "User",
+                "patch": _op("give or take away the admin role, or set the password",
+                             "200", "User",
                              body="UserChange", errors=("400", "404"))},
             "/users/{subject}/disable": {
                 "parameters": [_SUBJECT],
@@ -193,6 +207,11 @@ def document(issuer: str) -> dict[str, Any]:
                 "parameters": [_SUBJECT],
                 "post": _op("accept the person's tokens again", "200", "PersonStatus",
                             body="Reason")},
+            "/settings": {
+                "get": _op("the tenant settings, and where each value comes from", "200",
+                           "Settings", errors=()),
+                "patch": _op("change tenant settings (null: back to the environment's "
+                             "value)", "200", "Settings", body="SettingsChange")},
             "/audit": {
                 "get": _op("the newest governance events first", "200", "AuditList",
                            params=[*_PAGE, *(_param(k, "query", f"only entries of this {k}")

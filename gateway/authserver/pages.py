@@ -142,6 +142,9 @@ async def start_session(request: web.Request, response: web.StreamResponse, *, u
     data = {"username": username, "sub": sub, "auth_time": int(time.time()), "method": method}
     await server.store.redis.set(server.store.keys.as_session(server.store.digest(token)),
                                  json.dumps(data), ex=SESSION_TTL)
+    user_key = server.store.keys.as_user(username)
+    if await server.store.redis.hexists(user_key, "sub"):  # the console's "last signed in"
+        await server.store.redis.hset(user_key, "last_seen", str(data["auth_time"]))
     response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="Lax",
                         secure=_secure(server), path="/", max_age=SESSION_TTL)
 
@@ -149,7 +152,7 @@ async def start_session(request: web.Request, response: web.StreamResponse, *, u
 def safe_next(value: str | None) -> str:
     """Only this server's own pages may be a post-login destination (no open redirect);
     the person's account page when none is named."""
-    if value and value.startswith(("/oauth/", "/account/")) and "//" not in value \
+    if value and value.startswith(("/oauth/", "/account/", "/console/")) and "//" not in value \
             and "\\" not in value:
         return value
     return "/account/"

@@ -1,5 +1,6 @@
 """Every endpoint of the built-in server, registered on the proxy app (``/oauth/*``,
-the RFC 8414 well-known path, the admin API under ``/admin/api/v1/``), before the
+the RFC 8414 well-known path, the admin API under ``/admin/api/v1/``, the console under
+``/console/``), before the
 gateway's catch-all route."""
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from gateway.authserver import (
     anaplan_signin,
     anaplan_token,
     authorize,
+    console,
+    console_clients,
+    console_more,
     pages,
     rfc8628,
     rfc9068,
@@ -38,3 +42,6 @@ def add_routes(app: web.Application) -> None:
     anaplan_signin.add_routes(app)
     anaplan_token.add_routes(app)
     adminapi.add_routes(app)
+    console.add_routes(app)
+    console_clients.add_routes(app)
+    console_more.add_routes(app)

@@ -192,8 +192,10 @@ async def _local_user(request: web.Request, issuer: str, claims: dict[str, Any]
                        "another user. Ask an administrator to link your company account.")
     await store.map_sso(issuer, sso_sub, username)
     # the admin role, as the provider's groups say today (GATEWAY_ADMIN_GROUPS)
-    await record_sso_role(store, username,
-                          sso_admin(claims, admin_groups(server.settings.admin_groups)))
+    tenant = server.issuer.tenant
+    groups = (await tenant.get()).groups if tenant is not None else \
+        admin_groups(server.settings.admin_groups)
+    await record_sso_role(store, username, sso_admin(claims, groups))
     return username, user["sub"]
 
 

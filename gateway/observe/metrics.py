@@ -213,6 +213,8 @@ class GatewayMetrics:
         self._route_children: dict[str, tuple[HistogramChild, HistogramChild]] = {}
         self._request_children: dict[tuple[str, str, int], CounterChild] = {}
         self._decision_children: dict[tuple[str, str], CounterChild] = {}
+        #: decisions since the usage tracker's last flush (fleet-wide counts in Redis)
+        self.decision_tally: dict[str, int] = {}
         self._upstream_children: dict[tuple[str, int], CounterChild] = {}
         self._limited_children: dict[str, CounterChild] = {}
         self.bind_routes([NO_ROUTE])
@@ -251,6 +253,7 @@ class GatewayMetrics:
         child.inc()
 
     def decision(self, client_id: str | None, decision: str) -> None:
+        self.decision_tally[decision] = self.decision_tally.get(decision, 0) + 1
         key = (client_id or "unknown", decision)
         child = self._decision_children.get(key)
         if child is None:

@@ -6,7 +6,12 @@ pipeline, in per-minute buckets (named by :class:`~gateway.state.keys.Keys`):
 - ``{prefix}usage:req:{{client_id}}:{minute}``: INCRBY of requests;
 - ``{prefix}usage:tok:{{client_id}}:{minute}``: a HyperLogLog of token *digests*
   (PFADD), so "distinct tokens" is fleet-wide, ~0.8% error, 12 KB a bucket at most;
-- ``{prefix}usage:clients``: a sorted set of client ids by last use.
+- ``{prefix}usage:clients``: a sorted set of client ids by last use;
+- ``{prefix}usage:hour:{{client_id}}:{hour}``: INCRBY of requests by the clock hour,
+  kept 25 hours (the console's "requests over the last 24 h", whatever the window);
+- ``{prefix}usage:decisions:{minute}``: a hash of authentication decisions
+  (``gateway_auth_decisions_total``'s ``decision`` label) counted fleet-wide, kept an
+  hour (the console's "refusals over the last hour").
 
 The client id is in braces (``gw:usage:req:{app1}:29340961``): a Redis Cluster hash
 tag, so every bucket of one client lives in one hash slot and the window is summed
@@ -40,13 +45,17 @@ from gateway.state.keys import USAGE_KEY_LUA, Keys
 
 log = logging.getLogger(__name__)
 BUCKET = 60
+HOUR = 3600
+HOUR_TTL = 25 * HOUR  # the hourly counts: a day and the hour being counted
+DECISIONS_TTL = HOUR + BUCKET  # the decision counts: the last hour
 _FLUSH_CLIENTS = 64  # clients per script call (or pipeline, on a cluster) in a flush
 _DIGESTS_PER_ARG = 1000  # Lua's unpack() has a stack of ~8,000 values
 _REPORT_CLIENTS = 8  # clients summed per script call in a report
 
 # KEYS[1]: the client set (``gw:usage:clients``). ARGV[1]: the usage key prefix
 # (``gw:usage:``), ARGV[2]: the minute bucket, ARGV[3]: seconds the buckets live,
-# ARGV[4]: now, ARGV[5]: the oldest last use kept in the client set; then pairs: a client
+# ARGV[4]: now, ARGV[5]: the oldest last use kept in the client set, ARGV[6]: the hour
+# bucket (requests by the hour, kept HOUR_TTL seconds); then pairs: a client
 # id, and "requests digest digest ..." (at most _DIGESTS_PER_ARG digests; a client with
 # more comes back in another pair, 0 requests). Returns 1. A few dozen clients per
 # command, two values each, instead of four commands a client: redis-py spends tens of
@@ -55,8 +64,8 @@ _REPORT_CLIENTS = 8  # clients summed per script call in a report
 # ``usage_key``, from :mod:`gateway.state.keys`), which a single server allows; a
 # cluster gets plain commands.
 _ADD_USAGE = USAGE_KEY_LUA + """
-local prefix, bucket, ttl, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-for c = 6, #ARGV, 2 do
+local prefix, bucket, ttl, now, hour = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[6]
+for c = 7, #ARGV, 2 do
   local cid = ARGV[c]
   local rkey = usage_key(prefix, 'req', cid, bucket)
   local tkey = usage_key(prefix, 'tok', cid, bucket)
@@ -66,6 +75,9 @@ for c = 6, #ARGV, 2 do
   end
   redis.call('INCRBY', rkey, fields[1])
   redis.call('EXPIRE', rkey, ttl)
+  local hkey = usage_key(prefix, 'hour', cid, hour)
+  redis.call('INCRBY', hkey, fields[1])
+  redis.call('EXPIRE', hkey, 90000)  -- HOUR_TTL
   if #fields > 1 then
     redis.call('PFADD', tkey, unpack(fields, 2))
   end
@@ -128,6 +140,7 @@ class UsageTracker:
         self._digests[client_id].add(digest)
 
     async def flush(self) -> None:
+        await self._flush_decisions()
         if not self._requests:
             return
         requests, self._requests = self._requests, defaultdict(int)
@@ -150,11 +163,30 @@ class UsageTracker:
                 self._digests[client_id].update(digests[client_id])
             raise
 
+    async def _flush_decisions(self) -> None:
+        """This replica's decision counts into the minute's fleet-wide hash."""
+        tally = self.metrics.decision_tally
+        if not tally:
+            return
+        self.metrics.decision_tally = {}
+        key = self.keys.usage_decisions(int(time.time()) // BUCKET)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for decision, count in tally.items():
+                    pipe.hincrby(key, decision, count)
+                pipe.expire(key, DECISIONS_TTL)
+                await pipe.execute()
+        except RedisError:
+            for decision, count in tally.items():
+                self.metrics.decision_tally[decision] = \
+                    self.metrics.decision_tally.get(decision, 0) + count
+            raise
+
     async def _flush_scripts(self, requests: dict[str, int], digests: dict[str, set[str]],
                              bucket: int, ttl: int, now: float) -> None:
         """One script call per few dozen clients (one server or Sentinel)."""
         head: list[str | int | float] = [self.keys.usage_prefix, bucket, ttl, now,
-                                         now - self.window]
+                                         now - self.window, int(now) // HOUR]
         args: list[str | int | float] = []
         for client_id, count in requests.items():
             seen = list(digests[client_id])
@@ -179,6 +211,9 @@ class UsageTracker:
                     tkey = self.key("tok", client_id, bucket)
                     pipe.incrby(rkey, count)
                     pipe.expire(rkey, ttl)
+                    hkey = self.key("hour", client_id, int(now) // HOUR)
+                    pipe.incrby(hkey, count)
+                    pipe.expire(hkey, HOUR_TTL)
                     pipe.pfadd(tkey, *digests[client_id])
                     pipe.expire(tkey, ttl)
                 await pipe.execute()
@@ -250,3 +285,49 @@ class UsageTracker:
                 self.metrics.redis_errors.labels("usage").inc()
             except Exception:
                 log.exception("usage flush failed")
+
+
+# -- reads for the console --------------------------------------------------------------
+
+async def daily_requests(redis: Redis, keys: Keys, client_ids: list[str],
+                         now: float | None = None) -> dict[str, int]:
+    """Requests of each client over the current clock hour and the 23 before it."""
+    hour = int(time.time() if now is None else now) // HOUR
+    out: dict[str, int] = {}
+    for cid in client_ids:  # one MGET a client: its hours share a hash slot
+        counts = await redis.mget([keys.usage("hour", cid, h)
+                                   for h in range(hour - 23, hour + 1)])
+        out[cid] = sum(int(c) for c in counts if c)
+    return out
+
+
+async def minute_requests(redis: Redis, keys: Keys, client_id: str, minutes: int,
+                          now: float | None = None) -> list[int]:
+    """A client's requests in each of the last ``minutes`` minutes, oldest first (as
+    far back as the usage window keeps them)."""
+    last = int(time.time() if now is None else now) // BUCKET
+    counts = await redis.mget([keys.usage("req", client_id, b)
+                               for b in range(last - minutes + 1, last + 1)])
+    return [int(c) if c else 0 for c in counts]
+
+
+async def recent_decisions(redis: Redis, keys: Keys, minutes: int = 60,
+                           now: float | None = None) -> dict[str, int]:
+    """Authentication decisions fleet-wide over the last ``minutes`` minutes, by kind."""
+    last = int(time.time() if now is None else now) // BUCKET
+    totals: dict[str, int] = defaultdict(int)
+    async with redis.pipeline(transaction=False) as pipe:
+        for b in range(last - minutes + 1, last + 1):
+            pipe.hgetall(keys.usage_decisions(b))
+        for fields in await pipe.execute():
+            for decision, count in (fields or {}).items():
+                totals[decision] += int(count)
+    return dict(totals)
+
+
+async def last_use(redis: Redis, keys: Keys, client_ids: list[str]) -> dict[str, float]:
+    """When each client last made a request, as far back as the usage window keeps."""
+    if not client_ids:
+        return {}
+    scores = await redis.zmscore(keys.usage_clients, client_ids)
+    return {cid: float(s) for cid, s in zip(client_ids, scores, strict=True) if s}

@@ -22,6 +22,8 @@ The gateway's keys (``README.md`` lists them for security staff):
 | ``usage:req:{{id}}:{minute}`` | string | requests of a client in one minute |
 | ``usage:tok:{{id}}:{minute}`` | HyperLogLog | distinct token digests of a client in one minute |
 | ``usage:clients`` | sorted set | clients by last use |
+| ``usage:hour:{{id}}:{hour}`` | string | requests of a client in one clock hour, 25 h |
+| ``usage:decisions:{minute}`` | hash | authentication decisions fleet-wide in one minute |
 | ``ratelimit:{{id}}:{period}:{window}`` | string | a client's rate-limited units in one window |
 | ``meta:digest_key`` | string | the fleet's token-digest key |
 | ``upstream_cred:{identity}`` | string | the service identity's upstream token, AES-GCM encrypted |
@@ -53,6 +55,7 @@ The built-in authorization server's (the ``as_*`` members):
 | ``as:device_poll:{digest}`` | hash | last poll time and current interval (``slow_down``) |
 | ``as:device_decision:{digest}`` | string | the user's approve/deny, set once |
 | ``as:rate:{name}:{window}`` | string | rate-limit counters (logins, user codes, SSO starts) |
+| ``as:tenant`` | hash | tenant settings set in the console or admin API (over the environment's) |
 
 Tokens, codes, sessions and device codes appear in keys only as keyed digests.
 """
@@ -183,6 +186,12 @@ class Keys:
         share one slot, so a window is summed in one command."""
         return f"{self.prefix}usage:{kind}:{{{client_id}}}:{bucket}"
 
+    def usage_decisions(self, bucket: int) -> str:
+        """Hash: the fleet's authentication decisions (field: the ``decision`` label of
+        ``gateway_auth_decisions_total``) in one minute (``bucket`` = Unix minute), kept
+        an hour."""
+        return f"{self.prefix}usage:decisions:{bucket}"
+
     @property
     def usage_clients(self) -> str:
         """Sorted set: client ids scored by their last use (Unix time), trimmed to the
@@ -249,6 +258,12 @@ class Keys:
         """Set: ids of the clients the built-in server manages (their records are
         :meth:`client` hashes)."""
         return f"{self.prefix}as:clients"
+
+    @property
+    def as_tenant(self) -> str:
+        """Hash: tenant settings an administrator set (``self_service``, ``flows``, the
+        default token policy, ``admin_groups``), winning over the environment's."""
+        return f"{self.prefix}as:tenant"
 
     def as_user(self, username: str) -> str:
         """Hash, no TTL: a user. ``sub``, ``created_at``; ``password_hash`` (local) or
@@ -389,7 +404,7 @@ class Keys:
                 f"{p}as:user:*", f"{p}as:sso:*", f"{p}as:signing_keys", f"{p}as:grant:*",
                 f"{p}as:grants", f"{p}as:client_grants:*", f"{p}as:user_grants:*",
                 f"{p}as:grant_tokens:*", f"{p}as:at:*", f"{p}as:rt:*", f"{p}as:rt_spent:*",
-                f"{p}as:code_used:*")
+                f"{p}as:code_used:*", f"{p}as:tenant")
 
     def relative(self, key: str) -> str:
         """``key`` without the prefix (a backup names keys so, to restore under another)."""
