@@ -1,10 +1,11 @@
 """A Sentinel failover under load: real processes (a primary, its replica, a sentinel).
 
-The primary is killed while clients keep calling; the sentinel promotes the replica and
-the gateway follows it. Over every answer: no 500, no 401 for a valid token (503 with
-``Retry-After`` is what a request that needs Redis gets during the switch), the token of
-a client disabled just before the failover refused throughout, and once the gateway is
-back (``gateway_redis_up`` 1) a new disable reaches it through the new primary within 1 s.
+The primary is killed (or demoted by ``SENTINEL FAILOVER``) while clients keep calling;
+the sentinel promotes the replica and the gateway follows it. Over every answer: no 500,
+no 401 for a valid token (503 with ``Retry-After`` is what a request that needs Redis
+gets during the switch), the token of a client disabled just before the failover
+refused throughout, and once the gateway is back (``gateway_redis_up`` 1) a new disable
+reaches it through the new primary within 1 s.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ import pytest
 from redis import Redis as SyncRedis
 from redis.exceptions import RedisError
 
-from gateway.pipeline.govern import ClientAdmin
-from gateway.state.connection import connect
+from gateway.cli import commands as cli
 from tests.conftest import AuthGatewayFactory, AuthServer, GatewayFactory
 from tests.redis_server import server_binary
 from tests.test_people import _builtin_token
@@ -79,6 +79,11 @@ def _replica_known(sentinel: int, replica: int) -> bool:
     return False
 
 
+def _linked(replica: int) -> bool:
+    with SyncRedis(port=replica, socket_timeout=1) as node:
+        return bool(node.info("replication")["master_link_status"] == "up")
+
+
 @pytest.fixture
 def failover(tmp_path: Path) -> Iterator[Failover]:
     """A primary, one replica (replicaof), and one sentinel (quorum 1, down after 1 s),
@@ -97,7 +102,10 @@ def failover(tmp_path: Path) -> Iterator[Failover]:
             data.mkdir()
             start(["--port", str(port), "--bind", "127.0.0.1", "--save", "",
                    "--appendonly", "no", "--maxmemory-policy", "noeviction",
+                   "--repl-diskless-sync-delay", "0",  # no wait for more replicas
                    "--dir", str(data), "--loglevel", "warning", *extra])
+        # linked first: the sentinel then finds the replica in its first look at the primary
+        _until(lambda: _linked(replica), "the replica to sync", 20.0)
         conf = tmp_path / "sentinel.conf"
         conf.write_text(f"dir {tmp_path}\n"
                         f"sentinel monitor {SERVICE} 127.0.0.1 {primary} 1\n"
@@ -176,9 +184,13 @@ async def _until_async(ready: Callable[[], Awaitable[bool]], what: str, within: 
         await asyncio.sleep(0.05)
 
 
+# the primary killed (a crash), or demoted by SENTINEL FAILOVER (planned: it stays up as
+# the new primary's replica, and the gateway's connections to it are refused writes)
+@pytest.mark.parametrize("how", ["kill", "demote"])
 async def test_a_sentinel_failover_under_load(
-        failover: Failover, make_gateway: GatewayFactory,
-        make_auth_gateway: AuthGatewayFactory, auth_server: AuthServer) -> None:
+        how: str, failover: Failover, make_gateway: GatewayFactory,
+        make_auth_gateway: AuthGatewayFactory, auth_server: AuthServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     valid = auth_server.issue("tok-failover-valid-0001", client_id="app-ok", sub="p-ok")
     doomed = auth_server.issue("tok-failover-doomed-0002", client_id="app-dis", sub="p-dis")
     late = auth_server.issue("tok-failover-late-0003", client_id="app-late", sub="p-late")
@@ -193,39 +205,46 @@ async def test_a_sentinel_failover_under_load(
     for h, token in ((gw, valid), (gw, doomed), (gw, late), (builtin, own)):
         assert (await h.client.get("/2/0/x", headers=bearer(token))).status == 200
 
-    admin_redis = connect(failover.url)
-    try:
-        admin = ClientAdmin(admin_redis, key_prefix="gw:")
-        await admin.set_disabled("app-dis", True, actor="test", reason="before the failover")
-        await gw.until_status(401, 2.0, bearer(doomed))
-        with SyncRedis(port=failover.replica, decode_responses=True) as replica:
-            await _until_async(lambda: asyncio.to_thread(
-                lambda: replica.hget("gw:client:app-dis", "disabled") == "1"),
-                "the disable to reach the replica", 5.0)
+    monkeypatch.setenv("GATEWAY_REDIS_URL", failover.url)  # for the operator's commands
+    assert await _disable("app-dis") == 0
+    await gw.until_status(401, 2.0, bearer(doomed))
+    with SyncRedis(port=failover.replica, decode_responses=True) as replica:
+        await _until_async(lambda: asyncio.to_thread(
+            lambda: replica.hget("gw:client:app-dis", "disabled") == "1"),
+            "the disable to reach the replica", 5.0)
 
-        loops = [Loop(gw, [valid]).start(), Loop(gw, [doomed]).start(),
-                 Loop(builtin, [own]).start(), Loop(builtin, fresh).start()]
+    loops = [Loop(gw, [valid]).start(), Loop(gw, [doomed]).start(),
+             Loop(builtin, [own]).start(), Loop(builtin, fresh).start()]
+    try:
         await asyncio.sleep(0.3)
         killed = time.monotonic()
-        failover.kill_primary()
-        # the gateway notices, the sentinel promotes the replica, the gateway follows
-        for h in (gw, builtin):
-            await _until_async(partial(_gauge_is, h, 0), "degraded mode", 5.0)
+        if how == "kill":
+            failover.kill_primary()
+            # the gateway notices, the sentinel promotes the replica, the gateway follows
+            for h in (gw, builtin):
+                await _until_async(partial(_gauge_is, h, 0), "degraded mode", 5.0)
+        else:
+            with SyncRedis(port=failover.sentinel) as probe:
+                probe.execute_command("SENTINEL FAILOVER", SERVICE)
         await _until_async(lambda: asyncio.to_thread(
             lambda: failover.master_port() == failover.replica), "the promotion", 20.0)
         for h in (gw, builtin):
             await _until_async(partial(_gauge_is, h, 1), "Redis up again", 10.0)
             await _until_async(partial(_connected, h), "the subscriber", 10.0)
+        await _until_async(partial(_subscribers_on, failover.replica, 2),
+                           "both gateways to subscribe on the new primary", 10.0)
         recovered = time.monotonic()
         await asyncio.sleep(0.5)  # load on the new primary
 
         # a disable made on the new primary reaches the gateway within the bound
-        await admin.set_disabled("app-late", True, actor="test", reason="after the failover")
+        assert await _disable("app-late") == 0
         delay = await gw.until_status(401, 3.0, bearer(late))
         assert delay < 1.0, delay
-        answers = [await loop.stop() for loop in loops]
+        with SyncRedis(port=failover.replica, decode_responses=True) as promoted:
+            assert promoted.role()[0] == "master"
+            assert promoted.hget("gw:client:app-late", "disabled") == "1"
     finally:
-        await admin_redis.aclose()
+        answers = [await loop.stop() for loop in loops]
 
     for found in answers:
         assert any(a.at < killed for a in found) and any(a.at > recovered for a in found)
@@ -243,6 +262,21 @@ async def test_a_sentinel_failover_under_load(
     assert (await gw.client.get("/2/0/x", headers=bearer(doomed))).status == 401
     for h in (gw, builtin):
         assert (await h.admin.get("/readyz")).status == 200
+
+
+async def _disable(client_id: str) -> int:
+    """``oauth-gateway clients disable CLIENT_ID``, run as the operator would."""
+    return await asyncio.to_thread(cli.main, ["clients", "disable", client_id, "--reason",
+                                              "leaked", "--actor", "alice"])
+
+
+async def _subscribers_on(port: int, at_least: int) -> bool:
+    """Whether ``port`` holds ``at_least`` pub/sub subscribers (CLIENT LIST)."""
+    def count() -> int:
+        with SyncRedis(port=port, decode_responses=True) as node:
+            return sum(1 for c in node.client_list()
+                       if int(c.get("sub", 0)) or int(c.get("psub", 0)))
+    return await asyncio.to_thread(count) >= at_least
 
 
 async def _fresh_tokens(h: Any, username: str, n: int) -> list[str]:

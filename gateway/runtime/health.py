@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 
 from gateway.observe.metrics import GatewayMetrics
 from gateway.protocol.errors import ServiceUnavailable, error_response
+from gateway.state import connection as store
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +43,38 @@ class RedisWatch:
     """Pings Redis every ``interval`` seconds (``down_interval`` while it is down, so
     its return is noticed soon) and publishes the answer as ``up`` and as the
     ``gateway_redis_up`` gauge; logs each change of state once, and calls ``on_up`` when
-    Redis answers again (the event subscriber reconnects and resyncs then)."""
+    Redis answers again (the event subscriber reconnects and resyncs then).
+
+    On ``redis+sentinel://`` it also asks the sentinels where the master is, and when it
+    has moved drops the connections to the old one and calls ``on_moved`` (the event
+    subscriber subscribes again on the new master and resyncs)."""
 
     def __init__(self, redis: Redis, metrics: GatewayMetrics, *, interval: float = 1.0,
                  down_interval: float = 0.25, timeout: float = 1.0,
-                 on_up: Callable[[], None] | None = None) -> None:
+                 on_up: Callable[[], None] | None = None,
+                 on_moved: Callable[[], None] | None = None) -> None:
         self.redis = redis
         self.metrics = metrics
         self.interval = interval
         self.down_interval = down_interval
         self.timeout = timeout
         self.on_up = on_up
+        self.on_moved = on_moved
+        self.master: store.Address | None = None  # Sentinel: where the master was last
         self.up = True
         self.reason = "ok"
         metrics.redis_up.set(1)
 
     async def check(self) -> bool:
-        """Ping once; the new state."""
+        """Follow the master (Sentinel), ping once; the new state."""
+        try:  # not bounded by ``timeout``: cut midway, a move could go unnoticed
+            master = await store.follow_master(self.redis, self.master)
+        except (RedisError, OSError):
+            pass  # no sentinel can say (or none sees a master): the ping tells the rest
+        else:
+            if self.master is not None and master != self.master and self.on_moved:
+                self.on_moved()
+            self.master = master
         try:
             await asyncio.wait_for(self.redis.ping(), timeout=self.timeout)
         except (RedisError, OSError, TimeoutError) as exc:
