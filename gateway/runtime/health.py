@@ -65,16 +65,18 @@ class RedisWatch:
         self.reason = "ok"
         metrics.redis_up.set(1)
 
-    async def check(self) -> bool:
-        """Follow the master (Sentinel), ping once; the new state."""
-        try:  # not bounded by ``timeout``: cut midway, a move could go unnoticed
+    async def follow(self) -> None:
+        """On Sentinel: ask where the master is; if it moved, reconnect and tell."""
+        try:  # each sentinel is asked within its own socket timeouts
             master = await store.follow_master(self.redis, self.master)
         except (RedisError, OSError):
-            pass  # no sentinel can say (or none sees a master): the ping tells the rest
-        else:
-            if self.master is not None and master != self.master and self.on_moved:
-                self.on_moved()
-            self.master = master
+            return  # no sentinel can say (or none sees a master): the ping tells the rest
+        if self.master is not None and master != self.master and self.on_moved is not None:
+            self.on_moved()
+        self.master = master
+
+    async def check(self) -> bool:
+        """Ping once; the new state."""
         try:
             await asyncio.wait_for(self.redis.ping(), timeout=self.timeout)
         except (RedisError, OSError, TimeoutError) as exc:
@@ -96,8 +98,9 @@ class RedisWatch:
         self.metrics.redis_up.set(1 if up else 0)
 
     async def run(self) -> None:
-        """Background task: check every ``interval`` seconds, forever."""
+        """Background task: follow and check every ``interval`` seconds, forever."""
         while True:
+            await self.follow()  # here, not in check(): /readyz does not wait on sentinels
             up = await self.check()
             await asyncio.sleep(self.interval if up else self.down_interval)
 
