@@ -142,8 +142,9 @@ class EventSubscriber:
                 with contextlib.suppress(Exception):  # the connection may be gone already
                     await pubsub.aclose()
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            with contextlib.suppress(TimeoutError):  # not wait_for (see RedisWatch.check)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             delay = min(delay * 2, 5.0)
 
     async def _dispatch(self, message: dict[str, Any]) -> None:

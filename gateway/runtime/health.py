@@ -78,7 +78,10 @@ class RedisWatch:
     async def check(self) -> bool:
         """Ping once; the new state."""
         try:
-            await asyncio.wait_for(self.redis.ping(), timeout=self.timeout)
+            # not wait_for: on 3.11 it drops a cancellation that meets the answer, and
+            # this loop would outlive the app's shutdown
+            async with asyncio.timeout(self.timeout):
+                await self.redis.ping()
         except (RedisError, OSError, TimeoutError) as exc:
             self._set(False, f"unreachable ({type(exc).__name__})")
         else:
