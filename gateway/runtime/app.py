@@ -266,7 +266,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         events = EventSubscriber(redis, key_prefix=s.key_prefix, registry=registry,
                                  users=users, cache=cache, metrics=gw.metrics,
                                  keyspace=s.keyspace_notifications)
-        watch = RedisWatch(redis, gw.metrics, on_up=events.wake)
+        watch = RedisWatch(redis, gw.metrics, on_up=events.wake, on_moved=events.moved)
         gw.services = Services(redis=redis, cache=cache, registry=registry, users=users,
                                usage=usage, pipeline=pipeline, events=events, watch=watch)
         for coro, name in ((events.run(), "events"), (registry.run_refresher(), "client-refresh"),

@@ -9,9 +9,10 @@ and parsed by :mod:`gateway.state.events` (a type this release does not know is 
 
 When keyspace notifications are on, ``__keyspace@{db}__:{prefix}client:*`` and
 ``__keyspace@{db}__:{prefix}user:*`` tell of changes made with plain ``redis-cli``.
-After any disconnection the subscriber re-subscribes, re-reads every client and person
-record and empties the local token layer, since
-messages published meanwhile are lost (pub/sub is fire-and-forget).
+After any disconnection, and when Redis Sentinel has moved the master (the Redis watch
+tells, :meth:`EventSubscriber.moved`), the subscriber re-subscribes, re-reads every client
+and person record and empties the local token layer, since messages published meanwhile
+are lost (pub/sub is fire-and-forget).
 
 On Redis Cluster the subscription is held on one node, which is enough: a PUBLISH on
 any node reaches the subscribers on every node. Keyspace notifications are not used
@@ -77,17 +78,24 @@ class EventSubscriber:
         self._user_keyspace_prefix = self.keys.user_notification_prefix(db)
         self.connected = asyncio.Event()
         self._wake = asyncio.Event()
+        self._moved = False
 
     def wake(self) -> None:
         """Redis answers again: reconnect now rather than at the end of the backoff, so
         what changed while it was away is re-read (and enforced) at once."""
         self._wake.set()
 
+    def moved(self) -> None:
+        """The Redis master moved (Sentinel): subscribe again on the new one and re-read
+        every record, as after a lost connection (what was published meanwhile is lost)."""
+        self._moved = True
+
     async def run(self) -> None:
         """Background task: subscribe, dispatch, reconnect with backoff, forever."""
         delay = 0.1
         first = True
         while True:
+            self._moved = False  # a move noticed from now on makes it subscribe again
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 if store.is_cluster(self.redis):
@@ -113,10 +121,13 @@ class EventSubscriber:
                 first = False
                 self.connected.set()
                 delay = 0.1
-                while True:
-                    message = await pubsub.get_message(timeout=5.0)
+                while not self._moved:
+                    message = await pubsub.get_message(timeout=1.0)
                     if message is not None:
                         await self._dispatch(message)
+                self.connected.clear()
+                log.warning("event subscriber: the Redis master moved; subscribing again")
+                continue  # at once, on the new master
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
@@ -131,8 +142,9 @@ class EventSubscriber:
                 with contextlib.suppress(Exception):  # the connection may be gone already
                     await pubsub.aclose()
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            with contextlib.suppress(TimeoutError):  # not wait_for (see RedisWatch.check)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             delay = min(delay * 2, 5.0)
 
     async def _dispatch(self, message: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 
 from gateway.observe.metrics import GatewayMetrics
 from gateway.protocol.errors import ServiceUnavailable, error_response
+from gateway.state import connection as store
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +43,45 @@ class RedisWatch:
     """Pings Redis every ``interval`` seconds (``down_interval`` while it is down, so
     its return is noticed soon) and publishes the answer as ``up`` and as the
     ``gateway_redis_up`` gauge; logs each change of state once, and calls ``on_up`` when
-    Redis answers again (the event subscriber reconnects and resyncs then)."""
+    Redis answers again (the event subscriber reconnects and resyncs then).
+
+    On ``redis+sentinel://`` it also asks the sentinels where the master is, and when it
+    has moved drops the connections to the old one and calls ``on_moved`` (the event
+    subscriber subscribes again on the new master and resyncs)."""
 
     def __init__(self, redis: Redis, metrics: GatewayMetrics, *, interval: float = 1.0,
                  down_interval: float = 0.25, timeout: float = 1.0,
-                 on_up: Callable[[], None] | None = None) -> None:
+                 on_up: Callable[[], None] | None = None,
+                 on_moved: Callable[[], None] | None = None) -> None:
         self.redis = redis
         self.metrics = metrics
         self.interval = interval
         self.down_interval = down_interval
         self.timeout = timeout
         self.on_up = on_up
+        self.on_moved = on_moved
+        self.master: store.Address | None = None  # Sentinel: where the master was last
         self.up = True
         self.reason = "ok"
         metrics.redis_up.set(1)
 
+    async def follow(self) -> None:
+        """On Sentinel: ask where the master is; if it moved, reconnect and tell."""
+        try:  # each sentinel is asked within its own socket timeouts
+            master = await store.follow_master(self.redis, self.master)
+        except (RedisError, OSError):
+            return  # no sentinel can say (or none sees a master): the ping tells the rest
+        if self.master is not None and master != self.master and self.on_moved is not None:
+            self.on_moved()
+        self.master = master
+
     async def check(self) -> bool:
         """Ping once; the new state."""
         try:
-            await asyncio.wait_for(self.redis.ping(), timeout=self.timeout)
+            # not wait_for: on 3.11 it drops a cancellation that meets the answer, and
+            # this loop would outlive the app's shutdown
+            async with asyncio.timeout(self.timeout):
+                await self.redis.ping()
         except (RedisError, OSError, TimeoutError) as exc:
             self._set(False, f"unreachable ({type(exc).__name__})")
         else:
@@ -80,8 +101,9 @@ class RedisWatch:
         self.metrics.redis_up.set(1 if up else 0)
 
     async def run(self) -> None:
-        """Background task: check every ``interval`` seconds, forever."""
+        """Background task: follow and check every ``interval`` seconds, forever."""
         while True:
+            await self.follow()  # here, not in check(): /readyz does not wait on sentinels
             up = await self.check()
             await asyncio.sleep(self.interval if up else self.down_interval)
 

@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
@@ -144,6 +144,32 @@ def _sentinel(url: str) -> Redis:
     client: Redis = sentinel.master_for(service, db=db, username=username, password=password,
                                         retry=_retry(), max_connections=512, **_OPTIONS)
     return client
+
+
+Address = tuple[str, int]
+
+
+async def follow_master(redis: Redis, known: Address | None) -> Address | None:
+    """On a ``redis+sentinel://`` client: where the sentinels say the master is (None on
+    any other client). When that is not ``known``, the master moved: every connection is
+    dropped, those in use too, so that each one reconnects to the new master.
+
+    redis-py asks the sentinels only when it opens a connection, and a connection it holds
+    goes on serving after a failover that leaves the old master up (``SENTINEL FAILOVER``,
+    a partition): reads stale, writes lost once the old master is made a replica, the
+    event subscription deaf to what is published on the new one. The Redis watch calls
+    this every second; raises :class:`RedisError` when no sentinel can say.
+    """
+    pool = getattr(redis, "connection_pool", None)  # a cluster client has none
+    if not isinstance(pool, SentinelConnectionPool):
+        return None
+    host, port = await pool.get_master_address()  # type: ignore[no-untyped-call]
+    address = (str(host), int(port))
+    if known is not None and address != known:
+        log.warning("Redis Sentinel moved the master of %s from %s:%s to %s:%s: reconnecting",
+                    pool.service_name, *known, *address)
+        await pool.disconnect(inuse_connections=True)
+    return address
 
 
 def is_cluster(redis: Redis) -> bool:
