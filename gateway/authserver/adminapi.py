@@ -97,7 +97,7 @@ def endpoint(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response
         try:
             username = await _caller(request, server)
             admin = AuthAdmin(server.store.redis, server.settings, server.store.digester,
-                              server.metrics)
+                              server.metrics, remote=server.source(request))
             return await handler(request, admin, f"api:{username}")
         except NotFound as exc:
             return error_response(ApiNotFound(str(exc)))

@@ -19,6 +19,7 @@ from gateway.authserver.console import (
     Console,
     back_to,
     console_page,
+    dangerous,
     done,
     when,
 )
@@ -196,7 +197,7 @@ async def settings_page(c: Console) -> web.StreamResponse:
     return await _settings(c)
 
 
-@console_page
+@dangerous(lambda r: r.path)
 async def save_settings(c: Console) -> web.StreamResponse:
     form = await posted_form(c.request)
     assert form is not None
