@@ -189,6 +189,7 @@ async def _settings(c: Console, error: str = "", status: int = 200) -> web.Respo
         "flows": [{"name": n, "label": FLOW_LABELS[FLOW_BY_NAME[n]], "checked": n in tenant.flows}
                   for n in FLOWS],
         "policy": policy_form(tenant.policy), "admin_groups": tenant.admin_groups,
+        "display_name": tenant.display_name, "logo": tenant.logo_url,
         "sources": tenant.sources}, status=status)
 
 
@@ -203,7 +204,8 @@ async def save_settings(c: Console) -> web.StreamResponse:
     assert form is not None
     changes: dict[str, Any] = {}
     try:
-        for name in ("self_service", "flows", "policy", "admin_groups"):
+        for name in ("self_service", "flows", "policy", "admin_groups", "display_name",
+                     "logo_url"):
             if form.get(f"reset_{name}"):  # back to the environment's value
                 names = [*DURATIONS, "refresh_mode"] if name == "policy" else [name]
                 changes.update(dict.fromkeys(names))
@@ -214,11 +216,14 @@ async def save_settings(c: Console) -> web.StreamResponse:
         groups = ",".join(sorted(admin_groups(str(form.get("admin_groups", "")))))
         wanted: dict[str, Any] = {
             "self_service": form.get("self_service") == "1", "flows": flows,
-            **read_policy(form), "admin_groups": groups}
+            **read_policy(form), "admin_groups": groups,
+            "display_name": " ".join(str(form.get("display_name", "")).split()),
+            "logo_url": str(form.get("logo_url", "")).strip()}
         current: dict[str, Any] = {
             "self_service": tenant.self_service, "flows": list(tenant.flows),
             **{n: getattr(tenant.policy, n) for n in POLICY_FIELDS},
-            "admin_groups": ",".join(sorted(tenant.groups))}
+            "admin_groups": ",".join(sorted(tenant.groups)),
+            "display_name": tenant.display_name, "logo_url": tenant.logo_url}
         # only what changed becomes the console's: the rest keeps its source
         changes = {k: v for k, v in wanted.items() if v != current[k]}
         await c.admin.update_settings(changes, actor=c.actor)
