@@ -572,6 +572,13 @@ async def test_tenant_settings_and_password_reset_through_the_api(
         assert status == 200 and view["sources"]["self_service"] == "default"
         [entry, *_] = [e for e in await audit(redis) if e["action"] == "tenant.updated"]
         assert entry["actor"] == "api:" + ADMIN[0]
+        status, view = await api.call("PATCH", "/settings", {
+            "display_name": "Acme Planning", "logo_url": "https://cdn.acme.example/l.svg"})
+        assert status == 200 and view["display_name"] == "Acme Planning"
+        assert view["logo_url"] == "https://cdn.acme.example/l.svg"
+        assert view["sources"]["logo_url"] == "console"
+        status, error = await api.call("PATCH", "/settings", {"logo_url": "http://x.example"})
+        assert status == 400 and "logo URL" in error["error_description"]
 
         status, user = await api.call("PATCH", f"/users/{USER[0]}",
                                       {"password": "a-new-password"})

@@ -79,7 +79,8 @@ async def brand_middleware(request: web.Request, handler: Handler) -> web.Stream
         tenant = server.issuer.tenant
         if tenant is not None:
             with contextlib.suppress(RedisError):  # the page says what it can
-                request[TENANT] = await tenant.get()
+                # the console reads them fresh: an admin sees a change at once
+                request[TENANT] = await tenant.get(fresh=request.path.startswith("/console/"))
     return await handler(request)
 
 
