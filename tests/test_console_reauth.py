@@ -141,3 +141,22 @@ async def test_console_changes_are_audited_with_the_address(
     mine = {e["action"]: e for e in await audit(redis) if e.get("actor") == "console:root"}
     assert mine["client.disabled"]["remote"] == "127.0.0.1"
     assert mine["user.added"]["remote"] == "127.0.0.1"
+
+
+async def test_the_confirm_page_carries_the_form_as_text(
+        h: AuthHarness, browser: aiohttp.ClientSession, redis: Redis) -> None:
+    from tests.test_pages_escaping import MARKUP, assert_inert
+    cid = await machine_client(h)
+    await sign_in(h, browser, "root")
+    await age_session(redis, 600)
+    page = f"/console/clients/{cid}/delete"
+    resp = await post(h, browser, page, page, {"reason": MARKUP})
+    html = await resp.text()
+    assert_inert(html)
+    form = find_form(html, field_name="reauth_password")
+    assert form.fields["reason"] == MARKUP
+    done = await browser.post(h.issuer + page,
+                              data={**form.fields, "reauth_password": PASSWORD})
+    assert "Client deleted" in await done.text()
+    [deleted] = [e for e in await audit(redis) if e["action"] == "client.deleted"]
+    assert deleted["reason"] == MARKUP and deleted["remote"] == "127.0.0.1"
