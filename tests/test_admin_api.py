@@ -572,8 +572,35 @@ async def test_tenant_settings_and_password_reset_through_the_api(
         assert status == 200 and view["sources"]["self_service"] == "default"
         [entry, *_] = [e for e in await audit(redis) if e["action"] == "tenant.updated"]
         assert entry["actor"] == "api:" + ADMIN[0]
+        status, view = await api.call("PATCH", "/settings", {
+            "display_name": "Acme Planning", "logo_url": "https://cdn.acme.example/l.svg"})
+        assert status == 200 and view["display_name"] == "Acme Planning"
+        assert view["logo_url"] == "https://cdn.acme.example/l.svg"
+        assert view["sources"]["logo_url"] == "console"
+        status, error = await api.call("PATCH", "/settings", {"logo_url": "http://x.example"})
+        assert status == 400 and "logo URL" in error["error_description"]
 
         status, user = await api.call("PATCH", f"/users/{USER[0]}",
                                       {"password": "a-new-password"})
         assert status == 200 and user["username"] == USER[0]
         assert "user.password_set" in [e["action"] for e in await audit(redis)]
+
+
+async def test_api_changes_are_audited_with_the_callers_address(
+        h: AuthHarness, checker: OpenAPIChecker, redis: Redis) -> None:
+    async with aiohttp.ClientSession() as http:
+        api = await api_as(h, checker, http)
+        status, created = await api.call("POST", "/clients", {
+            "name": "Reporter", "grant_type": "client_credentials",
+            "scopes": ["anaplan:read"]})
+        assert status == 201
+        status, _ = await api.call("POST", f"/clients/{created['client_id']}/disable",
+                                   {"reason": "paused"})
+        assert status == 200
+    entries = {e["action"]: e for e in await audit(redis) if e.get("actor") == "api:alice"}
+    assert entries["client.created"]["remote"] == "127.0.0.1"
+    assert entries["client.disabled"]["remote"] == "127.0.0.1"
+    # the CLI's entries name no address
+    await h.auth.rotate_secret(created["client_id"], actor="cli")
+    [cli] = [e for e in await audit(redis) if e.get("actor") == "cli"]
+    assert "remote" not in cli

@@ -245,3 +245,49 @@ async def test_a_person_revokes_a_lost_device_on_their_account_page(
         await asyncio.sleep(0.05)
     assert (await h.client.get("/2/0/ws", headers={"Authorization": f"Bearer {kept}"})
             ).status == 200
+
+
+# --- the service's name and logo ----------------------------------------------------------
+
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
+LOGO_URL = "https://cdn.acme.example/brand/logo.svg"
+LOGO_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" width="120" height="40" '
+            'viewBox="0 0 120 40"><rect width="40" height="40" rx="8" fill="#0f766e"/>'
+            '<path d="M8 30 L20 8 L32 30 Z" fill="#fff"/><text x="48" y="27" '
+            'font-family="sans-serif" font-size="18" font-weight="700" '
+            'fill="#0f766e">ACME</text></svg>')
+
+
+async def test_sign_in_and_consent_name_the_service_in_chromium(scene: Scene) -> None:
+    """With a display name and a logo: the sign-in page says whose service and for
+    which app, the logo loads under the pages' CSP, and the consent page names both;
+    screenshots of the two pages in build/screenshots/."""
+    s = scene
+    await s.h.auth.update_settings({"display_name": "Acme Planning", "logo_url": LOGO_URL},
+                                   actor="test")
+    served: list[str] = []
+
+    async def logo(route: Any) -> None:
+        served.append(route.request.url)
+        await route.fulfill(body=LOGO_SVG, content_type="image/svg+xml")
+
+    await s.page.context.route("https://cdn.acme.example/**", logo)
+    url, _ = s.oauth.create_authorization_url(s.h.issuer + "/oauth/authorize",
+                                              code_verifier=generate_token(48))
+    await s.page.goto(url)
+    assert await s.page.inner_text("h1") == "Sign in to Acme Planning"
+    assert "to use Budget Planner" in await s.page.inner_text("main")
+    assert await s.page.title() == "Sign in · Acme Planning"
+    loaded = "img => img.complete && img.naturalWidth > 0"
+    assert await s.page.eval_on_selector(".service img", loaded)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    await s.page.screenshot(path=str(SCREENSHOTS / "signin-branded.png"), full_page=True)
+    await s.page.fill("input[name=username]", USER)
+    await s.page.fill("input[name=password]", PASSWORD)
+    await s.page.click("button[type=submit]")
+    await s.page.wait_for_selector("button[name=approve]")
+    main = await s.page.inner_text("main")
+    assert "Acme Planning" in main and "you go back to Budget Planner" in main
+    assert await s.page.eval_on_selector(".service img", loaded)
+    await s.page.screenshot(path=str(SCREENSHOTS / "consent-branded.png"), full_page=True)
+    assert served and all(u == LOGO_URL for u in served)

@@ -27,7 +27,9 @@ ESCAPED = ("&lt;script&gt;alert(1)&lt;/script&gt;&lt;img src=x onerror=&#34;aler
 
 
 #: what the console's layout reads besides each page's own variables
-CONSOLE_LAYOUT = ("section", "admin_name", "notice", "error")
+CONSOLE_LAYOUT = ("section", "admin_name", "notice", "error", "service_name", "logo_url")
+#: what every page's layout reads (the tenant's name and logo)
+LAYOUT = ("service_name", "logo_url")
 
 
 class Anything(str):
@@ -47,7 +49,9 @@ class Anything(str):
 
 
 def assert_inert(html: str) -> None:
-    """No markup of MARKUP survived: only the escaped text is on the page."""
+    """No markup of MARKUP survived: only the escaped text is on the page (the layout's
+    logo is an image of the escaped URL)."""
+    html = html.replace(f'<img src="{ESCAPED}" alt="">', "")
     assert "<script" not in html and "<img" not in html
     assert ESCAPED in html
 
@@ -85,7 +89,7 @@ async def test_every_variable_of_every_template_is_escaped() -> None:
         source = env.loader.get_source(env, name)[0]  # type: ignore[union-attr]
         assert "|safe" not in source.replace(" ", "") and "autoescape" not in source
         variables = meta.find_undeclared_variables(env.parse(source))
-        context: dict[str, Any] = dict.fromkeys(variables, MARKUP)
+        context: dict[str, Any] = dict.fromkeys({*variables, *LAYOUT}, MARKUP)
         if name.startswith("console_"):  # nested data: markup at every depth
             context = dict.fromkeys({*variables, *CONSOLE_LAYOUT}, Anything(MARKUP))
             context["csrf_token"] = lambda: MARKUP
@@ -135,7 +139,7 @@ async def test_consent_page_escapes_the_client_name(
     assert resp.status == 200
     html = await resp.text()
     assert_inert(html)
-    assert f"<title>Allow {ESCAPED}?</title>" in html
+    assert f"<title>Allow {ESCAPED}? · oauth-gateway</title>" in html
     assert f"<h1>Allow {ESCAPED} to use your account?</h1>" in html
     assert find_form(html, button="approve").buttons == {"approve": "1", "deny": "1"}
 

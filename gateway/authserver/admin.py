@@ -58,7 +58,9 @@ class AuthAdmin:
     """The operations behind the CLI."""
 
     def __init__(self, redis: Redis, settings: Settings, digester: TokenDigester,
-                 metrics: AuthServerMetrics | None = None) -> None:
+                 metrics: AuthServerMetrics | None = None, *, remote: str = "") -> None:
+        """``remote``: the address of the person acting (console, admin API), written
+        into every audit entry of theirs; the CLI names none."""
         if metrics is None:  # counted by no scrape: the CLI's process is short-lived
             metrics = AuthServerMetrics(CollectorRegistry())
         self.settings = settings
@@ -69,6 +71,9 @@ class AuthAdmin:
         self.governance = ClientAdmin(redis, key_prefix=settings.key_prefix)
         self.people = UserAdmin(redis, key_prefix=settings.key_prefix)
         self.tenant = TenantSettings(redis, settings, self.store.keys)
+        if remote:
+            for writer in (self.store, self.governance, self.people):
+                writer.audit_fields = {"remote": remote}
 
     async def create_client(self, *, name: str, grant: str, redirect_uris: list[str],
                             scopes: list[str], actor: str, confidential: bool | None = None,

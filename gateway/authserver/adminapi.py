@@ -97,7 +97,7 @@ def endpoint(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response
         try:
             username = await _caller(request, server)
             admin = AuthAdmin(server.store.redis, server.settings, server.store.digester,
-                              server.metrics)
+                              server.metrics, remote=server.source(request))
             return await handler(request, admin, f"api:{username}")
         except NotFound as exc:
             return error_response(ApiNotFound(str(exc)))
@@ -360,9 +360,11 @@ async def get_settings(request: web.Request, admin: AuthAdmin, actor: str) -> we
 @endpoint
 async def patch_settings(request: web.Request, admin: AuthAdmin, actor: str
                          ) -> web.Response:
-    body = await _body(request, ("self_service", "flows", "default_policy", "admin_groups"))
+    body = await _body(request, ("self_service", "flows", "default_policy", "admin_groups",
+                                 "display_name", "logo_url"))
     changes: dict[str, Any] = {}
-    for name, kind in (("self_service", bool), ("flows", list), ("admin_groups", str)):
+    for name, kind in (("self_service", bool), ("flows", list), ("admin_groups", str),
+                       ("display_name", str), ("logo_url", str)):
         if name in body:
             changes[name] = _field(body, name, kind)
     if "flows" in body and changes["flows"] is not None:

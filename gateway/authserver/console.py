@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from gateway.authserver import reauth
 from gateway.authserver.account import moment
 from gateway.authserver.admin import AuthAdmin
 from gateway.authserver.models import (
@@ -91,8 +92,12 @@ class Console:
 Handler = Callable[[Console], Awaitable[web.StreamResponse]]
 
 
-def console_page(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """Sign-in, the admin role (now), and on POST the CSRF token, before ``handler``."""
+def console_page(handler: Handler, *, recent: Callable[[web.Request], str] | None = None
+                 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Sign-in, the admin role (now), and on POST the CSRF token, before ``handler``.
+
+    ``recent``: the change is a dangerous one, made only in a session signed in within
+    the last minutes (:mod:`.reauth`); the function names the page to go back to."""
     async def run(request: web.Request) -> web.StreamResponse:
         user = await current_user(request)
         if user is None:
@@ -105,10 +110,36 @@ def console_page(handler: Handler) -> Callable[[web.Request], Awaitable[web.Stre
                           {"username": user["username"]}, status=403)
         if request.method == "POST" and await posted_form(request) is None:
             return forbidden_csrf(request)
+        throttle = None
+        if recent is not None and request.method == "POST" and not reauth.is_recent(user):
+            page, throttle = await reauth.confirm(request, user, await request.post(),
+                                                  recent(request))
+            if page is not None:
+                return page
         admin = AuthAdmin(server.store.redis, server.settings, server.store.digester,
-                          server.metrics)
-        return await handler(Console(request, server, admin, user["username"]))
+                          server.metrics, remote=server.source(request))
+        c = Console(request, server, admin, user["username"])
+        if throttle is None:
+            return await handler(c)
+        await admin.store.audit("console.reauthenticated", user=c.username, actor=c.actor,
+                                method="local", path=request.path)
+        try:
+            response = await handler(c)
+        except web.HTTPException as exc:  # a redirect after the change
+            await throttle.succeeded(exc)
+            raise
+        await throttle.succeeded(response)
+        return response
     return run
+
+
+def dangerous(back: Callable[[web.Request], str]
+              ) -> Callable[[Handler], Callable[[web.Request], Awaitable[web.StreamResponse]]]:
+    """A console change that needs a recent sign-in; ``back``: the page it is made
+    from (where a person signing in again through SSO returns)."""
+    def wrap(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        return console_page(handler, recent=back)
+    return wrap
 
 
 def done(path: str, notice: str) -> web.HTTPSeeOther:

@@ -19,6 +19,7 @@ from gateway.authserver.console import (
     PREFIX,
     Console,
     console_page,
+    dangerous,
     done,
     known_scopes,
     when,
@@ -194,7 +195,6 @@ async def _client_page(c: Console, *, error: str = "", status: int = 200) -> web
 
 
 def _action(change: str) -> Any:
-    @console_page
     async def handler(c: Console) -> web.StreamResponse:
         client = await _client(c)
         form = await posted_form(c.request)
@@ -225,7 +225,9 @@ def _action(change: str) -> Any:
         except AdminError as exc:
             return await _client_page(c, error=str(exc), status=400)
         raise done(here, change)
-    return handler
+    if change == "rotate":  # a new secret: a recent sign-in
+        return dangerous(lambda r: r.path.removesuffix("/rotate-secret"))(handler)
+    return console_page(handler)
 
 
 @console_page
@@ -237,7 +239,7 @@ async def delete_page(c: Console) -> web.StreamResponse:
         "grant_count": str(len(live))})
 
 
-@console_page
+@dangerous(lambda r: r.path)
 async def delete_client(c: Console) -> web.StreamResponse:
     client = await _client(c)
     form = await posted_form(c.request)

@@ -19,6 +19,7 @@ from gateway.authserver.console import (
     Console,
     back_to,
     console_page,
+    dangerous,
     done,
     when,
 )
@@ -188,6 +189,7 @@ async def _settings(c: Console, error: str = "", status: int = 200) -> web.Respo
         "flows": [{"name": n, "label": FLOW_LABELS[FLOW_BY_NAME[n]], "checked": n in tenant.flows}
                   for n in FLOWS],
         "policy": policy_form(tenant.policy), "admin_groups": tenant.admin_groups,
+        "display_name": tenant.display_name, "logo": tenant.logo_url,
         "sources": tenant.sources}, status=status)
 
 
@@ -196,13 +198,14 @@ async def settings_page(c: Console) -> web.StreamResponse:
     return await _settings(c)
 
 
-@console_page
+@dangerous(lambda r: r.path)
 async def save_settings(c: Console) -> web.StreamResponse:
     form = await posted_form(c.request)
     assert form is not None
     changes: dict[str, Any] = {}
     try:
-        for name in ("self_service", "flows", "policy", "admin_groups"):
+        for name in ("self_service", "flows", "policy", "admin_groups", "display_name",
+                     "logo_url"):
             if form.get(f"reset_{name}"):  # back to the environment's value
                 names = [*DURATIONS, "refresh_mode"] if name == "policy" else [name]
                 changes.update(dict.fromkeys(names))
@@ -213,11 +216,14 @@ async def save_settings(c: Console) -> web.StreamResponse:
         groups = ",".join(sorted(admin_groups(str(form.get("admin_groups", "")))))
         wanted: dict[str, Any] = {
             "self_service": form.get("self_service") == "1", "flows": flows,
-            **read_policy(form), "admin_groups": groups}
+            **read_policy(form), "admin_groups": groups,
+            "display_name": " ".join(str(form.get("display_name", "")).split()),
+            "logo_url": str(form.get("logo_url", "")).strip()}
         current: dict[str, Any] = {
             "self_service": tenant.self_service, "flows": list(tenant.flows),
             **{n: getattr(tenant.policy, n) for n in POLICY_FIELDS},
-            "admin_groups": ",".join(sorted(tenant.groups))}
+            "admin_groups": ",".join(sorted(tenant.groups)),
+            "display_name": tenant.display_name, "logo_url": tenant.logo_url}
         # only what changed becomes the console's: the rest keeps its source
         changes = {k: v for k, v in wanted.items() if v != current[k]}
         await c.admin.update_settings(changes, actor=c.actor)

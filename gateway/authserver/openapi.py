@@ -83,9 +83,14 @@ SCHEMAS: dict[str, Any] = {
     "NewUser": _obj(["username", "password"], {
         "username": _STR, "password": {"type": "string", "minLength": 8}, "admin": _BOOL}),
     "UserChange": _obj([], {"admin": _BOOL, "password": {"type": "string", "minLength": 8}}),
-    "Settings": _obj(["self_service", "flows", "default_policy", "admin_groups", "sources"], {
+    "Settings": _obj(["self_service", "flows", "default_policy", "admin_groups",
+                      "display_name", "logo_url", "sources"], {
         "self_service": _BOOL, "flows": {"type": "array", "items": _GRANT_TYPE},
         "default_policy": _ref("Policy"), "admin_groups": _STR,
+        "display_name": {"type": "string", "minLength": 1, "maxLength": 80,
+                         "description": "the service's name on every page"},
+        "logo_url": {"type": "string", "description": "https URL of the pages' logo; "
+                     "empty: none"},
         "sources": {"type": "object", "description": "where each value comes from: "
                     "console, environment or default",
                     "additionalProperties": _STR}}),
@@ -94,7 +99,9 @@ SCHEMAS: dict[str, Any] = {
         "flows": _nullable({"type": "array", "items": _GRANT_TYPE}),
         "default_policy": {"type": "object", "additionalProperties": False, "properties": {
             k: _nullable(v) for k, v in _POLICY_PROPS.items()}},
-        "admin_groups": _nullable(_STR)}),
+        "admin_groups": _nullable(_STR),
+        "display_name": _nullable({"type": "string", "minLength": 1, "maxLength": 80}),
+        "logo_url": _nullable(_STR)}),
     "PersonStatus": _obj(["subject", "username", "disabled", "reason", "updated_at",
                           "updated_by"], {
         "subject": _STR, "username": _nullable(_STR), "disabled": _BOOL, "reason": _STR,

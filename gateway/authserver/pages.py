@@ -6,6 +6,9 @@ form, submit buttons ``approve`` and ``deny`` on the consent form).
 
 - Pages are Jinja2 templates (``templates/``: a layout and one file per page), rendered
   with autoescaping on, so whatever a page shows reaches the browser as text.
+- Every page names the service and its tenant: the tenant settings' ``display_name``
+  and ``logo_url`` (read before the page's handler runs, cached a second); the CSP lets
+  images come from the logo's origin only when one is set.
 - Framing is refused (``frame-ancestors 'none'``, ``X-Frame-Options: DENY``) against
   clickjacking of the consent screen.
 - CSRF: double-submit token. A random ``gw_csrf`` cookie (``SameSite=Strict``) must
@@ -17,20 +20,24 @@ form, submit buttons ``approve`` and ``deny`` on the consent form).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
+from aiohttp.typedefs import Handler
+from redis.exceptions import RedisError
 
-from gateway.authserver.hashing import verify_secret_evenly
+from gateway.authserver.hashing import normalize_user_code, verify_secret_evenly
 from gateway.authserver.server import AuthorizationServer, server_of
+from gateway.authserver.tenant import Tenant, origin, resolve
 from gateway.authserver.throttle import LoginThrottle
 
 SESSION_COOKIE = "gw_session"
@@ -38,12 +45,16 @@ CSRF_COOKIE = "gw_csrf"
 SESSION_TTL = 8 * 3600
 #: a CSRF token made for this response, to be set as a cookie on it
 NEW_CSRF = web.RequestKey("gw_new_csrf", str)
-CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:{logo}; "
        "frame-ancestors 'none'; base-uri 'none'")
+#: the tenant settings in force for this request's page (:func:`brand_middleware`)
+TENANT = web.RequestKey("gw_page_tenant", Tenant)
+#: the paths whose pages show the service's name
+PAGE_PATHS = ("/oauth/", "/account", "/console")
 
 #: the pages' Jinja2 environment, one per app (:func:`setup_templates`)
 PAGES_ENV = web.AppKey("gw_pages_env", jinja2.Environment)
-_SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Frame-Options": "DENY",
+_SECURITY_HEADERS = {"X-Frame-Options": "DENY",
                      "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
                      "Cache-Control": "no-store"}
 
@@ -56,6 +67,34 @@ def setup_templates(app: web.Application) -> None:
         loader=jinja2.PackageLoader("gateway.authserver", "templates"),
         autoescape=True, undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True)
+    app.middlewares.append(brand_middleware)
+
+
+@web.middleware
+async def brand_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Read the tenant settings (name, logo) before a page's handler, which renders
+    synchronously; the environment's when Redis cannot say."""
+    if request.path.startswith(PAGE_PATHS):
+        server = server_of(request)
+        tenant = server.issuer.tenant
+        if tenant is not None:
+            with contextlib.suppress(RedisError):  # the page says what it can
+                # the console reads them fresh: an admin sees a change at once
+                request[TENANT] = await tenant.get(fresh=request.path.startswith("/console/"))
+    return await handler(request)
+
+
+def tenant_of(request: web.Request) -> Tenant:
+    """The tenant settings of this request's page."""
+    found = request.get(TENANT)
+    return found if found is not None else resolve({}, server_of(request).settings)
+
+
+def page_headers(tenant: Tenant) -> dict[str, str]:
+    """The security headers of a page, its CSP allowing the logo's origin if any."""
+    logo = origin(tenant.logo_url)
+    return {**_SECURITY_HEADERS,
+            "Content-Security-Policy": CSP.format(logo=f" {logo}" if logo else "")}
 
 
 def render(request: web.Request, template: str, context: Mapping[str, Any] | None = None,
@@ -64,10 +103,12 @@ def render(request: web.Request, template: str, context: Mapping[str, Any] | Non
 
     A form on the page calls ``csrf_token()``; the CSRF cookie is set when that made a
     new token."""
+    tenant = tenant_of(request)
     response = aiohttp_jinja2.render_template(
-        template, request, {**(context or {}), "csrf_token": lambda: csrf_token(request)},
+        template, request, {"service_name": tenant.display_name, "logo_url": tenant.logo_url,
+                            **(context or {}), "csrf_token": lambda: csrf_token(request)},
         app_key=PAGES_ENV, status=status)
-    response.headers.update({**_SECURITY_HEADERS, **(headers or {})})
+    response.headers.update({**page_headers(tenant), **(headers or {})})
     _set_csrf_cookie(request, response)
     return response
 
@@ -164,19 +205,40 @@ def login_redirect(request: web.Request) -> web.HTTPSeeOther:
 
 # -- the login page ------------------------------------------------------------
 
-def _login_form(request: web.Request, next_url: str, error: str = "",
-                username: str = "", *, status: int | None = None,
-                headers: Mapping[str, str] | None = None) -> web.Response:
+async def signing_in_for(request: web.Request, next_url: str) -> str:
+    """What the sign-in is for, in words, when the page after it says: the application
+    of an authorization or device request, the console; else empty."""
+    parts = urlsplit(next_url)
+    query = parse_qs(parts.query)
+    store = server_of(request).store
+    client_id = ""
+    if parts.path == "/oauth/authorize":
+        client_id = (query.get("client_id") or [""])[0][:200]
+    elif parts.path == "/oauth/device" and query.get("user_code"):
+        digest = await store.device_for_user_code(
+            normalize_user_code(query["user_code"][0][:64]))
+        record, _ = await store.get_device(digest) if digest else (None, 0)
+        client_id = str((record or {}).get("client_id", ""))
+    elif parts.path.startswith("/console/"):
+        return "the administrators' console"
+    client = await store.get_client(client_id) if client_id else None
+    return client.name if client is not None and not client.disabled else ""
+
+
+async def _login_form(request: web.Request, next_url: str, error: str = "",
+                      username: str = "", *, status: int | None = None,
+                      headers: Mapping[str, str] | None = None) -> web.Response:
     settings = server_of(request).settings
     return render(request, "login.html", {
         "next_url": next_url, "error": error, "username": username,
+        "signing_in_for": await signing_in_for(request, next_url),
         "local_login": settings.as_local_login, "sso": bool(settings.sso_issuer),
         "anaplan": bool(settings.anaplan_client_id and settings.anaplan_client_secret)},
         status=status or (401 if error else 200), headers=headers)
 
 
 async def login_get(request: web.Request) -> web.Response:
-    return _login_form(request, safe_next(request.query.get("next")))
+    return await _login_form(request, safe_next(request.query.get("next")))
 
 
 async def login_post(request: web.Request) -> web.StreamResponse:
@@ -186,7 +248,7 @@ async def login_post(request: web.Request) -> web.StreamResponse:
         return forbidden_csrf(request)
     next_url = safe_next(str(form.get("next", "")))
     if not server.settings.as_local_login:
-        return _login_form(request, next_url, "Local sign-in is turned off.")
+        return await _login_form(request, next_url, "Local sign-in is turned off.")
     username = str(form.get("username", ""))[:128]
     password = str(form.get("password", ""))[:1024]
     peer = server.source(request)
@@ -197,7 +259,7 @@ async def login_post(request: web.Request) -> web.StreamResponse:
     if refusal is not None:
         server.metrics.logins.labels("local", "rate_limited").inc()
         minutes = max(1, -(-refusal.retry_after // 60))
-        return _login_form(
+        return await _login_form(
             request, next_url, "Too many failed sign-ins from here. Try again in "
             f"{minutes} minute{'s' if minutes > 1 else ''}.", username, status=429,
             headers={"Retry-After": str(refusal.retry_after)})
@@ -210,7 +272,7 @@ async def login_post(request: web.Request) -> web.StreamResponse:
         await throttle.failed()
         server.metrics.logins.labels("local", "failure").inc()
         await server.store.audit("login.failed", user=username, method="local", remote=peer)
-        return _login_form(request, next_url, "Wrong username or password.", username)
+        return await _login_form(request, next_url, "Wrong username or password.", username)
     server.metrics.logins.labels("local", "success").inc()
     response = web.HTTPSeeOther(next_url)
     await start_session(request, response, username=username, sub=user["sub"], method="local")

@@ -34,6 +34,8 @@ class AuthStore:
         self.keys = Keys(key_prefix)
         self.digester = digester
         self.defaults = defaults
+        #: fields every audit entry written through this store carries (``remote``)
+        self.audit_fields: dict[str, str] = {}
 
     def digest(self, token: str) -> str:
         return self.digester.digest(token)
@@ -42,7 +44,8 @@ class AuthStore:
 
     async def audit(self, action: str, **fields: str) -> None:
         """Append to the audit stream (who, when, what; never a secret)."""
-        await events.append_audit(self.redis, self.keys, events.audit_entry(action, **fields))
+        await events.append_audit(self.redis, self.keys, events.audit_entry(
+            action, **{**self.audit_fields, **fields}))
 
     # -- clients -------------------------------------------------------------
 

@@ -13,13 +13,17 @@ default. Each replica reads the hash at use, through an in-process cache of at m
 - the default token policy of new clients (``access_token_ttl`` ...): applied when a
   client is created; existing clients keep theirs.
 - ``admin_groups``: the ID token's groups whose members get the admin role at SSO sign-in.
+- ``display_name`` and ``logo_url``: the name (and logo) every page shows, so a person
+  knows whose service they are signing in to.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 
@@ -31,10 +35,12 @@ from gateway.state.keys import Keys
 CACHE_SECONDS = 1.0
 FLOWS = ("authorization_code", "device_code", "client_credentials")
 POLICY_FIELDS = tuple(f.name for f in fields(TokenPolicy))
-NAMES = ("self_service", "flows", *POLICY_FIELDS, "admin_groups")
+NAMES = ("self_service", "flows", *POLICY_FIELDS, "admin_groups", "display_name", "logo_url")
+MAX_NAME = 80
 #: where a value comes from, as the console and the admin API say it
 CONSOLE, ENVIRONMENT, DEFAULT = "console", "environment", "default"
-_ENV_FIELD = {**{n: "as_" + n for n in POLICY_FIELDS}, "admin_groups": "admin_groups"}
+_ENV_FIELD = {**{n: "as_" + n for n in POLICY_FIELDS}, "admin_groups": "admin_groups",
+              "display_name": "display_name", "logo_url": "logo_url"}
 
 
 class TenantError(ValueError):
@@ -50,6 +56,8 @@ class Tenant:
     policy: TokenPolicy
     admin_groups: str
     sources: dict[str, str] = field(default_factory=dict)
+    display_name: str = "oauth-gateway"
+    logo_url: str = ""
 
     def allows_new_grant(self, client_id: str) -> bool:
         return self.self_service or client_id == CLI_CLIENT_ID
@@ -62,7 +70,8 @@ class Tenant:
         """The settings as the admin API shows them (``sources`` says where from)."""
         return {"self_service": self.self_service, "flows": list(self.flows),
                 "default_policy": {n: getattr(self.policy, n) for n in POLICY_FIELDS},
-                "admin_groups": self.admin_groups, "sources": dict(self.sources)}
+                "admin_groups": self.admin_groups, "display_name": self.display_name,
+                "logo_url": self.logo_url, "sources": dict(self.sources)}
 
 
 def _declared_defaults() -> dict[str, Any]:
@@ -97,7 +106,31 @@ def resolve(stored: dict[str, str], settings: Settings) -> Tenant:
     return Tenant(self_service=stored.get("self_service", "1") != "0", flows=flows,
                   policy=policy,
                   admin_groups=stored.get("admin_groups", env["admin_groups"]).strip(),
-                  sources=sources)
+                  sources=sources,
+                  display_name=stored.get("display_name", "").strip() or env["display_name"]
+                  or "oauth-gateway",
+                  logo_url=stored.get("logo_url", env["logo_url"]).strip())
+
+
+def logo_url(value: str) -> str:
+    """``value`` if it is an https URL a page may show as an image (empty: none), or
+    :class:`TenantError`."""
+    value = value.strip()
+    if not value:
+        return ""
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname or parts.username or \
+            len(value) > 500 or any(c in value for c in " \"'<>\\;,") or \
+            not value.isprintable():
+        raise TenantError("logo URL: an https:// URL (or empty for none)")
+    return value
+
+
+def origin(url: str) -> str:
+    """The origin of an https URL (``https://host[:port]``), for the pages' CSP."""
+    netloc = urlsplit(url).netloc
+    ok = url.startswith("https://") and re.fullmatch(r"[A-Za-z0-9.\-:\[\]]+", netloc)
+    return f"https://{netloc}" if ok else ""
 
 
 class TenantSettings:
@@ -137,6 +170,13 @@ class TenantSettings:
                 out[name] = ",".join(chosen)
             elif name == "admin_groups":
                 out[name] = ",".join(sorted(admin_groups(str(value)))) or " "
+            elif name == "display_name":
+                text = " ".join(str(value).split())
+                if not text or len(text) > MAX_NAME or not text.isprintable():
+                    raise TenantError(f"display name: 1 to {MAX_NAME} printable characters")
+                out[name] = text
+            elif name == "logo_url":
+                out[name] = logo_url(str(value)) or " "  # " ": none, over the environment's
             else:
                 out[name] = str(value)
         policy = {n: out[n] for n in POLICY_FIELDS if out.get(n)}

@@ -20,7 +20,15 @@ from typing import Any
 
 import yaml
 
-from gateway.config.spec import HTTP_URL, REDIS_URL, Described, describe, setting, split_hostport
+from gateway.config.spec import (
+    HTTP_URL,
+    REDIS_URL,
+    Described,
+    UrlRule,
+    describe,
+    setting,
+    split_hostport,
+)
 
 __all__ = ["Settings", "SettingsError", "described", "env_name", "load_settings",
            "parse_hostport", "settings_markdown", "settings_table"]
@@ -125,6 +133,13 @@ class Settings:
         "", "comma-separated groups of the ID token's `groups` claim whose members get the "
         "built-in server's admin role at each SSO sign-in (empty: SSO leaves the role as "
         "set by `users add --admin`)")
+    display_name: str = setting(
+        "oauth-gateway", "the service's name on the built-in server's pages (sign-in, "
+        "consent, device, account, console); a tenant setting overrides it")
+    logo_url: str = setting(
+        "", "https URL of a logo the built-in server's pages show (the pages' CSP then "
+        "allows images from its origin); empty: none; a tenant setting overrides it",
+        url=UrlRule(("https",), "an https:// URL"))
     anaplan_oauth_url: str = setting(
         "https://us1a.app.anaplan.com",
         "Anaplan's OAuth service (`/auth/authorize`, `/oauth/token`): \"Sign in with "

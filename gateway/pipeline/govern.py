@@ -240,6 +240,8 @@ class ClientAdmin:
     def __init__(self, redis: Redis, *, key_prefix: str) -> None:
         self.redis = redis
         self.keys = Keys(key_prefix)
+        #: fields every audit entry written here carries (the admin's ``remote``)
+        self.audit_fields: dict[str, str] = {}
 
     def key(self, client_id: str) -> str:
         return self.keys.client(client_id)
@@ -250,8 +252,9 @@ class ClientAdmin:
         fields = {"disabled": "1" if disabled else "0", "updated_at": now,
                   "updated_by": actor, "reason": reason}
         await write_status(self.redis, self.keys, self.key(client_id), fields,
-                           events.client_status_entry(client_id, disabled=disabled,
-                                                      actor=actor, reason=reason, at=now),
+                           {**self.audit_fields, **events.client_status_entry(
+                               client_id, disabled=disabled, actor=actor, reason=reason,
+                               at=now)},
                            events.ClientChanged(client_id))
         return fields
 
@@ -268,8 +271,9 @@ class ClientAdmin:
             fields = {"updated_at": now, "updated_by": actor,
                       **({"rate_limit": text} if rate is not None else {})}
             pipe.hset(key, mapping=cast(dict[Any, Any], fields))
-            events.append_audit(pipe, self.keys, events.client_rate_limit_entry(
-                client_id, rate_limit=text, actor=actor, at=now))
+            events.append_audit(pipe, self.keys, {
+                **self.audit_fields, **events.client_rate_limit_entry(
+                    client_id, rate_limit=text, actor=actor, at=now)})
             await events.execute_and_publish(self.redis, pipe, self.keys,
                                              [events.ClientChanged(client_id)])
         return await self.show(client_id)

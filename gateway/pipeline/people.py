@@ -244,6 +244,8 @@ class UserAdmin:
     def __init__(self, redis: Redis, *, key_prefix: str) -> None:
         self.redis = redis
         self.keys = Keys(key_prefix)
+        #: fields every audit entry written here carries (the admin's ``remote``)
+        self.audit_fields: dict[str, str] = {}
 
     async def set_disabled(self, subject: str, disabled: bool, *, actor: str,
                            reason: str = "", username: str | None = None) -> dict[str, str]:
@@ -256,8 +258,9 @@ class UserAdmin:
         if username is not None:
             fields["username"] = username
         await write_status(self.redis, self.keys, self.keys.user(subject), fields,
-                           events.user_status_entry(subject, disabled=disabled, actor=actor,
-                                                    reason=reason, at=now, username=username),
+                           {**self.audit_fields, **events.user_status_entry(
+                               subject, disabled=disabled, actor=actor, reason=reason,
+                               at=now, username=username)},
                            events.UserChanged(subject))
         return fields
 
