@@ -173,7 +173,7 @@ async def start_session(request: web.Request, response: web.StreamResponse, *, u
         # gets no session, whatever their password or identity provider says
         server.metrics.logins.labels(method, "user_disabled").inc()
         await server.store.audit("login.failed", user=username, method=method,
-                                 reason="user_disabled", remote=request.remote or "?")
+                                 reason="user_disabled", remote=server.source(request))
         page = render(request, "sso_failed.html", {
             "message": "This account is disabled. Ask an administrator to enable it."},
             status=403)
