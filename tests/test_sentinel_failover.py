@@ -186,9 +186,7 @@ async def _until_async(ready: Callable[[], Awaitable[bool]], what: str, within: 
 
 # the primary killed (a crash), or demoted by SENTINEL FAILOVER (planned: it stays up as
 # the new primary's replica, and the gateway's connections to it are refused writes)
-@pytest.mark.parametrize("how", ["kill", pytest.param("demote", marks=pytest.mark.xfail(
-    strict=False, reason="known defect, open: after a planned failover, about one run in "
-    "six on a loaded machine, a disable made on the new primary is not seen within 3 s"))])
+@pytest.mark.parametrize("how", ["kill", "demote"])
 async def test_a_sentinel_failover_under_load(
         how: str, failover: Failover, make_gateway: GatewayFactory,
         make_auth_gateway: AuthGatewayFactory, auth_server: AuthServer,
@@ -241,7 +239,9 @@ async def test_a_sentinel_failover_under_load(
         # a disable made on the new primary reaches the gateway within the bound
         assert await _disable("app-late") == 0
         delay = await gw.until_status(401, 3.0, bearer(late))
-        assert delay < 1.0, delay
+        # a planned failover: a connection opened as the master moved may have read the
+        # old one, stale; the watch drops it within a second and the records are re-read
+        assert delay < (1.0 if how == "kill" else 2.5), delay
         with SyncRedis(port=failover.replica, decode_responses=True) as promoted:
             assert promoted.role()[0] == "master"
             assert promoted.hget("gw:client:app-late", "disabled") == "1"

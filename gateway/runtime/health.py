@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 RETRY_AFTER = 2
 
 
+_SETTLE_CHECKS = 20  # after a Sentinel move, this many looks at down_interval (5 s)
+
+
 class RedisWatch:
     """Pings Redis every ``interval`` seconds (``down_interval`` while it is down, so
     its return is noticed soon) and publishes the answer as ``up`` and as the
@@ -60,6 +63,7 @@ class RedisWatch:
         self.timeout = timeout
         self.on_up = on_up
         self.on_moved = on_moved
+        self._settling = 0  # quick looks left after a move (Sentinel)
         self.master: store.Address | None = None  # Sentinel: where the master was last
         self.up = True
         self.reason = "ok"
@@ -71,8 +75,17 @@ class RedisWatch:
             master = await store.follow_master(self.redis, self.master)
         except (RedisError, OSError):
             return  # no sentinel can say (or none sees a master): the ping tells the rest
-        if self.master is not None and master != self.master and self.on_moved is not None:
-            self.on_moved()
+        moved = self.master is not None and master != self.master
+        if not moved and master is not None and await store.drop_strays(self.redis, master):
+            moved = True  # what was read through them may be stale: re-read, as after a move
+        if moved:
+            # a connection opened as the move happened may still reach the old master:
+            # look every down_interval for a while, so its stale reads are soon redone
+            self._settling = _SETTLE_CHECKS
+            if self.on_moved is not None:
+                self.on_moved()
+        elif self._settling:
+            self._settling -= 1
         self.master = master
 
     async def check(self) -> bool:
@@ -105,7 +118,8 @@ class RedisWatch:
         while True:
             await self.follow()  # here, not in check(): /readyz does not wait on sentinels
             up = await self.check()
-            await asyncio.sleep(self.interval if up else self.down_interval)
+            quick = not up or self._settling
+            await asyncio.sleep(self.down_interval if quick else self.interval)
 
 
 def redis_outage_middleware(metrics: GatewayMetrics) -> Middleware:

@@ -172,6 +172,28 @@ async def follow_master(redis: Redis, known: Address | None) -> Address | None:
     return address
 
 
+async def drop_strays(redis: Redis, address: Address) -> int:
+    """On a ``redis+sentinel://`` client: drop the connections that point elsewhere than
+    ``address`` (the master); how many. A connection that looked the master up just
+    before a move and connected just after :func:`follow_master` dropped the others
+    still serves the old master: its reads are stale (a disable missed until the next
+    poll). The Redis watch calls this every second; the caller re-reads what it holds
+    when any was dropped, since what it read through them may be stale."""
+    pool = getattr(redis, "connection_pool", None)
+    if not isinstance(pool, SentinelConnectionPool):
+        return 0
+    held = [*getattr(pool, "_available_connections", ()),
+            *getattr(pool, "_in_use_connections", ())]
+    dropped = 0
+    for conn in held:
+        if conn.is_connected and (str(conn.host), int(conn.port)) != address:
+            log.warning("a Redis connection to %s:%s, no longer the master, is dropped",
+                        conn.host, conn.port)
+            await conn.disconnect()
+            dropped += 1
+    return dropped
+
+
 def is_cluster(redis: Redis) -> bool:
     """Whether ``redis`` is a Redis Cluster client (see :func:`connect`)."""
     return isinstance(redis, RedisCluster)
