@@ -284,7 +284,7 @@ async def test_redis_never_holds_a_token(make_gateway: GatewayFactory, auth_serv
     kwargs = redis.connection_pool.connection_kwargs
     raw: Redis = Redis(host=kwargs["host"], port=kwargs["port"], db=kwargs.get("db", 0))
     dump: list[Any] = []
-    keys: list[bytes] = await raw.keys("*")
+    keys: list[Any] = await raw.keys("*")
     for key in keys:
         dump.append(key)
         kind = await raw.type(key)
