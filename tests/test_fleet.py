@@ -55,8 +55,15 @@ async def fleet(redis_server: RedisServer, auth_server: AuthServer, upstream: Up
     yield urls
     for proc in procs:
         proc.terminate()
+    slow = []
     for proc in procs:
-        proc.wait(10)
+        try:  # a stop waits for its connections and tasks: slow on a loaded machine
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            slow.append(proc.pid)
+    assert not slow, f"gateway processes {slow} took over 30 s to stop on SIGTERM"
 
 
 async def _all_refuse(session: aiohttp.ClientSession, urls: list[str], limit: float) -> float:
