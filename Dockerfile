@@ -16,7 +16,7 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
-RUN pip wheel --wheel-dir /wheels '.[speed]'
+RUN pip wheel --wheel-dir /wheels .
 
 # -- final: a virtual environment installed from those wheels only ------------------------
 FROM ${PYTHON_IMAGE}
@@ -36,7 +36,7 @@ RUN groupadd --system --gid ${UID} gateway \
 # compiled now because the root filesystem is read-only at run time
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-index --find-links=/wheels 'oauth-gateway[speed]' \
+ && /opt/venv/bin/pip install --no-index --find-links=/wheels oauth-gateway \
  && /opt/venv/bin/pip uninstall --yes pip \
  && python -m compileall -q /opt/venv
 COPY --chown=root:root --chmod=0644 policies/*.yaml /etc/oauth-gateway/policies/

@@ -22,7 +22,18 @@ from gateway.appkeys import GATEWAY
 from gateway.authserver import AuthAdmin, DeviceFlowTiming
 from gateway.config.settings import load_settings
 from gateway.runtime.app import Gateway, create_apps
+from gateway.runtime.listener import GuardedRunner
+from gateway.runtime.server import listener_runner
 from tests.redis_server import RedisServer, free_port
+
+
+class ListenerServer(TestServer):
+    """The proxy app served as ``oauth-gateway serve`` serves it: the proxy listener's own
+    protocol first, aiohttp's for the built-in server's paths (and what it hands over)."""
+
+    async def _make_runner(self, **kwargs: Any) -> GuardedRunner:
+        kwargs.pop("handler_cancellation", None)
+        return listener_runner(self.app, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -251,7 +262,7 @@ async def make_gateway(aiohttp_client: AiohttpClient, redis_server: RedisServer,
         settings = load_settings(environ={}, **values)
         stream = io.StringIO()
         proxy, admin = create_apps(settings, log_stream=stream)
-        client = await aiohttp_client(proxy)
+        client = await aiohttp_client(ListenerServer(proxy))
         admin_client = await aiohttp_client(admin)
         return Harness(client, admin_client, proxy[GATEWAY], stream, policy_file)
 
@@ -303,7 +314,7 @@ async def make_auth_gateway(aiohttp_client: AiohttpClient, redis_server: RedisSe
         settings = load_settings(environ={}, **values)
         stream = io.StringIO()
         proxy, admin_app = create_apps(settings, log_stream=stream, device=device)
-        client = await aiohttp_client(proxy, server_kwargs={"port": port})
+        client = await aiohttp_client(ListenerServer(proxy, port=port))
         admin_client = await aiohttp_client(admin_app)
         admin_redis = redis
         if settings.redis_url != redis_server.url:  # another topology (Sentinel, Cluster)

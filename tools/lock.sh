@@ -10,8 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 common=(--python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --quiet)
-uv pip compile pyproject.toml --extra dev --extra speed "${common[@]}" -o requirements/dev.txt
-uv pip compile pyproject.toml --extra dev --extra speed --resolution lowest-direct "${common[@]}" \
+uv pip compile pyproject.toml --extra dev "${common[@]}" -o requirements/dev.txt
+uv pip compile pyproject.toml --extra dev --resolution lowest-direct "${common[@]}" \
     -o requirements/lowest.txt
 uv pip compile requirements/chart.in --python-version 3.12 --python-platform x86_64-manylinux_2_28 \
     --no-header --quiet -o requirements/chart.txt

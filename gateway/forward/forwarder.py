@@ -51,6 +51,7 @@ from gateway.protocol.errors import (
     PayloadTooLarge,
     RequestTimeout,
 )
+from gateway.protocol.requests import ClientRequest
 from gateway.protocol.tokens import PresentedToken
 
 HOP_BY_HOP = frozenset({
@@ -114,7 +115,7 @@ class _CappedBody:
     connection, and a place in the pool, for as long as it stayed connected.
     """
 
-    def __init__(self, request: web.Request, limit: int, idle: float) -> None:
+    def __init__(self, request: ClientRequest, limit: int, idle: float) -> None:
         self.request = request
         self.limit = limit
         self.idle = idle or None
@@ -167,7 +168,7 @@ class UpstreamForwarder:
                 _REQUEST_DROP | mode.drop, _UNTRUSTED_DROP | mode.drop)
         return place
 
-    def upstream_headers(self, request: web.Request, place: _Place, credentials: Credentials,
+    def upstream_headers(self, request: ClientRequest, place: _Place, credentials: Credentials,
                          request_id: str) -> list[tuple[str, str]]:
         """The headers the upstream receives, in order, ``credentials`` last."""
         headers = request.headers
@@ -195,8 +196,22 @@ class UpstreamForwarder:
                       request_id: str, observe_upstream: Callable[[float, int], None],
                       subject: str | None = None, extra_headers: dict[str, str] | None = None
                       ) -> web.StreamResponse:
-        """Send the request upstream and stream the answer back to the client, with
-        ``extra_headers`` (the gateway's own, e.g. rate-limit fields) added to its answer."""
+        """Send the request upstream and stream the answer back to the client through
+        aiohttp, with ``extra_headers`` (the gateway's own, e.g. rate-limit fields) added to
+        its answer."""
+        resp = await self.exchange(request, route, token, request_id, observe_upstream,
+                                   subject)
+        try:
+            return await self._relay(request, resp, request_id, extra_headers)
+        finally:
+            resp.release()
+
+    async def exchange(self, request: ClientRequest, route: Route, token: PresentedToken,
+                       request_id: str, observe_upstream: Callable[[float, int], None],
+                       subject: str | None = None) -> UpstreamResponse:
+        """Send the request upstream and return the answer's head, its body still to read
+        (the caller releases it). Raises a :class:`GatewayError` for what the client is
+        told instead: 413, 408, 502, 504."""
         length = request.content_length
         if length is not None and length > self.max_body_size:
             raise PayloadTooLarge(
@@ -230,11 +245,12 @@ class UpstreamForwarder:
             raise self._failure(exc, limit) from None
         try:
             observe_upstream(time.perf_counter() - started, resp.status)
-            return await self._relay(request, resp, request_id, extra_headers)
-        finally:
+        except BaseException:
             resp.release()
+            raise
+        return resp
 
-    async def _renewed(self, request: web.Request, place: _Place, token: PresentedToken,
+    async def _renewed(self, request: ClientRequest, place: _Place, token: PresentedToken,
                        sent: Credentials, request_id: str, resp: UpstreamResponse,
                        data: _CappedBody | None, limit: float, subject: str | None
                        ) -> UpstreamResponse:
@@ -262,15 +278,25 @@ class UpstreamForwarder:
             return GatewayTimeout(f"The upstream did not answer within {limit:g} seconds.")
         return BadGateway(str(exc))
 
+    @staticmethod
+    def answer_headers(resp: UpstreamResponse, request_id: str,
+                       extra_headers: dict[str, str] | None = None) -> list[tuple[str, str]]:
+        """The headers the client gets with the upstream's answer, ``Content-Length``
+        aside: hop-by-hop ones dropped, the request id appended, and ``extra_headers``
+        (the gateway's own) in place of the upstream's of the same names."""
+        drop = _dropped_from(resp.headers, _RESPONSE_DROP)
+        if extra_headers:  # the gateway's word replaces the upstream's
+            drop = drop | {name.lower() for name in extra_headers}
+            return [*[(k, v) for k, v in resp.headers if k.lower() not in drop],
+                    ("X-Request-Id", request_id), *extra_headers.items()]
+        return [*[(k, v) for k, v in resp.headers if k.lower() not in drop],
+                ("X-Request-Id", request_id)]
+
     async def _relay(self, request: web.Request, resp: UpstreamResponse,
                      request_id: str, extra_headers: dict[str, str] | None = None
                      ) -> web.StreamResponse:
-        drop = _dropped_from(resp.headers, _RESPONSE_DROP)
         out = web.StreamResponse(status=resp.status, reason=resp.reason or None)
-        out.headers.extend([*[(k, v) for k, v in resp.headers if k.lower() not in drop],
-                            ("X-Request-Id", request_id)])
-        if extra_headers:
-            out.headers.update(extra_headers)  # the gateway's word replaces the upstream's
+        out.headers.extend(self.answer_headers(resp, request_id, extra_headers))
         head = request.method == "HEAD"
         if resp.content_length is not None and not head and resp.status not in (204, 304):
             out.content_length = resp.content_length

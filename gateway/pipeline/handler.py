@@ -23,9 +23,10 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Protocol
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -35,6 +36,7 @@ from gateway.config.policy import Match, Route, RoutePolicy
 from gateway.config.rates import Rate
 from gateway.forward.credentials import MACHINE_MODES
 from gateway.forward.forwarder import UpstreamForwarder
+from gateway.forward.upstream import UpstreamResponse
 from gateway.observe.accesslog import AccessLog
 from gateway.observe.metrics import NO_ROUTE, GatewayMetrics
 from gateway.observe.usage import UsageTracker
@@ -57,6 +59,7 @@ from gateway.protocol.errors import (
     error_response,
     json_error,
 )
+from gateway.protocol.requests import ClientRequest
 from gateway.protocol.tokens import PresentedToken, extract_token
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,21 @@ _NO_QUERY: Mapping[str, str] = MappingProxyType({})
 #: headers some frameworks take as the request's real method: an upstream honouring one
 #: would run a POST as a DELETE the route never allowed, so they are refused outright
 METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+
+
+class DirectClient(ClientRequest, Protocol):
+    """A request of the proxy listener's own HTTP/1.1 protocol, which the pipeline answers
+    by writing to its connection (no aiohttp response object in between)."""
+
+    def answer(self, status: int, reason: str, headers: Iterable[tuple[str, str]],
+               body: bytes) -> None:
+        """Send a whole answer of the gateway's own (a refusal, an error). Once an
+        answer has started, the connection is closed instead: nothing more can be said."""
+        ...
+
+    async def relay(self, resp: UpstreamResponse, headers: list[tuple[str, str]]) -> None:
+        """Stream the upstream's answer with ``headers`` (framing is the listener's)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -162,7 +180,7 @@ class ProxyPipeline:
     def policy(self, policy: RoutePolicy) -> None:
         self.routes = RouteCache(policy, self.routes.reserved)
 
-    async def authorize(self, request: web.Request, state: RequestState) -> Decision:
+    async def authorize(self, request: ClientRequest, state: RequestState) -> Decision:
         """Run every stage before forwarding; raise a GatewayError to refuse."""
         match = self.routes.match(request.method, request.raw_path)
         headers = request.headers
@@ -221,11 +239,82 @@ class ProxyPipeline:
             bucket = self.limiter.admit(client_id, rate, route.weight)
         return Decision(route, client_id, digest, token, subject, bucket)
 
+    def _request_id(self, request: ClientRequest) -> str:
+        sent_id = request.headers.get("X-Request-Id", "")
+        return sent_id if sent_id and _SANE_REQUEST_ID.fullmatch(sent_id) \
+            else self.request_ids.next()
+
+    async def handle_direct(self, request: DirectClient) -> None:
+        """The pipeline for the proxy listener's own protocol: as :meth:`handle`, the
+        answer written straight to the client's connection."""
+        started = time.perf_counter()
+        request_id = self._request_id(request)
+        state = RequestState()
+        decision = "allowed"
+        upstream_seconds = 0.0
+        status = 500
+
+        def observe_upstream(seconds: float, upstream_status: int) -> None:
+            nonlocal upstream_seconds
+            upstream_seconds = seconds
+            self.metrics.observe_upstream(state.route, seconds, upstream_status)
+
+        refusal: web.Response | None = None
+        try:
+            try:
+                auth = await self.authorize(request, state)
+            except GatewayError as exc:
+                decision = exc.decision or "refused"
+                if exc.decision and exc.decision != "no_route":
+                    self.metrics.decision(state.client_id, exc.decision)
+                raise
+            self.metrics.decision(auth.client_id, "allowed")
+            self.usage.record(auth.client_id or "unknown", auth.digest)
+            resp = await self.forwarder.exchange(request, auth.route, auth.token, request_id,
+                                                 observe_upstream, auth.subject)
+            status = resp.status
+            try:
+                await request.relay(resp, self.forwarder.answer_headers(
+                    resp, request_id,
+                    auth.bucket.advice() if auth.bucket is not None else None))
+            finally:
+                resp.release()
+        except GatewayError as exc:
+            refusal = error_response(exc, {"X-Request-Id": request_id})
+        except asyncio.CancelledError:
+            if request.transport is None:  # the client left, and the listener cancelled us
+                self._record(request, request_id, state, CLIENT_GONE, decision, started,
+                             upstream_seconds)
+            raise
+        except RedisError as exc:  # a stage needed Redis and it is down: not the gateway's bug
+            self.metrics.redis_errors.labels("request").inc()
+            log.warning("request %s needs Redis, which failed (%s): 503", request_id,
+                        type(exc).__name__)
+            decision = "error"
+            refusal = error_response(ServiceUnavailable(
+                "The gateway's store (Redis) cannot be reached, and this request needs it; "
+                "retry later."), {"X-Request-Id": request_id})
+        except Exception as exc:
+            if isinstance(exc, ConnectionError) and request.transport is None:
+                status = CLIENT_GONE  # the client left before its answer was written
+            else:
+                log.exception("unexpected error handling request %s", request_id)
+                decision = "error"
+                refusal = json_error(500, "server_error", "The gateway failed unexpectedly.",
+                                     {"X-Request-Id": request_id})
+        if refusal is not None:
+            status = refusal.status
+            if request.transport is None:
+                status = CLIENT_GONE
+            else:
+                body = refusal.body
+                request.answer(status, refusal.reason, refusal.headers.items(),
+                               body if isinstance(body, bytes) else b"")
+        self._record(request, request_id, state, status, decision, started, upstream_seconds)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        sent_id = request.headers.get("X-Request-Id", "")
-        request_id = sent_id if sent_id and _SANE_REQUEST_ID.fullmatch(sent_id) \
-            else self.request_ids.next()
+        request_id = self._request_id(request)
         state = RequestState()
         decision = "allowed"
         upstream_seconds = 0.0
@@ -278,7 +367,7 @@ class ProxyPipeline:
                      upstream_seconds)
         return response
 
-    def _record(self, request: web.Request, request_id: str, state: RequestState,
+    def _record(self, request: ClientRequest, request_id: str, state: RequestState,
                 status: int, decision: str, started: float, upstream_seconds: float) -> None:
         """The request's metrics and access-log line."""
         elapsed = time.perf_counter() - started

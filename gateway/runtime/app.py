@@ -295,6 +295,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             await redis.aclose()
 
 
+#: the name of the proxy app's catch-all route: the proxy's own (the rest is the built-in
+#: server's)
+PROXY_ROUTE = "proxy"
+
+
 async def _proxy_handler(request: web.Request) -> web.StreamResponse:
     return await request.app[GATEWAY].running().pipeline.handle(request)
 
@@ -361,7 +366,7 @@ def create_apps(settings: Settings, *, redis: Redis | None = None,
     proxy.cleanup_ctx.append(_resources)
     if authserver is not None:
         authserver.install(proxy)
-    proxy.router.add_route("*", "/{tail:.*}", _proxy_handler)
+    proxy.router.add_route("*", "/{tail:.*}", _proxy_handler, name=PROXY_ROUTE)
     admin = web.Application()
     admin[GATEWAY] = gw
     admin.router.add_get("/metrics", _metrics)

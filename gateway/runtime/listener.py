@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -33,6 +34,9 @@ from aiohttp.web_request import BaseRequest
 
 from gateway.observe.accesslog import AccessLog
 from gateway.observe.metrics import NO_ROUTE, GatewayMetrics
+from gateway.pipeline.handler import ProxyPipeline
+from gateway.runtime.app import PROXY_ROUTE
+from gateway.runtime.fastpath import FastProtocol
 
 log = logging.getLogger("gateway.listener")
 
@@ -50,6 +54,11 @@ _REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json
 _BAD_REQUEST_BODY = json.dumps({
     "error": "invalid_request",
     "error_description": "The request is not well-formed HTTP/1.1."})
+
+_MALFORMED_BODY_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json; charset=utf-8\r\n"
+    b"Connection: close\r\nContent-Length: " + str(len(_BAD_REQUEST_BODY)).encode()
+    + b"\r\n\r\n" + _BAD_REQUEST_BODY.encode())
 
 
 class Throttled:
@@ -117,16 +126,26 @@ class ConnectionGuard:
         transport.write(_REFUSAL)
         transport.close()
 
-    def bad_request(self, request: BaseRequest, status: int, exc: BaseException | None
-                    ) -> web.Response:
-        reason = bad_request_reason(exc)
+    def _malformed(self, remote: str | None, status: int, reason: str) -> None:
         self.metrics.bad_requests.labels(reason).inc()
         # info, not error: a client's mistake, and no header value in it
-        log.info("malformed request from %s refused with %d: %s", request.remote, status,
-                 reason)
+        log.info("malformed request from %s refused with %d: %s", remote, status, reason)
         if self.access_log is not None:
             self.access_log.record("-", "-", NO_ROUTE, "unknown", status, "bad_request", 0.0,
-                                   0.0, request.remote)
+                                   0.0, remote)
+
+    def malformed_body(self, transport: asyncio.Transport, remote: str | None,
+                       answer: bool) -> None:
+        """A request body the fast path cannot frame (bad chunking): 400 when no answer
+        has started, and the connection closed."""
+        self._malformed(remote, 400, "bad_chunking")
+        if answer:
+            transport.write(_MALFORMED_BODY_ANSWER)
+        transport.close()
+
+    def bad_request(self, request: BaseRequest, status: int, exc: BaseException | None
+                    ) -> web.Response:
+        self._malformed(request.remote, status, bad_request_reason(exc))
         resp = web.Response(status=status, text=_BAD_REQUEST_BODY,
                             content_type="application/json")
         resp.force_close()
@@ -156,17 +175,24 @@ class ConnectionGuard:
 class GuardedHandler(RequestHandler):
     """aiohttp's HTTP/1.1 protocol with the guard's limits (see the module docstring)."""
 
-    __slots__ = ("_counted", "_guard", "_head_started")
+    __slots__ = ("_adopted", "_counted", "_guard", "_head_started")
 
     def __init__(self, manager: GuardedServer, *, guard: ConnectionGuard,
-                 **kwargs: Any) -> None:
+                 adopted: bool | None = None, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
         self._counted = False
         self._head_started = False
+        #: handed over by the listener's own protocol, which counted it (True) or not
+        self._adopted = adopted
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self._guard
+        if self._adopted is not None:  # already let in, and counted, by the fast path
+            self._counted = self._adopted
+            super().connection_made(transport)
+            self._cut_at(self._loop.time() + guard.header_timeout)
+            return
         if guard.open >= guard.max_connections:
             # never started: no parser task, and connection_lost has nothing to undo
             self._manager = None
@@ -254,19 +280,104 @@ class GuardedServer(web.Server):
                               **self._handler_kwargs)
 
 
+class FastServer(GuardedServer):
+    """The proxy listener's server: connections start on the lean protocol
+    (:mod:`gateway.runtime.fastpath`) and are handed to aiohttp's for what is not the
+    proxy's. ``pipeline`` gives the started gateway's pipeline."""
+
+    def __init__(self, handler: Any, *, guard: ConnectionGuard,
+                 pipeline: Callable[[], ProxyPipeline], handoff_segments: frozenset[bytes],
+                 **kwargs: Any) -> None:
+        super().__init__(handler, guard=guard, **kwargs)
+        self.pipeline = pipeline
+        self.handoff_segments = handoff_segments
+        self.keepalive_timeout = float(kwargs.get("keepalive_timeout", 75.0))
+        self.fast: dict[FastProtocol, None] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        # deadlines are kept to within an eighth of the shorter timeout (0.05 to 1 s)
+        self.sweep_interval = min(1.0, max(0.05, min(guard.header_timeout,
+                                                     self.keepalive_timeout) / 8))
+
+    def __call__(self) -> Any:
+        return FastProtocol(self, self.pipeline)
+
+    def aiohttp_protocol(self, counted: bool) -> RequestHandler:
+        """aiohttp's protocol for a connection the fast path hands over."""
+        return GuardedHandler(self, guard=self.guard, adopted=counted,
+                              loop=asyncio.get_running_loop(), **self._handler_kwargs)
+
+    def adopt(self, conn: FastProtocol, transport: asyncio.Transport) -> None:
+        self.fast[conn] = None
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    def forget(self, conn: FastProtocol) -> None:
+        self.fast.pop(conn, None)
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            now = loop.time()
+            for conn in list(self.fast):
+                conn.sweep(now)
+
+    def pre_shutdown(self) -> None:
+        super().pre_shutdown()
+        for conn in list(self.fast):
+            conn.close()
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        await asyncio.gather(super().shutdown(timeout),
+                             *[conn.shutdown(timeout) for conn in list(self.fast)])
+        self.fast.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+
+def handoff_segments(app: web.Application) -> frozenset[bytes] | None:
+    """The first path segments (folded to lower case) of every route of ``app`` besides
+    its catch-all: requests under them are aiohttp's. ``None`` when a route's first
+    segment is a pattern, which the fast path cannot tell apart: then aiohttp serves all."""
+    segments: set[bytes] = set()
+    for route in app.router.resources():
+        path = route.canonical
+        if route.name == PROXY_ROUTE:
+            continue
+        first = path[1:].split("/", 1)[0]
+        if "{" in first:
+            return None
+        segments.add(first.lower().encode())
+    return frozenset(segments)
+
+
 class GuardedRunner(web.AppRunner):
-    """An ``AppRunner`` whose server is a :class:`GuardedServer`."""
+    """An ``AppRunner`` whose server is a :class:`GuardedServer`, or a :class:`FastServer`
+    when ``pipeline`` is given."""
 
     def __init__(self, app: web.Application, *, guard: ConnectionGuard,
-                 **kwargs: Any) -> None:
+                 pipeline: Callable[[], ProxyPipeline] | None = None, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self.guard = guard
+        self.pipeline = pipeline
         # what aiohttp hands on to each connection's protocol
         self._handler_kwargs = {k: v for k, v in kwargs.items() if k not in (
             "handle_signals", "shutdown_timeout", "handler_cancellation")}
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()  # the app's start-up runs here
+        segments = handoff_segments(self.app) if self.pipeline is not None else None
+        if self.pipeline is not None and segments is None:
+            log.warning("a route of the proxy app starts with a pattern: every request is "
+                        "served by aiohttp's protocol, not the fast path")
+        if segments is not None and self.pipeline is not None:
+            return FastServer(plain.request_handler, request_factory=plain.request_factory,
+                              handler_cancellation=plain.handler_cancellation,
+                              guard=self.guard, pipeline=self.pipeline,
+                              handoff_segments=segments, **self._handler_kwargs)
         return GuardedServer(plain.request_handler, request_factory=plain.request_factory,
                              handler_cancellation=plain.handler_cancellation, guard=self.guard,
                              **self._handler_kwargs)

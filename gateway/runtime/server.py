@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -88,6 +89,22 @@ async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
+def listener_runner(proxy: web.Application, *, max_connections: int | None = None,
+                    **kwargs: Any) -> GuardedRunner:
+    """The proxy listener's runner, as ``serve`` runs it: the guard's limits, the fast
+    path for the proxy's requests (:mod:`gateway.runtime.fastpath`), aiohttp's protocol
+    for the rest."""
+    gw = proxy[GATEWAY]
+    settings = gw.settings
+    guard = ConnectionGuard(
+        header_timeout=settings.header_timeout, metrics=gw.metrics, access_log=gw.access_log,
+        max_connections=max_connections or settings.max_connections)
+    return GuardedRunner(proxy, guard=guard, pipeline=lambda: gw.running().pipeline,
+                         access_log=None, keepalive_timeout=settings.keepalive_timeout,
+                         shutdown_timeout=settings.shutdown_timeout, handler_cancellation=True,
+                         **kwargs)
+
+
 async def serve(settings: Settings, *, ready: Callable[[], None] | None = None,
                 worker: Worker = Worker(),
                 on_signal: Callable[[signal.Signals], None] | None = None) -> None:
@@ -97,16 +114,11 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None,
     """
     proxy, admin = create_apps(settings)
     gw = proxy[GATEWAY]
-    guard = ConnectionGuard(
-        header_timeout=settings.header_timeout, metrics=gw.metrics, access_log=gw.access_log,
-        max_connections=descriptor_room(settings.max_connections,
-                                        settings.upstream_pool_size or 1024))
+    proxy_runner = listener_runner(proxy, max_connections=descriptor_room(
+        settings.max_connections, settings.upstream_pool_size or 1024))
     loop = asyncio.get_running_loop()
-    loop.set_exception_handler(guard.exception_handler(loop.get_exception_handler()))
-    proxy_runner = GuardedRunner(proxy, guard=guard, access_log=None,
-                                 keepalive_timeout=settings.keepalive_timeout,
-                                 shutdown_timeout=settings.shutdown_timeout,
-                                 handler_cancellation=True)
+    loop.set_exception_handler(proxy_runner.guard.exception_handler(
+        loop.get_exception_handler()))
     admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1.0)
     await proxy_runner.setup()
     watcher: asyncio.Task[None] | None = None
@@ -148,9 +160,9 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None,
         loop.add_signal_handler(signal.SIGHUP, reloading)
         if worker.parent_pid is not None:
             watcher = asyncio.create_task(_watch_parent(worker.parent_pid, stop))
-        log.info("gateway listening on %s (admin %s:%d), validator %s, %d routes, worker %d/%d",
-                 settings.listen, ahost, aport, settings.resolved_validator,
-                 len(gw.policy.routes), worker.index + 1, worker.count)
+        log.info("gateway listening on %s (admin %s:%d), validator %s, %d routes, worker %d/%d, "
+                 "event loop %s", settings.listen, ahost, aport, settings.resolved_validator,
+                 len(gw.policy.routes), worker.index + 1, worker.count, _loop_name(loop))
         if ready is not None:
             ready()
         await stop.wait()
@@ -167,6 +179,11 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None,
         await proxy_runner.cleanup()
         await admin_runner.cleanup()
     log.info("stopped after %.2fs of draining", time.monotonic() - started)
+
+
+def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """``uvloop``, or ``asyncio`` (the default install has uvloop wherever it has wheels)."""
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
 def _serve_until_stopped(settings: Settings, worker: Worker,

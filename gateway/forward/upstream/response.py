@@ -70,20 +70,29 @@ class UpstreamResponse:
 
     # -- the reader's side -----------------------------------------------------------------
 
+    def _take(self) -> bytes:
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._chunks = []
+        self._size = 0
+        if self.paused:
+            self.paused = False
+            self._exchange.resume_reading()
+        if self.complete:
+            self._exchange.done()
+        return data
+
+    def read_nowait(self) -> bytes:
+        """What of the body is buffered now, without waiting (``b""`` when nothing is,
+        which is not the body's end: :meth:`read` says that). Lets a small answer that
+        arrived with its head leave in one write."""
+        return self._take() if self._chunks else b""
+
     async def read(self) -> bytes:
         """The next part of the body (everything buffered so far); ``b""`` at its end."""
         while True:
             if self._chunks:
-                chunks = self._chunks
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                self._chunks = []
-                self._size = 0
-                if self.paused:
-                    self.paused = False
-                    self._exchange.resume_reading()
-                if self.complete:
-                    self._exchange.done()
-                return data
+                return self._take()
             if self._error is not None:
                 raise self._error
             if self.complete:
