@@ -36,7 +36,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 from urllib.parse import parse_qsl
 
 import httptools
@@ -287,7 +287,8 @@ class FastProtocol(asyncio.Protocol):
     # -- asyncio's callbacks --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses, but do all it does
+        transport = cast(asyncio.Transport, transport)
         guard = self.guard
         now = self._loop.time()
         if guard.open >= guard.max_connections:
