@@ -196,9 +196,15 @@ http {{
 """
 
 
+def binary() -> str | None:
+    """nginx on PATH, or in /usr/sbin where Debian puts it (not on a user's PATH)."""
+    return shutil.which("nginx", path=os.pathsep.join(
+        (os.environ.get("PATH", os.defpath), "/usr/sbin", "/sbin")))
+
+
 def unavailable() -> str | None:
     """Why the nginx reference cannot run here (what to install), or None."""
-    if shutil.which("nginx") is None:
+    if binary() is None:
         return f"nginx is not on PATH ({INSTALL})"
     if not NJS_MODULE.exists():
         return f"nginx's njs module {NJS_MODULE} is missing ({INSTALL})"
@@ -244,7 +250,7 @@ class NginxProcess(Managed):
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "nginx.conf").write_text(self.config)
         (self.dir / "oauth2.js").write_text(OAUTH2_JS)
-        nginx = shutil.which("nginx")
+        nginx = binary()
         assert nginx is not None
         # -e: the error log before the configuration is read, which is otherwise
         # /var/log/nginx/error.log
@@ -277,7 +283,7 @@ class NginxProcess(Managed):
 async def versions(url: str) -> str:
     """``nginx 1.22.1, njs 0.7.9``: what answered at ``url`` (njs's from njs itself)."""
     proc = await asyncio.create_subprocess_exec(
-        shutil.which("nginx") or "nginx", "-v", stdout=asyncio.subprocess.DEVNULL,
+        binary() or "nginx", "-v", stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE)
     _, err = await proc.communicate()  # "nginx version: nginx/1.22.1" on stderr
     njs = "?"
