@@ -18,6 +18,9 @@ generator never shares an event loop (or a starved core) with what it measures:
                       the table of requests/s, p50, p99, CPU time per request and their
                       ratios;
 - ``instructions.py`` the opt-in instruction count per request, under callgrind;
+- ``nginx.py``        NGINX's own token-introspection design (auth_request, njs,
+                      proxy_cache) started as a reference, and the ``nginx`` scenario
+                      that sets the gateway against it;
 - ``memory.py``       RSS growth of 100,000 tokens held by the in-process cache layer;
 - ``propagation.py``  on its own (``python -m bench.propagation``): how fast a client
                       disable reaches every replica.

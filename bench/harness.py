@@ -17,6 +17,7 @@ import shutil
 import statistics
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from redis.asyncio import Redis
 
@@ -62,7 +63,7 @@ class Options:
     connections: int = 32
     generator: str = "wrk"
     scenarios: tuple[str, ...] = ("steady", "many-tokens", "cold", "bodies", "scaling",
-                                  "latency", "memory", "rate-limit")
+                                  "latency", "memory", "rate-limit", "nginx")
     bodies: tuple[str, ...] = ("1 KiB down", "1 MiB down", "1 KiB up", "1 MiB up")
     #: the proxy under test alone on one CPU, everything else on the others
     pin: bool = True
@@ -70,6 +71,17 @@ class Options:
     instruction_requests: int = 2000
 
 
+
+
+class Proxy(Protocol):
+    """What :meth:`Bench.pair` loads: a server at ``url`` whose CPU time is that of
+    process ``pid`` and its children (a gateway's or nginx's workers)."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def pid(self) -> int: ...
 
 
 @dataclass(slots=True)
@@ -260,12 +272,12 @@ class Bench:
                 % workload.tokens.count
 
     async def pair(self, name: str, gw: GatewayProcess, workload: Workload, *,
-                   bare: Sequence[ServiceProcess | GatewayProcess] | None = None,
+                   bare: Sequence[Proxy] | None = None,
                    seconds: float | None = None,
                    warm: bool = True) -> Row:
         """Bare proxy and gateway with the same workload, in alternating rounds of
         :data:`ROUND` seconds, so a burst of outside load hits both alike. ``bare`` may
-        name another gateway, to set two gateways against each other."""
+        name another gateway, to set two gateways against each other, or nginx."""
         bare = bare or [self.bare]
         if warm:
             await self.warm(bare[0].url, workload)
@@ -274,7 +286,8 @@ class Bench:
         rounds = max(1, round(total / ROUND))
         row = Row(name, Side(), Side())
         for _ in range(rounds):
-            for side, url, pids in ((row.bare, bare[0].url, [b.pid for b in bare]),
+            bare_pids = [pid for b in bare for pid in process_tree(b.pid)]
+            for side, url, pids in ((row.bare, bare[0].url, bare_pids),
                                     (row.gateway, gw.url, process_tree(gw.pid))):
                 cpu = cpu_seconds(pids)
                 result = await self.load(url, self._next(url, workload), total / rounds)

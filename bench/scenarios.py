@@ -26,6 +26,8 @@ the same workload in alternating runs (:meth:`bench.harness.Bench.pair`). ``stea
 - ``memory``: RSS growth of 100,000 tokens in the in-process layer
   (:mod:`bench.memory`, in a process of its own).
 - ``instructions``: instructions per request under callgrind (:mod:`bench.instructions`).
+- ``nginx``: NGINX's own token-introspection design (auth_request, njs, proxy_cache)
+  against the gateway, 1 and 2 workers each, and open-loop latency (:mod:`bench.nginx`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import TextIO
 
 from bench import instructions as counting
+from bench import nginx as nginx_reference
 from bench.harness import CLIENTS, DIGEST_KEY, ROUND, SMALL, Bench, Options, Report, Row
 from bench.load import LoadResult, TokenPlan, Workload, run_fixed_rate
 from bench.processes import GatewayProcess, ServiceProcess, python_env, rss_bytes
@@ -270,7 +273,7 @@ async def latency(bench: Bench, report: Report) -> None:
 SCENARIOS: dict[str, Callable[[Bench, Report], Awaitable[None]]] = {
     "steady": steady, "many-tokens": many_tokens, "cold": cold, "bodies": bodies,
     "scaling": scaling, "latency": latency, "memory": memory, "rate-limit": rate_limit,
-    "instructions": counting.scenario,
+    "instructions": counting.scenario, "nginx": nginx_reference.scenario,
 }
 
 

@@ -11,7 +11,8 @@
 - ``introspection``: an RFC 7662 endpoint (``POST /introspect``). The tokens it knows
   are a rule rather than a list, so that the cold scenario can mint new ones on every
   request: ``t<n>.<anything>`` is active, issued to ``client<n mod N>`` with
-  ``anaplan:read anaplan:write``, for an hour; anything else is inactive.
+  ``anaplan:read anaplan:write``, for an hour; ``w<n>.<anything>`` likewise but with
+  ``anaplan:write`` only (a token that reads nothing); anything else is inactive.
   ``GET /stats`` counts the calls.
 - ``bare``: the reference bare proxy, the thinnest aiohttp reverse proxy: no auth, no
   policy, no metrics; it strips hop-by-hop headers and streams both ways.
@@ -92,11 +93,12 @@ class Introspection:
 
     def answer(self, token: str) -> dict[str, object]:
         head, dot, _ = token.partition(".")
-        if not dot or head[:1] != "t" or not head[1:].isdigit():
+        if not dot or head[:1] not in ("t", "w") or not head[1:].isdigit():
             return {"active": False}
         n = int(head[1:])
         self.active += 1
-        return {"active": True, "client_id": f"client{n % self.clients}", "scope": SCOPES,
+        scope = SCOPES if head[0] == "t" else "anaplan:write"
+        return {"active": True, "client_id": f"client{n % self.clients}", "scope": scope,
                 "exp": int(time.time()) + 3600, "sub": f"user{n}", "token_type": "Bearer"}
 
     async def introspect(self, request: web.Request) -> web.Response:

@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
+import aiohttp
 import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
+from bench import nginx
+from bench.harness import Bench, Report
 from bench.load import TokenPlan, Workload, parse_wrk, run_fixed_rate, wrk_script
-from tests.tools import find
+from bench.processes import ServiceProcess
+from bench.services import SMALL_JSON
+from gateway.state.embedded import free_port
+from tests.tools import find, missing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,3 +132,104 @@ def test_bench_measures_what_a_rate_limit_costs() -> None:
     assert any(line.startswith("| rate-limit on vs off |") for line in out.splitlines())
     note = next(line for line in out.splitlines() if line.startswith("- rate-limit:"))
     assert "(never reached: 0 refused)" in note and "the limit costs" in note
+
+
+# -- the nginx reference (NGINX's token-introspection design) --------------------------
+
+def _need_nginx() -> None:
+    reason = nginx.unavailable()
+    if reason is not None:
+        missing(reason)
+
+
+@pytest.fixture
+async def nginx_reference(tmp_path: Path) -> AsyncIterator[tuple[nginx.NginxProcess, str]]:
+    """nginx in NGINX's design in front of the stand-in upstream and introspection
+    endpoint (whose URL comes second)."""
+    _need_nginx()
+    upstream = ServiceProcess("upstream", tmp_path, port=free_port())
+    introspection = ServiceProcess("introspection", tmp_path, port=free_port())
+    proxy = nginx.NginxProcess(tmp_path, upstream=upstream.url,
+                               introspection=introspection.url, credentials=("gw", "secret"))
+    try:
+        await upstream.start()
+        await introspection.start()
+        await proxy.start()
+        # its temp paths and cache are its own, not the system nginx's /var/lib/nginx
+        assert {"client_body", "proxy", "cache"} <= {p.name for p in proxy.dir.iterdir()}
+        yield proxy, introspection.url
+    finally:
+        proxy.stop()
+        introspection.stop()
+        upstream.stop()
+
+
+async def _calls(session: aiohttp.ClientSession, introspection: str) -> int:
+    async with session.get(introspection + "/stats") as resp:
+        calls: int = (await resp.json())["calls"]
+        return calls
+
+
+async def test_nginx_reference_authorizes_as_the_gateway_does(
+        nginx_reference: tuple[nginx.NginxProcess, str]) -> None:
+    proxy, _ = nginx_reference
+    url = proxy.url + "/2/0/workspaces"
+    async with aiohttp.ClientSession() as session:
+        async def status(token: str | None, method: str = "GET") -> int:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            async with session.request(method, url, headers=headers) as resp:
+                await resp.read()
+                return resp.status
+
+        async with session.get(url, headers={"Authorization": "Bearer t7.ok"}) as resp:
+            assert resp.status == 200
+            assert await resp.read() == SMALL_JSON  # the upstream's answer
+        assert await status("x7.unknown") == 401  # inactive
+        assert await status(None) == 401
+        assert await status("w7.writer") == 403  # active, without anaplan:read
+        assert await status("w7.writer", "POST") == 200  # which a write needs not
+        async with session.get(proxy.url + "/elsewhere",
+                               headers={"Authorization": "Bearer t7.ok"}) as resp:
+            assert resp.status == 403  # no route
+
+
+async def test_nginx_reference_introspects_a_token_once_per_cache_lifetime(
+        nginx_reference: tuple[nginx.NginxProcess, str]) -> None:
+    proxy, introspection = nginx_reference
+    headers = {"Authorization": "Bearer t42.cached"}
+    async with aiohttp.ClientSession() as session:
+        before = await _calls(session, introspection)
+        for _ in range(20):
+            async with session.get(proxy.url + "/2/0/workspaces", headers=headers) as resp:
+                assert resp.status == 200
+        assert await _calls(session, introspection) == before + 1
+
+
+async def test_nginx_scenario_says_what_to_install_when_nginx_is_missing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda *args, **kwargs: None)
+    report = Report()
+    await nginx.scenario(cast(Bench, None), report)  # touches nothing of the bench
+    assert report.rows == []
+    assert report.notes == ["nginx: skipped, nginx is not on PATH (apt-get install "
+                            "nginx-light libnginx-mod-http-js)"]
+
+
+def test_bench_sets_the_gateway_against_the_nginx_design() -> None:
+    _need_nginx()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--duration", "1", "--connections", "4",
+         "--scenarios", "nginx", "--generator", "asyncio"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for label in ("nginx design, 1 worker", "nginx design, 2 workers"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {label} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[1].replace(",", "")) > 0 and float(cells[5].replace(",", "")) > 0
+        assert re.fullmatch(r"\*\*\d+\.\d\d\*\*", cells[9]), row
+    note = next(line for line in out.splitlines() if line.startswith("- nginx (nginx "))
+    assert "gateway/nginx req/s 1 worker **" in note and "2 workers **" in note
+    assert re.search(r"njs \d+\.\d+", note), note
+    latency = next(line for line in out.splitlines() if line.startswith("- nginx latency"))
+    assert re.search(r"\*\*p99 above nginx [+-]\d+\.\d\d ms\*\*", latency), latency
