@@ -1,6 +1,7 @@
 """The proxy listener under hostile or careless clients, on a real ``oauth-gateway serve``:
 slow or silent connections, too many connections, too few descriptors, malformed
-requests carrying tokens, clients that leave before their answer."""
+requests carrying tokens, clients that leave before their answer. Every test runs on
+both event loops: uvloop (the default install) and asyncio's own."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from redis.asyncio import Redis
 
 from gateway.observe.metrics import GatewayMetrics
 from gateway.runtime.listener import ConnectionGuard, bad_request_reason
@@ -26,10 +28,11 @@ from tests.conftest import DEFAULT_POLICY, AuthServer, GatewayFactory, Upstream
 from tests.redis_server import RedisServer, free_port
 
 TOKEN = "tok-LISTENER-SENTINEL-7f3a9c"
-# ``serve`` with uvloop kept out, so that the standard asyncio loop (whose accept() errors
-# were the flood) runs; the same entry point as the installed command otherwise
-_NO_UVLOOP = "import sys; sys.modules['uvloop'] = None; from gateway.cli import main; " \
-             "sys.exit(main(['serve']))"
+# ``serve`` as the installed command runs it (uvloop), and with uvloop kept out, so that
+# the standard asyncio loop (whose accept() errors were the flood) runs
+_SERVE = {"uvloop": "import sys; from gateway.cli import main; sys.exit(main(['serve']))",
+          "asyncio": "import sys; sys.modules['uvloop'] = None; from gateway.cli import main; "
+                     "sys.exit(main(['serve']))"}
 
 
 @dataclass
@@ -55,9 +58,9 @@ class Served:
 Start = Callable[..., Awaitable[Served]]
 
 
-@pytest.fixture
+@pytest.fixture(params=["uvloop", "asyncio"])
 async def gateway(redis_server: RedisServer, auth_server: AuthServer, upstream: Upstream,
-                  tmp_path: Path) -> AsyncIterator[Start]:
+                  tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Start]:
     procs: list[subprocess.Popen[bytes]] = []
 
     async def start(*, nofile: int | None = None, **env: str) -> Served:
@@ -80,7 +83,8 @@ async def gateway(redis_server: RedisServer, auth_server: AuthServer, upstream: 
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
         with stdout.open("wb") as out, stderr.open("wb") as err:
-            proc = subprocess.Popen([sys.executable, "-c", _NO_UVLOOP], env=full, stdout=out,
+            proc = subprocess.Popen([sys.executable, "-c", _SERVE[request.param]], env=full,
+                                    stdout=out,
                                     stderr=err, preexec_fn=limit)
         procs.append(proc)
         served = Served(proc, port, f"http://127.0.0.1:{admin_port}", stdout, stderr)
@@ -363,3 +367,116 @@ def test_reasons_of_parse_failures_come_from_a_fixed_set() -> None:
                               ) == "bad_header"
     assert bad_request_reason(he.BadHttpMessage("Something new")) == "other"
     assert bad_request_reason(None) == "other"
+
+
+# --- the listener's own protocol (the fast path) and its hand-off to aiohttp's ---------
+
+def _heads(data: bytes) -> list[bytes]:
+    return [part.split(b"\r\n\r\n", 1)[0] for part in data.split(b"HTTP/1.1 ")[1:]]
+
+
+async def _answers(reader: asyncio.StreamReader, count: int) -> list[tuple[int, bytes, bytes]]:
+    """``count`` answers read off a kept connection: status, head, body (by length)."""
+    out = []
+    for _ in range(count):
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        status = int(head.split(b" ", 2)[1])
+        body = b""
+        if length and not head.startswith(b"HTTP/1.1 204") and b"X-Head: 1" not in head:
+            body = await reader.readexactly(int(length.group(1)))
+        out.append((status, head, body))
+    return out
+
+
+def _get(path: str, *extra: str, method: str = "GET") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: gw", f"Authorization: Bearer {TOKEN}", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def test_pipelined_requests_are_answered_in_order_on_one_connection(
+        gateway: Start, auth_server: AuthServer, upstream: Upstream, redis: Redis) -> None:
+    auth_server.issue(TOKEN, scope="anaplan:read")
+    served = await gateway()
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    # three requests in one write, one of them refused: each answered, in order
+    writer.write(_get("/2/0/first") + _get("/2/0/second", method="DELETE")
+                 + _get("/2/0/third"))
+    answers = await _answers(reader, 3)
+    assert [a[0] for a in answers] == [200, 403, 200]
+    assert json.loads(answers[0][2])["path"] == "/2/0/first"
+    assert json.loads(answers[2][2])["path"] == "/2/0/third"
+    assert [r.raw_path for r in upstream.received] == ["/2/0/first", "/2/0/third"]
+    for _, head, _ in answers:  # one Date: the upstream's, or the gateway's own
+        assert len(re.findall(rb"(?i)\r\ndate: ", head)) == 1
+    assert b"server:" not in answers[1][1].lower()  # the gateway's own: no software version
+    # HEAD and 204 answers carry no body, and the connection goes on
+    writer.write(_get("/2/0/head", method="HEAD") + _get("/status/204") + _get("/2/0/last"))
+    head_answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head_answer.startswith(b"HTTP/1.1 200 ")
+    assert re.search(rb"(?i)\r\ncontent-length: *\d+", head_answer)
+    no_content, last = await _answers(reader, 2)
+    assert no_content[0] == 204 and b"content-length" not in no_content[1].lower()
+    assert last[0] == 200 and json.loads(last[2])["path"] == "/2/0/last"
+    writer.close()
+
+
+async def test_built_in_server_paths_on_a_kept_connection_are_answered_by_aiohttp(
+        gateway: Start, auth_server: AuthServer, upstream: Upstream, redis: Redis) -> None:
+    auth_server.issue(TOKEN, scope="anaplan:read")
+    served = await gateway(GATEWAY_ISSUER="http://gw.example")
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(_get("/2/0/before"))
+    [(status, _, body)] = await _answers(reader, 1)
+    assert status == 200 and json.loads(body)["path"] == "/2/0/before"
+    # the built-in server's discovery document, on the same connection
+    writer.write(_get("/.well-known/oauth-authorization-server"))
+    [(status, _, body)] = await _answers(reader, 1)
+    assert status == 200 and json.loads(body)["issuer"] == "http://gw.example"
+    # and the proxy still answers on it afterwards, the same way
+    writer.write(_get("/2/0/after") + _get("/OAuth/token"))
+    (status, _, body), (refused, _, _) = await _answers(reader, 2)
+    assert status == 200 and json.loads(body)["path"] == "/2/0/after"
+    assert refused in (404, 405)  # never a policy route's, whatever its letter case
+    assert [r.raw_path for r in upstream.received] == ["/2/0/before", "/2/0/after"]
+    writer.close()
+
+
+async def test_uploads_expect_continue_and_chunked_bodies(
+        gateway: Start, auth_server: AuthServer, upstream: Upstream, redis: Redis) -> None:
+    # (``redis``: emptied, so that no earlier test's answer for TOKEN is cached)
+    auth_server.issue(TOKEN, scope="anaplan:write")
+    served = await gateway()
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    # Expect: 100-continue: the client waits for the interim answer before its body
+    writer.write(_get("/2/0/upload", "Content-Length: 5", "Expect: 100-continue",
+                      method="POST"))
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim.startswith(b"HTTP/1.1 100 ")
+    writer.write(b"hello")
+    [(status, _, body)] = await _answers(reader, 1)
+    assert status == 200 and json.loads(body)["length"] == 5, body
+    writer.close()
+
+    # a chunked body in pieces, then a pipelined request in the body's last write: the
+    # upload is answered whole; the connection then closes (the client retries the rest)
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(_get("/2/0/chunked", "Transfer-Encoding: chunked", method="PUT")
+                 + b"4\r\nabcd\r\n")
+    await asyncio.sleep(0.1)
+    writer.write(b"3\r\nefg\r\n0\r\n\r\n" + _get("/2/0/next"))
+    data = await asyncio.wait_for(reader.read(), 5)
+    assert data.startswith(b"HTTP/1.1 200 ")
+    assert json.loads(data.split(b"\r\n\r\n", 1)[1])["length"] == 7
+    assert upstream.received[-1].body == b"abcdefg"
+    writer.close()
+
+    # a large download read slowly arrives whole (the gateway waits for the client)
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(_get("/big?n=3145728"))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert b"Content-Length: 3145728" in head
+    await asyncio.sleep(0.5)
+    body = await asyncio.wait_for(reader.readexactly(3145728), 10)
+    assert body == b"x" * 3145728
+    writer.close()
