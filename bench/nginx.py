@@ -33,9 +33,10 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.harness import CLIENTS, SMALL, Bench, Report, Row
+from bench.harness import CLIENTS, POLICY, SMALL, Bench, Report, Row
 from bench.load import LoadResult, TokenPlan, Workload, run_fixed_rate
 from bench.processes import Managed, process_tree, set_affinity, wait_http
+from bench.services import SMALL_JSON
 from gateway.state.embedded import free_port
 
 #: Debian's ``libnginx-mod-http-js``
@@ -196,6 +197,37 @@ http {{
 """
 
 
+STATIC_CONF = """\
+{user}
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+
+events {{
+    worker_connections 4096;
+}}
+
+http {{
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;
+        location / {{
+            default_type application/json;
+            return 200 '{body}';
+        }}
+    }}
+}}
+"""
+
+
 def binary() -> str | None:
     """nginx on PATH, or in /usr/sbin where Debian puts it (not on a user's PATH)."""
     return shutil.which("nginx", path=os.pathsep.join(
@@ -278,6 +310,31 @@ class NginxProcess(Managed):
         super().stop(timeout)
 
 
+class StaticUpstream(NginxProcess):
+    """nginx answering every request with the stand-in upstream's small JSON body: the
+    upstream of the ``nginx`` scenario, for both proxies. The aiohttp stand-in spends
+    ~100 µs of CPU a request on the CPU it shares with the load generator, which then
+    bounds both proxies' rate (and the open-loop generator's timing) more than they do."""
+
+    def __init__(self, workdir: Path) -> None:
+        Managed.__init__(self, "nginx-upstream", workdir, None)
+        self.dir = workdir / "nginx-upstream"
+        self.port = free_port()
+        self.workers = 1
+        self.config = STATIC_CONF.format(
+            user="user root;" if os.geteuid() == 0 else "", dir=self.dir, port=self.port,
+            body=SMALL_JSON.decode())
+
+    async def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "nginx.conf").write_text(self.config)
+        nginx = binary()
+        assert nginx is not None
+        self.spawn([nginx, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf"),
+                    "-e", str(self.dir / "error.log"), "-g", "daemon off;"])
+        await wait_http(self.url + "/2/0/workspaces", self, want=200)
+
+
 # -- the scenario ----------------------------------------------------------------------
 
 async def versions(url: str) -> str:
@@ -305,24 +362,16 @@ async def scenario(bench: Bench, report: Report) -> None:
     workload = Workload(SMALL, TokenPlan("cycle", count=CLIENTS))
     rows: list[Row] = []
     latency = made = ""
-    for workers in (1, 2):
-        label = f"nginx design, {workers} worker{'s' if workers > 1 else ''}"
-        with bench.unpinned() if workers > 1 else contextlib.nullcontext():
-            settings = bench.gateway_settings()
-            ng = NginxProcess(bench.workdir, upstream=bench.upstream.url,
-                              introspection=bench.introspection.url, workers=workers,
-                              credentials=(settings["introspection_client_id"],
-                                           settings["introspection_client_secret"]),
-                              cpus=bench.proxy_cpus)
-            try:
-                await ng.start()
-                async with bench.gateway(workers=str(workers)) as gw:
-                    rows.append(await bench.pair(label, gw, workload, bare=[ng]))
-                    if workers == 1:
-                        made = await versions(ng.url)
-                        latency = await _latency(bench, ng, gw.url, workload)
-            finally:
-                ng.stop()
+    upstream = StaticUpstream(bench.workdir)
+    await upstream.start()
+    policy = bench.workdir / "policy-nginx-upstream.yaml"
+    policy.write_text(POLICY.format(upstream=upstream.url))
+    try:
+        for workers in (1, 2):
+            made, latency = await _pair(bench, rows, workload, workers, upstream, policy,
+                                        made, latency)
+    finally:
+        upstream.stop()
     report.rows.extend(rows)
     ratios = ", ".join(f"{n} worker{'s' if n > 1 else ''} **{r.ratio:.2f}** (CPU/req "
                        f"{r.cpu_ratio:.2f})" for n, r in zip((1, 2), rows, strict=True))
@@ -331,8 +380,33 @@ async def scenario(bench: Bench, report: Report) -> None:
         "introspection design (auth_request, njs, proxy_cache of introspection answers "
         f"for {CACHE_SECONDS} s) in the *bare* columns, against the gateway with "
         f"GATEWAY_WORKERS=N: gateway/nginx req/s {ratios}; 1 worker pinned as the proxy "
-        "under test, 2 on every CPU")
+        "under test, 2 on every CPU; both in front of the same nginx upstream answering "
+        "the small JSON body")
     report.notes.append(latency)
+
+
+async def _pair(bench: Bench, rows: list[Row], workload: Workload, workers: int,
+                upstream: StaticUpstream, policy: Path, made: str, latency: str
+                ) -> tuple[str, str]:
+    """One row: nginx's design and the gateway with ``workers`` each."""
+    label = f"nginx design, {workers} worker{'s' if workers > 1 else ''}"
+    with bench.unpinned() if workers > 1 else contextlib.nullcontext():
+        settings = bench.gateway_settings()
+        ng = NginxProcess(bench.workdir, upstream=upstream.url,
+                          introspection=bench.introspection.url, workers=workers,
+                          credentials=(settings["introspection_client_id"],
+                                       settings["introspection_client_secret"]),
+                          cpus=bench.proxy_cpus)
+        try:
+            await ng.start()
+            async with bench.gateway(workers=str(workers), policies=str(policy)) as gw:
+                rows.append(await bench.pair(label, gw, workload, bare=[ng]))
+                if workers == 1:
+                    made = await versions(ng.url)
+                    latency = await _latency(bench, ng, gw.url, workload)
+        finally:
+            ng.stop()
+    return made, latency
 
 
 async def _latency(bench: Bench, ng: NginxProcess, gw_url: str, workload: Workload) -> str:

@@ -58,6 +58,8 @@ MAX_PIPELINED = 64 * 1024
 #: request body bytes buffered for the forwarder before reading from the client pauses
 BODY_HIGH_WATER = 256 * 1024
 _NO_BODY_STATUSES = frozenset((204, 304))
+#: the lengths of Content-Length, Transfer-Encoding and Expect: only those names are folded
+_FRAMING_LENGTHS = frozenset((14, 17, 6))
 _EMPTY_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 
 
@@ -221,7 +223,11 @@ class FastRequest:
         length = resp.content_length
         reason = resp.reason or ""
         # the upstream's Date is kept; a proxy adds one only where it is missing
-        date = not any(len(k) == 4 and k.lower() == "date" for k, _ in headers)
+        date = True
+        for k, _ in headers:
+            if len(k) == 4 and k.lower() == "date":
+                date = False
+                break
         if self.method == "HEAD" or status in _NO_BODY_STATUSES or status < 200:
             framing = (f"Content-Length: {length}\r\n"
                        if self.method == "HEAD" and length is not None else "")
@@ -274,8 +280,6 @@ class FastProtocol(asyncio.Protocol):
         self.paused_reading = False
         self.counted = False
         # the request being parsed
-        self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
         self._complete = False
         self._keep_alive = True
         self._upgrade = False
@@ -372,11 +376,8 @@ class FastProtocol(asyncio.Protocol):
         if self._complete:  # a second message in one feed: only after a chunked body
             raise _Pipelined
 
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+    # no on_url, no on_header: llhttp checks the head, and _parse reads it afterwards
+    # in one pass (a Python call per header costs more than splitting the text)
 
     def on_headers_complete(self) -> None:
         # llhttp forgets both once the message is complete, within the same feed
@@ -431,8 +432,6 @@ class FastProtocol(asyncio.Protocol):
         first = target[1:].split(b"/", 1)[0].split(b"?", 1)[0]
         if b"%" in first or first.lower() in self.server.handoff_segments:
             raise _Handoff
-        self._url = b""
-        self._headers = []
         self._complete = False
         self._body = None
         self._remaining = None
@@ -445,18 +444,21 @@ class FastProtocol(asyncio.Protocol):
         length: int | None = None
         chunked = False
         names: list[tuple[str, str]] = []
-        for name, value in self._headers:
-            key = name.decode("latin-1")
-            text = value.decode("utf-8", "surrogateescape")
-            folded = key.lower()
-            if folded == "content-length":
-                length = int(text)  # llhttp has checked it is one number
-            elif folded == "transfer-encoding":
-                if text.strip().lower() != "chunked":
+        # llhttp accepted the head (strict: no obs-fold, no bare LF, names are tokens), so
+        # each line between the request line and the blank one is `name:OWS value OWS`
+        for field in head.decode("utf-8", "surrogateescape").split("\r\n")[1:-2]:
+            key, _, text = field.partition(":")
+            text = text.strip(" \t")
+            if len(key) in _FRAMING_LENGTHS:
+                folded = key.lower()
+                if folded == "content-length":
+                    length = int(text)  # llhttp has checked it is one number
+                elif folded == "transfer-encoding":
+                    if text.lower() != "chunked":
+                        raise _Handoff
+                    chunked = True
+                elif folded == "expect":
                     raise _Handoff
-                chunked = True
-            elif folded == "expect":
-                raise _Handoff
             names.append((key, text))
         headers = CIMultiDictProxy(CIMultiDict(names))
         body: _Body | None = None
