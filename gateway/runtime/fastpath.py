@@ -11,7 +11,9 @@ it, so the listener's connections start on :class:`FastProtocol`:
   and the rest, in any letter case) and anything unusual (another HTTP version, an
   absolute or ``*`` target, a percent sign in the first segment, ``Expect``, ``Upgrade``,
   a transfer coding other than ``chunked``, a head llhttp refuses or longer than
-  :data:`MAX_HEAD`) are **handed off**: the connection's protocol becomes aiohttp's
+  :data:`MAX_HEAD`, a head aiohttp's parser refuses where llhttp does not: no ``Host``,
+  a second ``Host`` or other single-valued field, more than :data:`MAX_HEADERS`
+  fields) are **handed off**: the connection's protocol becomes aiohttp's
   (:class:`~gateway.runtime.listener.GuardedHandler`), which is given the bytes received
   so far, untouched, and serves that connection from then on exactly as before. Pages,
   endpoints, the console, the admin API, malformed requests and their 400s all stay
@@ -57,6 +59,15 @@ MAX_HEAD = 8190
 MAX_PIPELINED = 64 * 1024
 #: request body bytes buffered for the forwarder before reading from the client pauses
 BODY_HIGH_WATER = 256 * 1024
+#: aiohttp's limit on a request's header fields; a head with more is handed to it
+MAX_HEADERS = 128
+#: fields aiohttp's parser refuses to see twice in a head (its ``SINGLETON_HEADERS``)
+_SINGLETONS = frozenset(("content-length", "content-location", "content-range",
+                         "content-type", "etag", "host", "max-forwards", "server",
+                         "transfer-encoding", "user-agent"))
+#: fields that make a request aiohttp's: ``Expect`` (its interim answer), and the
+#: pre-RFC 6455 WebSocket handshake (which it refuses)
+_HANDOFF_HEADERS = frozenset(("expect", "sec-websocket-key1"))
 _NO_BODY_STATUSES = frozenset((204, 304))
 _EMPTY_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 
@@ -278,7 +289,6 @@ class FastProtocol(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._complete = False
         self._keep_alive = True
-        self._upgrade = False
         self._body: _Body | None = None
         self._request: FastRequest | None = None
         self._remaining: int | None = None  # body bytes still to come (Content-Length)
@@ -379,10 +389,8 @@ class FastProtocol(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        # llhttp forgets both once the message is complete, within the same feed
-        parser = self.parser
-        self._keep_alive = parser.should_keep_alive()
-        self._upgrade = parser.should_upgrade()
+        # llhttp forgets it once the message is complete, within the same feed
+        self._keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         if self._body is not None:
@@ -440,24 +448,33 @@ class FastProtocol(asyncio.Protocol):
             self.parser.feed_data(head)
         except httptools.HttpParserError:
             raise _Handoff from None  # aiohttp refuses it, with the guard's 400
-        if self._upgrade:
+        except httptools.HttpParserUpgrade:  # not an HttpParserError: llhttp stopped at
+            raise _Handoff from None  # an upgrade or CONNECT, aiohttp's to decide on
+        if len(self._headers) > MAX_HEADERS:
             raise _Handoff
         length: int | None = None
         chunked = False
         names: list[tuple[str, str]] = []
+        seen: set[str] = set()
         for name, value in self._headers:
             key = name.decode("latin-1")
             text = value.decode("utf-8", "surrogateescape")
             folded = key.lower()
-            if folded == "content-length":
-                length = int(text)  # llhttp has checked it is one number
-            elif folded == "transfer-encoding":
-                if text.strip().lower() != "chunked":
+            if folded in _SINGLETONS:
+                if folded in seen:  # aiohttp refuses a second one: which one counts?
                     raise _Handoff
-                chunked = True
-            elif folded == "expect":
+                seen.add(folded)
+                if folded == "content-length":
+                    length = int(text)  # llhttp has checked it is one number
+                elif folded == "transfer-encoding":
+                    if text.strip().lower() != "chunked":
+                        raise _Handoff
+                    chunked = True
+            elif folded in _HANDOFF_HEADERS:
                 raise _Handoff
             names.append((key, text))
+        if "host" not in seen:  # HTTP/1.1 requires it: aiohttp refuses the request
+            raise _Handoff
         headers = CIMultiDictProxy(CIMultiDict(names))
         body: _Body | None = None
         if chunked or (length is not None and length > 0):
