@@ -102,3 +102,99 @@ async def test_heads_aiohttp_refuses_are_refused_as_it_refuses_them(
     assert TOKEN.encode() not in head + body + rest
     assert rest == b""  # and the connection is closed
     assert upstream.received == []
+
+
+# --- smuggling and desync: one framing, llhttp's, or a 400 and a closed connection -----
+
+@pytest.mark.parametrize("raw", [
+    pytest.param(_req("/2/0/a", "Content-Length: 4", "Transfer-Encoding: chunked",
+                      method="POST") + b"0\r\n\r\n", id="cl-and-te"),
+    pytest.param(_req("/2/0/a", "Transfer-Encoding: chunked", "Content-Length: 4",
+                      method="POST") + b"0\r\n\r\n", id="te-and-cl"),
+    pytest.param(_req("/2/0/a", "Content-Length: 4", "Content-Length: 4", method="POST")
+                 + b"abcd", id="two-content-lengths"),
+    pytest.param(_req("/2/0/a", "Content-Length: 4, 4", method="POST") + b"abcd",
+                 id="content-length-list"),
+    pytest.param(_req("/2/0/a", "Transfer-Encoding: chunked, chunked", method="POST")
+                 + b"0\r\n\r\n", id="chunked-twice"),
+    pytest.param(_req("/2/0/a", "Transfer-Encoding: chunked", "Transfer-Encoding: chunked",
+                      method="POST") + b"0\r\n\r\n", id="two-transfer-encodings"),
+    pytest.param(_req("/2/0/a", "Transfer-Encoding : chunked", method="POST")
+                 + b"0\r\n\r\n", id="space-before-colon"),
+    pytest.param(_req("/2/0/a", "Transfer-Encoding:", " chunked", method="POST")
+                 + b"0\r\n\r\n", id="obs-fold-te"),
+    pytest.param(_req("/2/0/a", "X-A: a", " b"), id="obs-fold"),
+    pytest.param(b"GET /2/0/a HTTP/1.1\r\nHost: gw\nX-A: b\r\n" + AUTH.encode()
+                 + b"\r\n\r\n", id="bare-lf-in-head"),
+    pytest.param(b"GET /2/0/a HTTP/1.1\r\nHost: gw\rX-A: b\r\n\r\n", id="bare-cr"),
+    pytest.param(_req("/2/0/a", "X-A: a\x00b"), id="nul-in-value"),
+    pytest.param(b"GET /2/0/a\x00 HTTP/1.1\r\nHost: gw\r\n\r\n", id="nul-in-target"),
+    pytest.param(_req("/2/0/a", "Transfer-Encoding: chunked", method="POST")
+                 + b"3;x=\"a\r\nb\"\r\nabc\r\n0\r\n\r\n", id="crlf-in-chunk-extension"),
+    pytest.param(_req("/2/0/a", "Transfer-Encoding: chunked", method="POST")
+                 + b"3\nabc\n0\n\n", id="bare-lf-chunks"),
+    pytest.param(_req("/2/0/a", "Transfer-Encoding: chunked", method="POST")
+                 + b"0x3\r\nabc\r\n0\r\n\r\n", id="chunk-size-0x"),
+    pytest.param(_req("/2/0/a", "Transfer-Encoding: chunked", method="POST")
+                 + b"3\r\nabc\r\n0\r\nContent-Length: 5\r\n\r\nhello", id="cl-in-trailer"),
+])
+async def test_ambiguous_framing_is_refused_and_the_connection_closed(
+        gw: Harness, upstream: Upstream, raw: bytes) -> None:
+    answers, rest = await _exchange(gw, raw + _req("/2/0/smuggled"))
+    status, _head, body = answers[0]
+    assert status == 400, answers
+    assert json.loads(body)["error"] == "invalid_request"
+    assert rest == b""  # no second answer: the smuggled request is never served
+    assert "/2/0/smuggled" not in [r.raw_path for r in upstream.received]
+    assert all(not r.body for r in upstream.received)
+
+
+async def test_framing_llhttp_accepts_is_kept_request_by_request(
+        gw: Harness, upstream: Upstream) -> None:
+    # a Content-Length body, a GET with a body, a chunked body with extensions and
+    # trailers, and requests behind each, all in one write
+    raw = (_req("/2/0/cl", "Content-Length: 6", method="POST") + b"GET /x"
+           + _req("/2/0/get-body", "Content-Length: 3") + b"abc"
+           + _req("/2/0/chunked", "Transfer-Encoding: ChUnKeD", method="PUT")
+           + b"3;ext=1;q=\"x\"\r\nabc\r\n0\r\nX-Trailer: t\r\nAuthorization: Bearer no\r\n\r\n")
+    answers, _rest = await _exchange(gw, raw, 3)
+    assert [a[0] for a in answers] == [200, 200, 200], answers
+    assert [r.raw_path for r in upstream.received] == [
+        "/2/0/cl", "/2/0/get-body", "/2/0/chunked"]
+    assert [r.body for r in upstream.received] == [b"GET /x", b"abc", b"abc"]
+    # trailers are not headers: none reached the upstream
+    assert "X-Trailer" not in upstream.received[2].headers
+    assert upstream.received[2].headers.getall("Authorization") == [f"Bearer {TOKEN}"]
+
+
+async def test_a_head_split_at_every_byte_is_one_request(
+        gw: Harness, upstream: Upstream) -> None:
+    raw = _req("/2/0/slow-head") + _req("/2/0/next", "Content-Length: 2", method="POST")
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.client.port)
+    first = len(_req("/2/0/slow-head"))
+    # byte by byte around both blank lines (the first ends exactly at its read's end)
+    for cut in (*range(first - 6, first + 1), len(raw)):
+        writer.write(raw[:cut])
+        raw = raw[cut:]
+        first -= cut
+        await writer.drain()
+        await asyncio.sleep(0.02)
+    writer.write(b"ok")
+    answers = await _answers(reader, 2)
+    writer.close()
+    assert [a[0] for a in answers] == [200, 200]
+    assert [(r.raw_path, r.body) for r in upstream.received] == [
+        ("/2/0/slow-head", b""), ("/2/0/next", b"ok")]
+
+
+async def test_a_body_shorter_than_its_length_then_close(
+        gw: Harness, upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
+    _reader, writer = await asyncio.open_connection("127.0.0.1", gw.client.port)
+    writer.write(_req("/2/0/short", "Content-Length: 100", method="POST") + b"only-this")
+    await asyncio.sleep(0.2)
+    writer.close()
+    with caplog.at_level(logging.INFO):
+        await asyncio.sleep(0.3)
+    assert [r.raw_path for r in upstream.received if r.body] == []  # no short body passed on
+    assert [(r["route"], r["status"]) for r in gw.log_lines()] == [("write", 499)]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
