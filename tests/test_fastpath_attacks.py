@@ -38,16 +38,16 @@ async def _answers(reader: asyncio.StreamReader, count: int
     return out
 
 
-async def _exchange(gw: Harness, raw: bytes, count: int = 1
+async def _exchange(gw: Harness, raw: bytes, count: int = 1, wait: float = 0.5
                     ) -> tuple[list[tuple[int, bytes, bytes]], bytes]:
     """Send ``raw`` on a new connection: ``count`` answers, then what else came before
-    the gateway closed the connection (or 0.5 s passed)."""
+    the gateway closed the connection (or ``wait`` seconds passed: ``(open)``)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.client.port)
     try:
         writer.write(raw)
         answers = await _answers(reader, count)
         try:
-            rest = await asyncio.wait_for(reader.read(65536), 0.5)
+            rest = await asyncio.wait_for(reader.read(65536), wait)
         except TimeoutError:
             rest = b"(open)"
         return answers, rest
@@ -198,3 +198,58 @@ async def test_a_body_shorter_than_its_length_then_close(
     assert [r.raw_path for r in upstream.received if r.body] == []  # no short body passed on
     assert [(r["route"], r["status"]) for r in gw.log_lines()] == [("write", 499)]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+# --- the hand-off: whatever comes first on the connection, aiohttp answers it ----------
+
+RESERVED = ["/oauth/token", "/OAUTH/token", "/%6Fauth/token", "/.well-known/openid-configuration",
+            "/.WELL-KNOWN/oauth-authorization-server", "/console/", "/admin/api/clients",
+            "/account/", "/token/", "/oauth?x=1"]
+
+
+async def test_reserved_paths_behind_fast_requests_get_aiohttps_answer(
+        gw: Harness, upstream: Upstream) -> None:
+    for path in RESERVED:
+        # the reference: the path as a connection's first request (aiohttp's from the start)
+        [(alone, _, alone_body)], _ = await _exchange(gw, _req(path, method="POST"), wait=0)
+        # the same as the 3rd of three pipelined requests, in one write
+        answers, _ = await _exchange(gw, _req("/2/0/one") + _req("/2/0/two")
+                                     + _req(path, method="POST"), 3, wait=0)
+        assert [a[0] for a in answers] == [200, 200, alone], (path, answers)
+        assert answers[2][2] == alone_body or alone != 200, path
+        # and split across writes, the cut inside the reserved request's line
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.client.port)
+        raw = _req("/2/0/three") + _req(path, method="POST")
+        cut = len(_req("/2/0/three")) + 7
+        writer.write(raw[:cut])
+        await asyncio.sleep(0.05)
+        writer.write(raw[cut:])
+        answers = await _answers(reader, 2)
+        writer.close()
+        assert [a[0] for a in answers] == [200, alone], (path, answers)
+    # none of them ever reached the upstream
+    assert {r.raw_path for r in upstream.received} == {"/2/0/one", "/2/0/two", "/2/0/three"}
+
+
+@pytest.mark.parametrize(("raw", "statuses"), [
+    pytest.param(b"GET http://gw/2/0/abs HTTP/1.1\r\nHost: gw\r\n" + AUTH.encode()
+                 + b"\r\n\r\n", (400,), id="absolute-form"),
+    pytest.param(b"OPTIONS * HTTP/1.1\r\nHost: gw\r\n\r\n", (400, 404, 405), id="asterisk"),
+    pytest.param(b"GET /2/0/old HTTP/1.0\r\n" + AUTH.encode() + b"\r\n\r\n", (200,),
+                 id="http-1.0"),
+    pytest.param(b"GET /2/0/old HTTP/1.0\r\nConnection: keep-alive\r\n" + AUTH.encode()
+                 + b"\r\n\r\n", (200,), id="http-1.0-keep-alive"),
+    pytest.param(_req("/2/0/" + "a" * 9000), (400, 414, 431), id="long-target"),
+    pytest.param(_req("/2/0/a", "X-Long: " + "b" * 9000), (400, 431), id="long-field"),
+    pytest.param(_req("/2/0/a", *[f"X-{i}: " + "c" * 90 for i in range(100)]), (200,),
+                 id="long-head-short-fields"),
+])
+async def test_unusual_requests_are_aiohttps_after_a_fast_one(
+        gw: Harness, raw: bytes, statuses: tuple[int, ...]) -> None:
+    for prefix in (b"", _req("/2/0/first")):
+        answers, rest = await _exchange(gw, prefix + raw, 2 if prefix else 1)
+        status, head, body = answers[-1]
+        assert status in statuses, (raw[:40], answers)
+        assert TOKEN.encode() not in head + body + rest
+        if status == 400:
+            assert json.loads(body)["error"] == "invalid_request"
