@@ -253,3 +253,83 @@ async def test_unusual_requests_are_aiohttps_after_a_fast_one(
         assert TOKEN.encode() not in head + body + rest
         if status == 400:
             assert json.loads(body)["error"] == "invalid_request"
+
+
+# --- refused bodies: never read as requests ---------------------------------------------
+
+async def test_refused_bodies_are_never_read_as_requests(
+        gw: Harness, upstream: Upstream) -> None:
+    smuggled = _req("/2/0/smuggled")
+    # 413 from Content-Length, the body (a request) already sent behind the head
+    body = smuggled + b"x" * (1100 - len(smuggled))
+    answers, rest = await _exchange(gw, _req("/2/0/big", "Content-Length: 1100",
+                                             method="POST") + body)
+    assert answers[0][0] == 413, answers
+    # the body was read whole (it came with the head), so the connection may stay open;
+    # it answers nothing more: what was in the body is not a request
+    assert rest in (b"", b"(open)")
+    # 413 mid-stream: a chunked body passing the limit, a request in its chunks
+    chunks = b"".join(b"%x\r\n%b\r\n" % (len(part), part) for part in (smuggled, b"y" * 1100))
+    answers, rest = await _exchange(gw, _req("/2/0/big", "Transfer-Encoding: chunked",
+                                             method="POST") + chunks)
+    assert answers[0][0] == 413, answers
+    assert rest in (b"", b"(open)")
+    # a body that turns malformed mid-stream: 400, the rest never parsed
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.client.port)
+    writer.write(_req("/2/0/bad", "Transfer-Encoding: chunked", method="POST") + b"3\r\nabc\r\n")
+    await asyncio.sleep(0.1)
+    writer.write(b"zz\r\n" + smuggled)
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 400 ") and data.count(b"\r\n\r\n") == 1, data
+    assert json.loads(data.split(b"\r\n\r\n", 1)[1])["error"] == "invalid_request"
+    # 408: a body that stops coming
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.client.port)
+    writer.write(_req("/2/0/stall", "Content-Length: 10", method="POST") + b"abc")
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in data, data
+    assert "/2/0/smuggled" not in [r.raw_path for r in upstream.received]
+    metrics = await gw.metrics()
+    assert 'gateway_bad_requests_total{reason="bad_chunking"} 1.0' in metrics
+
+
+# --- what an upstream sends cannot split the client's answer ----------------------------
+
+_RAW_POLICY = """
+upstreams:
+  api: http://127.0.0.1:{port}
+routes:
+  - name: read
+    upstream: api
+    methods: [GET]
+    path: /2/0/**
+    scopes: [anaplan:read]
+"""
+
+
+@pytest.mark.parametrize("header", [
+    b"X-A: a\nSet-Cookie: evil=1", b"X-A: a\rSet-Cookie: evil=1", b"X-A: a\x00Set-Cookie: evil=1",
+    b"X-A: a\r\n Set-Cookie: evil=1", b"Set-Cookie: evil=1\r\nX-B: \x7f",
+])
+async def test_upstream_header_with_a_line_break_never_reaches_the_client(
+        make_gateway: GatewayFactory, auth_server: AuthServer, redis: Redis,
+        header: bytes) -> None:
+    auth_server.issue(TOKEN, scope="anaplan:read")
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n" + header + b"\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        gw = await make_gateway(_RAW_POLICY.replace("{port}", str(port)))
+        answers, _ = await _exchange(gw, _req("/2/0/x"), wait=0)
+    finally:
+        server.close()
+    status, head, _ = answers[0]
+    assert status == 502, answers
+    assert b"evil" not in head and head.count(b"\r\n\r\n") == 1
