@@ -10,11 +10,15 @@ import asyncio
 import json
 import logging
 import re
+import signal
+import time
 
 import pytest
 from redis.asyncio import Redis
 
+from tests import test_listener
 from tests.conftest import AuthServer, GatewayFactory, Harness, Upstream
+from tests.test_listener import Start
 
 TOKEN = "tok-FASTPATH-ATTACK-5d1e08"
 AUTH = f"Authorization: Bearer {TOKEN}"
@@ -333,3 +337,104 @@ async def test_upstream_header_with_a_line_break_never_reaches_the_client(
     status, head, _ = answers[0]
     assert status == 502, answers
     assert b"evil" not in head and head.count(b"\r\n\r\n") == 1
+
+
+# --- the connection cap and the open-connections gauge -----------------------------------
+
+def _gauge(metrics: str, name: str) -> float:
+    found = re.search(rf"(?m)^{name} (\S+)$", metrics)
+    assert found, name
+    return float(found.group(1))
+
+
+async def test_the_cap_counts_handed_off_connections_once_and_the_gauge_returns_to_zero(
+        make_gateway: GatewayFactory, auth_server: AuthServer, redis: Redis) -> None:
+    auth_server.issue(TOKEN, scope="anaplan:read")
+    gw = await make_gateway(max_connections=4)
+    kept = []
+    # two on the fast path, two handed over (one after a fast request), all kept open
+    for raw, count in ((_req("/2/0/a"), 1), (_req("/2/0/b"), 1),
+                       (_req("/oauth/token", method="POST"), 1),
+                       (_req("/2/0/c") + _req("/.well-known/x"), 2)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.client.port)
+        writer.write(raw)
+        await _answers(reader, count)
+        kept.append(writer)
+    assert _gauge(await gw.metrics(), "gateway_open_connections") == 4
+    answers, rest = await _exchange(gw, _req("/2/0/d"))
+    assert answers[0][0] == 503 and rest == b""
+    for writer in kept:
+        writer.close()
+    # and a churn of every kind of connection, closed by either side
+    for raw in (_req("/2/0/e"), _req("/oauth/token"), _req("/2/0/f") + _req("/console/"),
+                _req("/2/0/g", "Connection: close"), _req("/2/0/h", host=False),
+                _req("/2/0/i", "Connection: Upgrade", "Upgrade: h2c"), b"GET /2/0/j HTT"):
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.client.port)
+            writer.write(raw)
+            await asyncio.sleep(0.01)
+            writer.close()
+    for _ in range(50):
+        if _gauge(await gw.metrics(), "gateway_open_connections") == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert _gauge(await gw.metrics(), "gateway_open_connections") == 0
+
+
+# --- clients that stop reading, or leave -------------------------------------------------
+
+async def test_a_client_that_never_reads_holds_a_bounded_buffer_and_leaving_is_499(
+        gw: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.client.port)
+    writer.transport.set_write_buffer_limits(0)
+    writer.write(_req("/big?n=268435456"))  # 256 MiB, never read past the head
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    reader._transport.pause_reading()  # type: ignore[attr-defined]
+    await asyncio.sleep(1.0)
+    server = gw.client.server.runner.server  # type: ignore[union-attr]
+    [conn] = list(server.fast)
+    assert conn.paused_writing and conn.transport is not None
+    assert conn.transport.get_write_buffer_size() < 1024 * 1024
+    with caplog.at_level(logging.INFO):
+        writer.transport.abort()
+        await asyncio.sleep(0.3)
+    assert [(r["route"], r["status"]) for r in gw.log_lines()] == [("big", 499)]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert not server.fast
+
+
+# --- stopping: on ``oauth-gateway serve`` (uvloop, and asyncio's loop) -------------------
+
+gateway = test_listener.gateway
+
+
+async def test_sigterm_drains_requests_in_flight_within_the_shutdown_timeout(
+        gateway: Start, auth_server: AuthServer) -> None:
+    auth_server.issue(TOKEN, scope="anaplan:read")
+    served = await gateway(GATEWAY_SHUTDOWN_TIMEOUT="1.5")
+
+    async def connect(raw: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        writer.write(raw)
+        return reader, writer
+
+    idle = await connect(_req("/2/0/idle"))
+    await _answers(idle[0], 1)
+    handed = await connect(_req("/2/0/first") + _req("/oauth/token"))
+    await _answers(handed[0], 2)
+    quick = await connect(_req("/slow?s=0.6"))
+    stuck = await connect(_req("/slow?s=30"))
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    served.proc.send_signal(signal.SIGTERM)
+    [(status, _, _)] = await _answers(quick[0], 1)
+    assert status == 200  # the request in flight is answered
+    for reader, _ in (idle, handed, stuck):  # the others are closed
+        assert await asyncio.wait_for(reader.read(), 5) in (b"", )
+    code = await asyncio.to_thread(served.proc.wait, 10)
+    assert time.monotonic() - started < 4.5
+    assert code == 0
+    for _, writer in (idle, handed, quick, stuck):
+        writer.close()
+    logs = served.logs()
+    assert "Traceback" not in logs and "Task was destroyed" not in logs, logs
