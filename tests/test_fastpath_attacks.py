@@ -16,6 +16,7 @@ import time
 import pytest
 from redis.asyncio import Redis
 
+from gateway.runtime.listener import FastServer
 from tests import test_listener
 from tests.conftest import AuthServer, GatewayFactory, Harness, Upstream
 from tests.test_listener import Start
@@ -381,6 +382,12 @@ async def test_the_cap_counts_handed_off_connections_once_and_the_gauge_returns_
     assert _gauge(await gw.metrics(), "gateway_open_connections") == 0
 
 
+def _fast_server(gw: Harness) -> FastServer:
+    runner = gw.client.server.runner
+    assert runner is not None and isinstance(runner.server, FastServer)
+    return runner.server
+
+
 # --- clients that stop reading, or leave -------------------------------------------------
 
 async def test_a_client_that_never_reads_holds_a_bounded_buffer_and_leaving_is_499(
@@ -391,7 +398,7 @@ async def test_a_client_that_never_reads_holds_a_bounded_buffer_and_leaving_is_4
     await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     reader._transport.pause_reading()  # type: ignore[attr-defined]
     await asyncio.sleep(1.0)
-    server = gw.client.server.runner.server  # type: ignore[union-attr]
+    server = _fast_server(gw)
     [conn] = list(server.fast)
     assert conn.paused_writing and conn.transport is not None
     assert conn.transport.get_write_buffer_size() < 1024 * 1024
@@ -438,3 +445,24 @@ async def test_sigterm_drains_requests_in_flight_within_the_shutdown_timeout(
         writer.close()
     logs = served.logs()
     assert "Traceback" not in logs and "Task was destroyed" not in logs, logs
+
+
+async def test_pipelining_without_reading_answers_does_not_grow_the_gateways_buffer(
+        gw: Harness) -> None:
+    # each small request is a larger answer (a 401): a client that sends and never reads
+    # must stop being served once the gateway cannot write, not fill its memory
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.client.port)
+    reader._transport.pause_reading()  # type: ignore[attr-defined]
+    one = b"GET /2/0/x HTTP/1.1\r\nHost: gw\r\n\r\n"
+    for _ in range(40):
+        writer.write(one * 1000)
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.5)
+    [conn] = list(_fast_server(gw).fast)
+    assert conn.transport is not None
+    assert conn.transport.get_write_buffer_size() < 1024 * 1024
+    # once the client reads, the waiting requests are answered, in order
+    reader._transport.resume_reading()  # type: ignore[attr-defined]
+    answers = await _answers(reader, 5000)
+    assert {a[0] for a in answers} == {401}
+    writer.transport.abort()

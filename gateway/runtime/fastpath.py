@@ -336,7 +336,7 @@ class FastProtocol(asyncio.Protocol):
         self.buffer += data
         if self.task is None:
             self._next_request()
-        elif len(self.buffer) > MAX_PIPELINED:
+        if len(self.buffer) > MAX_PIPELINED:
             self.pause_reading()
 
     def eof_received(self) -> bool | None:
@@ -354,6 +354,8 @@ class FastProtocol(asyncio.Protocol):
             self._drain = None
             if not drain.done():
                 drain.set_result(None)
+        elif self.task is None and self.buffer:
+            self._next_request()  # a pipelined request waited for the client to read
 
     async def writable(self) -> asyncio.Transport:
         """The transport, once it takes more (flow control); raises when the client left."""
@@ -406,7 +408,9 @@ class FastProtocol(asyncio.Protocol):
     def _next_request(self) -> None:
         """Start on the request at the head of the buffer, if its head has arrived."""
         buffer = self.buffer
-        if not buffer or self.transport is None:
+        # while the client does not read its answers, its next requests wait (and reading
+        # pauses once they fill MAX_PIPELINED): answers never pile up in memory
+        if not buffer or self.transport is None or self.paused_writing:
             return
         end = buffer.find(b"\r\n\r\n")
         if end < 0 or end + 4 > MAX_HEAD:
