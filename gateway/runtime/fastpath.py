@@ -27,7 +27,10 @@ it, so the listener's connections start on :class:`FastProtocol`:
   keep-alive timeout, enforced by one sweep a fraction of a second apart rather than a
   timer per request.
 - A client that leaves cancels its request's task (recorded as 499), as aiohttp does with
-  ``handler_cancellation``. Pipelined requests are answered in order.
+  ``handler_cancellation``. Pipelined requests are answered in order, the next one once
+  the client takes more of the answers (flow control). A request answered before its
+  body was read (413, 408, a refusal) closes the connection once the rest of the body
+  has been read and dropped (or :data:`LINGER` seconds passed), as aiohttp lingers.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ MAX_HEAD = 8190
 MAX_PIPELINED = 64 * 1024
 #: request body bytes buffered for the forwarder before reading from the client pauses
 BODY_HIGH_WATER = 256 * 1024
+#: seconds the unread rest of an answered request's body is read and dropped, at most
+#: (aiohttp's ``lingering_time``)
+LINGER = 10.0
 #: aiohttp's limit on a request's header fields; a head with more is handed to it
 MAX_HEADERS = 128
 #: fields aiohttp's parser refuses to see twice in a head (its ``SINGLETON_HEADERS``)
@@ -148,6 +154,26 @@ class _Body:
                 return b""
             self._waiter = waiter = asyncio.get_running_loop().create_future()
             await waiter
+
+
+class _Dropped(_Body):
+    """The rest of a body whose request has been answered, read and dropped until it
+    ends (then the connection closes) or :data:`LINGER` seconds pass: a client that
+    sends its whole body before reading sees its answer (a 413, say), not a reset for
+    closing on unread bytes (aiohttp's lingering close)."""
+
+    __slots__ = ()
+
+    def feed(self, chunk: bytes) -> None:
+        pass
+
+    def finish(self) -> None:
+        self.done = True
+        if self._conn.transport is not None:
+            self._conn.transport.close()
+
+    def fail(self, exc: BaseException) -> None:
+        self.finish()
 
 
 class _NoBody:
@@ -537,14 +563,25 @@ class FastProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if request.closing or self.closing or (body is not None and not body.done) \
-                or not request.started:
+        if body is not None and not body.done and request.started:
+            self._linger()
+            return
+        if request.closing or self.closing or not request.started:
             transport.close()
             return
         self.deadline = self._loop.time() + self.server.keepalive_timeout
         self.resume_reading()
         if self.buffer:
             self._next_request()
+
+    def _linger(self) -> None:
+        """Read and drop the rest of the answered request's body, then close (its answer
+        said ``Connection: close``)."""
+        self.closing = True
+        self._body = _Dropped(self)
+        self.buffer.clear()
+        self.deadline = self._loop.time() + LINGER
+        self.resume_reading()
 
     # -- hand-off and shutdown ------------------------------------------------------------
 
