@@ -508,3 +508,17 @@ async def test_the_dropped_rest_of_a_body_is_read_for_a_bounded_time(
                 raise ConnectionResetError
     assert asyncio.get_running_loop().time() - started < 2.0
     writer.close()
+
+
+async def test_whitespace_after_a_field_value_is_not_part_of_it(
+        gw: Harness, upstream: Upstream) -> None:
+    # llhttp drops the whitespace before a value, not after it (aiohttp drops both)
+    answers, _ = await _exchange(gw, _req("/2/0/ows", "X-Request-Id: trace-42 \t",
+                                          "X-Custom: v  ").replace(b"Host: gw", b"Host: gw "),
+                                 wait=0)
+    status, head, _ = answers[0]
+    assert status == 200 and b"\r\nX-Request-Id: trace-42\r\n" in head, head
+    [seen] = upstream.received
+    assert seen.headers["X-Request-Id"] == "trace-42"
+    assert seen.headers["X-Forwarded-Host"] == "gw"
+    assert seen.headers["X-Custom"] == "v"

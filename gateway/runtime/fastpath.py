@@ -13,7 +13,8 @@ it, so the listener's connections start on :class:`FastProtocol`:
   a transfer coding other than ``chunked``, a head llhttp refuses or longer than
   :data:`MAX_HEAD`, a head aiohttp's parser refuses where llhttp does not: no ``Host``,
   a second ``Host`` or other single-valued field, more than :data:`MAX_HEADERS`
-  fields) are **handed off**: the connection's protocol becomes aiohttp's
+  fields; whitespace ending a field value, which aiohttp strips and llhttp keeps) are
+  **handed off**: the connection's protocol becomes aiohttp's
   (:class:`~gateway.runtime.listener.GuardedHandler`), which is given the bytes received
   so far, untouched, and serves that connection from then on exactly as before. Pages,
   endpoints, the console, the admin API, malformed requests and their 400s all stay
@@ -469,6 +470,8 @@ class FastProtocol(asyncio.Protocol):
         first = target[1:].split(b"/", 1)[0].split(b"?", 1)[0]
         if b"%" in first or first.lower() in self.server.handoff_segments:
             raise _Handoff
+        if b" \r\n" in head or b"\t\r\n" in head:  # aiohttp strips what llhttp leaves at
+            raise _Handoff  # a value's end; rare enough to be aiohttp's
         self._url = b""
         self._headers = []
         self._complete = False
