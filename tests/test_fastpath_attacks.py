@@ -522,3 +522,32 @@ async def test_whitespace_after_a_field_value_is_not_part_of_it(
     assert seen.headers["X-Request-Id"] == "trace-42"
     assert seen.headers["X-Forwarded-Host"] == "gw"
     assert seen.headers["X-Custom"] == "v"
+
+
+async def test_the_header_deadline_is_total_across_the_hand_off(
+        make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(header_timeout=0.8)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.client.port)
+    started = asyncio.get_running_loop().time()
+    # a head trickled in: most of it on the fast path, the rest after its hand-off (past
+    # 8190 bytes); the deadline counts from the connection's start all the same
+    writer.write(b"GET /2/0/slow HTTP/1.1\r\nHost: gw\r\n")
+    closed_at = None
+    for i in range(40):
+        await asyncio.sleep(0.05)
+        try:
+            writer.write(b"X-Pad-%d: %b\r\n" % (i, b"p" * 1000))
+            await writer.drain()
+        except ConnectionError:
+            pass
+        if reader.at_eof() or writer.transport.is_closing():
+            closed_at = asyncio.get_running_loop().time() - started
+            break
+        try:
+            if await asyncio.wait_for(reader.read(65536), 0.001) == b"":
+                closed_at = asyncio.get_running_loop().time() - started
+                break
+        except TimeoutError:
+            pass
+    writer.close()
+    assert closed_at is not None and closed_at < 1.05, closed_at

@@ -600,7 +600,9 @@ class FastProtocol(asyncio.Protocol):
         self.transport = None
         if self.paused_reading:
             transport.resume_reading()
-        handler = self.server.aiohttp_protocol(counted)
+        # the head's deadline goes with it: total, however the head is split
+        deadline = min(self.deadline, self._loop.time() + self.guard.header_timeout)
+        handler = self.server.aiohttp_protocol(counted, deadline)
         transport.set_protocol(handler)
         handler.connection_made(transport)
         if data:
