@@ -11,7 +11,10 @@ it, so the listener's connections start on :class:`FastProtocol`:
   and the rest, in any letter case) and anything unusual (another HTTP version, an
   absolute or ``*`` target, a percent sign in the first segment, ``Expect``, ``Upgrade``,
   a transfer coding other than ``chunked``, a head llhttp refuses or longer than
-  :data:`MAX_HEAD`) are **handed off**: the connection's protocol becomes aiohttp's
+  :data:`MAX_HEAD`, a head aiohttp's parser refuses where llhttp does not: no ``Host``,
+  a second ``Host`` or other single-valued field, more than :data:`MAX_HEADERS`
+  fields; whitespace ending a field value, which aiohttp strips and llhttp keeps) are
+  **handed off**: the connection's protocol becomes aiohttp's
   (:class:`~gateway.runtime.listener.GuardedHandler`), which is given the bytes received
   so far, untouched, and serves that connection from then on exactly as before. Pages,
   endpoints, the console, the admin API, malformed requests and their 400s all stay
@@ -25,7 +28,10 @@ it, so the listener's connections start on :class:`FastProtocol`:
   keep-alive timeout, enforced by one sweep a fraction of a second apart rather than a
   timer per request.
 - A client that leaves cancels its request's task (recorded as 499), as aiohttp does with
-  ``handler_cancellation``. Pipelined requests are answered in order.
+  ``handler_cancellation``. Pipelined requests are answered in order, the next one once
+  the client takes more of the answers (flow control). A request answered before its
+  body was read (413, 408, a refusal) closes the connection once the rest of the body
+  has been read and dropped (or :data:`LINGER` seconds passed), as aiohttp lingers.
 """
 
 from __future__ import annotations
@@ -57,9 +63,19 @@ MAX_HEAD = 8190
 MAX_PIPELINED = 64 * 1024
 #: request body bytes buffered for the forwarder before reading from the client pauses
 BODY_HIGH_WATER = 256 * 1024
+#: seconds the unread rest of an answered request's body is read and dropped, at most
+#: (aiohttp's ``lingering_time``)
+LINGER = 10.0
+#: aiohttp's limit on a request's header fields; a head with more is handed to it
+MAX_HEADERS = 128
+#: fields aiohttp's parser refuses to see twice in a head (its ``SINGLETON_HEADERS``)
+_SINGLETONS = frozenset(("content-length", "content-location", "content-range",
+                         "content-type", "etag", "host", "max-forwards", "server",
+                         "transfer-encoding", "user-agent"))
+#: fields that make a request aiohttp's: ``Expect`` (its interim answer), and the
+#: pre-RFC 6455 WebSocket handshake (which it refuses)
+_HANDOFF_HEADERS = frozenset(("expect", "sec-websocket-key1"))
 _NO_BODY_STATUSES = frozenset((204, 304))
-#: the lengths of Content-Length, Transfer-Encoding and Expect: only those names are folded
-_FRAMING_LENGTHS = frozenset((14, 17, 6))
 _EMPTY_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 
 
@@ -139,6 +155,26 @@ class _Body:
                 return b""
             self._waiter = waiter = asyncio.get_running_loop().create_future()
             await waiter
+
+
+class _Dropped(_Body):
+    """The rest of a body whose request has been answered, read and dropped until it
+    ends (then the connection closes) or :data:`LINGER` seconds pass: a client that
+    sends its whole body before reading sees its answer (a 413, say), not a reset for
+    closing on unread bytes (aiohttp's lingering close)."""
+
+    __slots__ = ()
+
+    def feed(self, chunk: bytes) -> None:
+        pass
+
+    def finish(self) -> None:
+        self.done = True
+        if self._conn.transport is not None:
+            self._conn.transport.close()
+
+    def fail(self, exc: BaseException) -> None:
+        self.finish()
 
 
 class _NoBody:
@@ -282,7 +318,6 @@ class FastProtocol(asyncio.Protocol):
         # the request being parsed
         self._complete = False
         self._keep_alive = True
-        self._upgrade = False
         self._body: _Body | None = None
         self._request: FastRequest | None = None
         self._remaining: int | None = None  # body bytes still to come (Content-Length)
@@ -330,7 +365,7 @@ class FastProtocol(asyncio.Protocol):
         self.buffer += data
         if self.task is None:
             self._next_request()
-        elif len(self.buffer) > MAX_PIPELINED:
+        if len(self.buffer) > MAX_PIPELINED:
             self.pause_reading()
 
     def eof_received(self) -> bool | None:
@@ -348,6 +383,8 @@ class FastProtocol(asyncio.Protocol):
             self._drain = None
             if not drain.done():
                 drain.set_result(None)
+        elif self.task is None and self.buffer:
+            self._next_request()  # a pipelined request waited for the client to read
 
     async def writable(self) -> asyncio.Transport:
         """The transport, once it takes more (flow control); raises when the client left."""
@@ -380,10 +417,8 @@ class FastProtocol(asyncio.Protocol):
     # in one pass (a Python call per header costs more than splitting the text)
 
     def on_headers_complete(self) -> None:
-        # llhttp forgets both once the message is complete, within the same feed
-        parser = self.parser
-        self._keep_alive = parser.should_keep_alive()
-        self._upgrade = parser.should_upgrade()
+        # llhttp forgets it once the message is complete, within the same feed
+        self._keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         if self._body is not None:
@@ -399,7 +434,9 @@ class FastProtocol(asyncio.Protocol):
     def _next_request(self) -> None:
         """Start on the request at the head of the buffer, if its head has arrived."""
         buffer = self.buffer
-        if not buffer or self.transport is None:
+        # while the client does not read its answers, its next requests wait (and reading
+        # pauses once they fill MAX_PIPELINED): answers never pile up in memory
+        if not buffer or self.transport is None or self.paused_writing:
             return
         end = buffer.find(b"\r\n\r\n")
         if end < 0 or end + 4 > MAX_HEAD:
@@ -439,27 +476,37 @@ class FastProtocol(asyncio.Protocol):
             self.parser.feed_data(head)
         except httptools.HttpParserError:
             raise _Handoff from None  # aiohttp refuses it, with the guard's 400
-        if self._upgrade:
-            raise _Handoff
+        except httptools.HttpParserUpgrade:  # not an HttpParserError: llhttp stopped at
+            raise _Handoff from None  # an upgrade or CONNECT, aiohttp's to decide on
         length: int | None = None
         chunked = False
         names: list[tuple[str, str]] = []
         # llhttp accepted the head (strict: no obs-fold, no bare LF, names are tokens), so
         # each line between the request line and the blank one is `name:OWS value OWS`
-        for field in head.decode("utf-8", "surrogateescape").split("\r\n")[1:-2]:
+        # (read here in one pass: a Python call per field from llhttp costs more)
+        fields = head.decode("utf-8", "surrogateescape").split("\r\n")[1:-2]
+        if len(fields) > MAX_HEADERS:
+            raise _Handoff
+        seen: set[str] = set()
+        for field in fields:
             key, _, text = field.partition(":")
             text = text.strip(" \t")
-            if len(key) in _FRAMING_LENGTHS:
-                folded = key.lower()
+            folded = key.lower()
+            if folded in _SINGLETONS:
+                if folded in seen:  # aiohttp refuses a second one: which one counts?
+                    raise _Handoff
+                seen.add(folded)
                 if folded == "content-length":
                     length = int(text)  # llhttp has checked it is one number
                 elif folded == "transfer-encoding":
                     if text.lower() != "chunked":
                         raise _Handoff
                     chunked = True
-                elif folded == "expect":
-                    raise _Handoff
+            elif folded in _HANDOFF_HEADERS:
+                raise _Handoff
             names.append((key, text))
+        if "host" not in seen:  # HTTP/1.1 requires it: aiohttp refuses the request
+            raise _Handoff
         headers = CIMultiDictProxy(CIMultiDict(names))
         body: _Body | None = None
         if chunked or (length is not None and length > 0):
@@ -518,14 +565,25 @@ class FastProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if request.closing or self.closing or (body is not None and not body.done) \
-                or not request.started:
+        if body is not None and not body.done and request.started:
+            self._linger()
+            return
+        if request.closing or self.closing or not request.started:
             transport.close()
             return
         self.deadline = self._loop.time() + self.server.keepalive_timeout
         self.resume_reading()
         if self.buffer:
             self._next_request()
+
+    def _linger(self) -> None:
+        """Read and drop the rest of the answered request's body, then close (its answer
+        said ``Connection: close``)."""
+        self.closing = True
+        self._body = _Dropped(self)
+        self.buffer.clear()
+        self.deadline = self._loop.time() + LINGER
+        self.resume_reading()
 
     # -- hand-off and shutdown ------------------------------------------------------------
 
@@ -541,7 +599,9 @@ class FastProtocol(asyncio.Protocol):
         self.transport = None
         if self.paused_reading:
             transport.resume_reading()
-        handler = self.server.aiohttp_protocol(counted)
+        # the head's deadline goes with it: total, however the head is split
+        deadline = min(self.deadline, self._loop.time() + self.guard.header_timeout)
+        handler = self.server.aiohttp_protocol(counted, deadline)
         transport.set_protocol(handler)
         handler.connection_made(transport)
         if data:

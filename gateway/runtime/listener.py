@@ -175,23 +175,25 @@ class ConnectionGuard:
 class GuardedHandler(RequestHandler):
     """aiohttp's HTTP/1.1 protocol with the guard's limits (see the module docstring)."""
 
-    __slots__ = ("_adopted", "_counted", "_guard", "_head_started")
+    __slots__ = ("_adopted", "_counted", "_deadline", "_guard", "_head_started")
 
     def __init__(self, manager: GuardedServer, *, guard: ConnectionGuard,
-                 adopted: bool | None = None, **kwargs: Any) -> None:
+                 adopted: bool | None = None, deadline: float = 0.0, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
         self._counted = False
         self._head_started = False
-        #: handed over by the listener's own protocol, which counted it (True) or not
+        #: handed over by the listener's own protocol, which counted it (True) or not,
+        #: with the header deadline it had set (a head in pieces has it in all)
         self._adopted = adopted
+        self._deadline = deadline
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self._guard
         if self._adopted is not None:  # already let in, and counted, by the fast path
             self._counted = self._adopted
             super().connection_made(transport)
-            self._cut_at(self._loop.time() + guard.header_timeout)
+            self._cut_at(self._deadline)
             return
         if guard.open >= guard.max_connections:
             # never started: no parser task, and connection_lost has nothing to undo
@@ -301,9 +303,10 @@ class FastServer(GuardedServer):
     def __call__(self) -> Any:
         return FastProtocol(self, self.pipeline)
 
-    def aiohttp_protocol(self, counted: bool) -> RequestHandler:
-        """aiohttp's protocol for a connection the fast path hands over."""
-        return GuardedHandler(self, guard=self.guard, adopted=counted,
+    def aiohttp_protocol(self, counted: bool, deadline: float) -> RequestHandler:
+        """aiohttp's protocol for a connection the fast path hands over, whose request
+        head must be complete by ``deadline`` (the loop's time)."""
+        return GuardedHandler(self, guard=self.guard, adopted=counted, deadline=deadline,
                               loop=asyncio.get_running_loop(), **self._handler_kwargs)
 
     def adopt(self, conn: FastProtocol, transport: asyncio.Transport) -> None:
