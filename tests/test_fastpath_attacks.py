@@ -550,4 +550,4 @@ async def test_the_header_deadline_is_total_across_the_hand_off(
         except TimeoutError:
             pass
     writer.close()
-    assert closed_at is not None and closed_at < 1.05, closed_at
+    assert closed_at is not None and closed_at < 1.15, closed_at  # 1.3 s when it restarted
