@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
@@ -262,7 +262,8 @@ async def make_gateway(aiohttp_client: AiohttpClient, redis_server: RedisServer,
         settings = load_settings(environ={}, **values)
         stream = io.StringIO()
         proxy, admin = create_apps(settings, log_stream=stream)
-        client = await aiohttp_client(ListenerServer(proxy))
+        client = cast("TestClient[web.Request, web.Application]",
+                      await aiohttp_client(ListenerServer(proxy)))
         admin_client = await aiohttp_client(admin)
         return Harness(client, admin_client, proxy[GATEWAY], stream, policy_file)
 
@@ -314,7 +315,8 @@ async def make_auth_gateway(aiohttp_client: AiohttpClient, redis_server: RedisSe
         settings = load_settings(environ={}, **values)
         stream = io.StringIO()
         proxy, admin_app = create_apps(settings, log_stream=stream, device=device)
-        client = await aiohttp_client(ListenerServer(proxy, port=port))
+        client = cast("TestClient[web.Request, web.Application]",
+                      await aiohttp_client(ListenerServer(proxy, port=port)))
         admin_client = await aiohttp_client(admin_app)
         admin_redis = redis
         if settings.redis_url != redis_server.url:  # another topology (Sentinel, Cluster)
