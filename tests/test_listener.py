@@ -319,7 +319,8 @@ async def test_malformed_requests_get_400_and_no_token_reaches_any_log(
 
 
 async def test_client_leaving_before_its_answer_is_499_without_traceback(
-        gateway: Start, auth_server: AuthServer) -> None:
+        gateway: Start, auth_server: AuthServer, redis: Redis) -> None:
+    # (``redis``: emptied, so that no earlier test's answer for TOKEN is cached)
     auth_server.issue(TOKEN, scope="anaplan:read")
     served = await gateway(GATEWAY_ACCESS_LOG="true")
     _reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
