@@ -23,7 +23,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Protocol
@@ -146,6 +146,8 @@ class RequestState:
 
     route: str = NO_ROUTE
     client_id: str | None = None
+    decision: str = "allowed"
+    upstream_seconds: float = 0.0
 
 
 class ProxyPipeline:
@@ -244,34 +246,61 @@ class ProxyPipeline:
         return sent_id if sent_id and _SANE_REQUEST_ID.fullmatch(sent_id) \
             else self.request_ids.next()
 
+    async def _admit(self, request: ClientRequest, state: RequestState) -> Decision:
+        """:meth:`authorize`, with the decision counted and an allowed request's use noted."""
+        try:
+            auth = await self.authorize(request, state)
+        except GatewayError as exc:
+            state.decision = exc.decision or "refused"
+            if exc.decision and exc.decision != "no_route":
+                self.metrics.decision(state.client_id, exc.decision)
+            raise
+        self.metrics.decision(auth.client_id, "allowed")
+        self.usage.record(auth.client_id or "unknown", auth.digest)
+        return auth
+
+    def _observer(self, state: RequestState) -> Callable[[float, int], None]:
+        def observe_upstream(seconds: float, status: int) -> None:
+            state.upstream_seconds = seconds
+            self.metrics.observe_upstream(state.route, seconds, status)
+
+        return observe_upstream
+
+    def _refusal(self, exc: Exception, request: ClientRequest, request_id: str,
+                 state: RequestState) -> web.Response | None:
+        """The answer to a request whose stages raised ``exc`` (called in the ``except``
+        block); ``None`` when the client left before its answer was written."""
+        if isinstance(exc, GatewayError):
+            return error_response(exc, {"X-Request-Id": request_id})
+        if isinstance(exc, RedisError):  # a stage needed Redis and it is down: not our bug
+            self.metrics.redis_errors.labels("request").inc()
+            log.warning("request %s needs Redis, which failed (%s): 503", request_id,
+                        type(exc).__name__)
+            state.decision = "error"
+            return error_response(ServiceUnavailable(
+                "The gateway's store (Redis) cannot be reached, and this request needs it; "
+                "retry later."), {"X-Request-Id": request_id})
+        if isinstance(exc, ConnectionError) and request.transport is None:
+            # the client left before its answer was written: normal traffic, recorded as
+            # 499 (as nginx does)
+            return None
+        log.exception("unexpected error handling request %s", request_id)
+        state.decision = "error"
+        return json_error(500, "server_error", "The gateway failed unexpectedly.",
+                          {"X-Request-Id": request_id})
+
     async def handle_direct(self, request: DirectClient) -> None:
         """The pipeline for the proxy listener's own protocol: as :meth:`handle`, the
         answer written straight to the client's connection."""
         started = time.perf_counter()
         request_id = self._request_id(request)
         state = RequestState()
-        decision = "allowed"
-        upstream_seconds = 0.0
-        status = 500
-
-        def observe_upstream(seconds: float, upstream_status: int) -> None:
-            nonlocal upstream_seconds
-            upstream_seconds = seconds
-            self.metrics.observe_upstream(state.route, seconds, upstream_status)
-
+        status = CLIENT_GONE
         refusal: web.Response | None = None
         try:
-            try:
-                auth = await self.authorize(request, state)
-            except GatewayError as exc:
-                decision = exc.decision or "refused"
-                if exc.decision and exc.decision != "no_route":
-                    self.metrics.decision(state.client_id, exc.decision)
-                raise
-            self.metrics.decision(auth.client_id, "allowed")
-            self.usage.record(auth.client_id or "unknown", auth.digest)
+            auth = await self._admit(request, state)
             resp = await self.forwarder.exchange(request, auth.route, auth.token, request_id,
-                                                 observe_upstream, auth.subject)
+                                                 self._observer(state), auth.subject)
             status = resp.status
             try:
                 await request.relay(resp, self.forwarder.answer_headers(
@@ -279,99 +308,46 @@ class ProxyPipeline:
                     auth.bucket.advice() if auth.bucket is not None else None))
             finally:
                 resp.release()
-        except GatewayError as exc:
-            refusal = error_response(exc, {"X-Request-Id": request_id})
         except asyncio.CancelledError:
             if request.transport is None:  # the client left, and the listener cancelled us
-                self._record(request, request_id, state, CLIENT_GONE, decision, started,
-                             upstream_seconds)
+                self._record(request, request_id, state, CLIENT_GONE, started)
             raise
-        except RedisError as exc:  # a stage needed Redis and it is down: not the gateway's bug
-            self.metrics.redis_errors.labels("request").inc()
-            log.warning("request %s needs Redis, which failed (%s): 503", request_id,
-                        type(exc).__name__)
-            decision = "error"
-            refusal = error_response(ServiceUnavailable(
-                "The gateway's store (Redis) cannot be reached, and this request needs it; "
-                "retry later."), {"X-Request-Id": request_id})
         except Exception as exc:
-            if isinstance(exc, ConnectionError) and request.transport is None:
-                status = CLIENT_GONE  # the client left before its answer was written
-            else:
-                log.exception("unexpected error handling request %s", request_id)
-                decision = "error"
-                refusal = json_error(500, "server_error", "The gateway failed unexpectedly.",
-                                     {"X-Request-Id": request_id})
-        if refusal is not None:
+            status = CLIENT_GONE
+            refusal = self._refusal(exc, request, request_id, state)
+        if refusal is not None and request.transport is not None:
             status = refusal.status
-            if request.transport is None:
-                status = CLIENT_GONE
-            else:
-                body = refusal.body
-                request.answer(status, refusal.reason, refusal.headers.items(),
-                               body if isinstance(body, bytes) else b"")
-        self._record(request, request_id, state, status, decision, started, upstream_seconds)
+            body = refusal.body
+            request.answer(status, refusal.reason, refusal.headers.items(),
+                           body if isinstance(body, bytes) else b"")
+        self._record(request, request_id, state, status, started)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = self._request_id(request)
         state = RequestState()
-        decision = "allowed"
-        upstream_seconds = 0.0
-
-        def observe_upstream(seconds: float, status: int) -> None:
-            nonlocal upstream_seconds
-            upstream_seconds = seconds
-            self.metrics.observe_upstream(state.route, seconds, status)
-
         response: web.StreamResponse
         try:
-            try:
-                auth = await self.authorize(request, state)
-            except GatewayError as exc:
-                decision = exc.decision or "refused"
-                if exc.decision and exc.decision != "no_route":
-                    self.metrics.decision(state.client_id, exc.decision)
-                raise
-            self.metrics.decision(auth.client_id, "allowed")
-            self.usage.record(auth.client_id or "unknown", auth.digest)
+            auth = await self._admit(request, state)
             response = await self.forwarder.forward(
-                request, auth.route, auth.token, request_id, observe_upstream, auth.subject,
-                auth.bucket.advice() if auth.bucket is not None else None)
-        except GatewayError as exc:
-            response = error_response(exc, {"X-Request-Id": request_id})
+                request, auth.route, auth.token, request_id, self._observer(state),
+                auth.subject, auth.bucket.advice() if auth.bucket is not None else None)
         except asyncio.CancelledError:
             if request.transport is None:  # the client left, and aiohttp cancelled the handler
-                self._record(request, request_id, state, CLIENT_GONE, decision, started,
-                             upstream_seconds)
+                self._record(request, request_id, state, CLIENT_GONE, started)
             raise
-        except RedisError as exc:  # a stage needed Redis and it is down: not the gateway's bug
-            self.metrics.redis_errors.labels("request").inc()
-            log.warning("request %s needs Redis, which failed (%s): 503", request_id,
-                        type(exc).__name__)
-            decision = "error"
-            response = error_response(ServiceUnavailable(
-                "The gateway's store (Redis) cannot be reached, and this request needs it; "
-                "retry later."), {"X-Request-Id": request_id})
-        except Exception as exc:
-            if isinstance(exc, ConnectionError) and request.transport is None:
-                # the client left before its answer was written: normal traffic, recorded
-                # as 499 (as nginx does); this answer is never sent
-                response = web.Response(status=CLIENT_GONE)
-            else:
-                log.exception("unexpected error handling request %s", request_id)
-                decision = "error"
-                response = json_error(500, "server_error", "The gateway failed unexpectedly.",
-                                      {"X-Request-Id": request_id})
-        self._record(request, request_id, state, response.status, decision, started,
-                     upstream_seconds)
+        except Exception as exc:  # this answer is never sent when the client has left
+            response = (self._refusal(exc, request, request_id, state)
+                        or web.Response(status=CLIENT_GONE))
+        self._record(request, request_id, state, response.status, started)
         return response
 
     def _record(self, request: ClientRequest, request_id: str, state: RequestState,
-                status: int, decision: str, started: float, upstream_seconds: float) -> None:
+                status: int, started: float) -> None:
         """The request's metrics and access-log line."""
         elapsed = time.perf_counter() - started
         route = state.route
         self.metrics.observe_request(route, request.method, status, elapsed)
         self.access_log.record(request_id, request.method, route, state.client_id or "unknown",
-                               status, decision, elapsed, upstream_seconds, request.remote)
+                               status, state.decision, elapsed, state.upstream_seconds,
+                               request.remote)
